@@ -1,0 +1,61 @@
+"""analytic-diffusion: fast, exact analytical (training-free) diffusion denoisers.
+
+The locality denoiser of Lukoianov et al. (2025), the Wiener, optimal and
+nearest baselines, streaming dataset moments and a DDIM sampler. The maths
+is specified in SPEC.md; ``*_reference`` functions are its executable form.
+"""
+from __future__ import annotations
+
+from . import ops
+from ._ext import build_info
+from ._registry import available_backends
+from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser
+from .metrics import mse, r2
+from .moments import (
+    MomentAccumulator,
+    Moments,
+    PatchMomentAccumulator,
+    estimate_moments,
+    estimate_patch_moments,
+)
+from .sampling import ddim_step, sample
+from .schedule import alpha_bar_at, ddim_timesteps, linear_alphas_cumprod
+from .wiener import WienerFilter, locality_mask, wiener_matrix
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # data pulls in scikit-image and Pillow: load it on first use, not at import
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Denoiser",
+    "LocalityDenoiser",
+    "MomentAccumulator",
+    "Moments",
+    "NearestDenoiser",
+    "OptimalDenoiser",
+    "PatchMomentAccumulator",
+    "WienerDenoiser",
+    "WienerFilter",
+    "alpha_bar_at",
+    "available_backends",
+    "build_info",
+    "ddim_step",
+    "ddim_timesteps",
+    "estimate_moments",
+    "estimate_patch_moments",
+    "linear_alphas_cumprod",
+    "locality_mask",
+    "mse",
+    "ops",
+    "r2",
+    "sample",
+    "wiener_matrix",
+]

@@ -1,0 +1,121 @@
+"""Input checks shared by the public functions (backends trust their inputs)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_tensor(name: str, value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise TypeError(f"{name} must be a numeric array, got dtype=object")
+            return torch.from_numpy(value)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
+def check_queries(x, name: str = "x") -> torch.Tensor:
+    """``x``: float32/float64 ``[B, n]`` or ``[B, C, H, W]`` with B >= 1, finite."""
+    x = as_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.dim() not in (2, 4):
+        raise ValueError(f"{name} must be [B, n] or [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    check_finite(name, x)
+    return x
+
+
+def check_train(train, n: Optional[int] = None, image_shape: Optional[Tuple[int, ...]] = None, name: str = "train") -> torch.Tensor:
+    """``train``: uint8 or float ``[N, n]`` / ``[N, C, H, W]`` with N >= 1, finite."""
+    train = as_tensor(name, train)
+    if train.dtype not in IMAGE_DTYPES:
+        raise TypeError(f"{name} must be uint8 or a float dtype, got {train.dtype}")
+    if train.dim() not in (2, 4):
+        raise ValueError(f"{name} must be [N, n] or [N, C, H, W], got shape {tuple(train.shape)}")
+    if train.shape[0] == 0:
+        raise ValueError(f"{name} is an empty dataset (N = 0)")
+    if n is not None and train[0].numel() != n:
+        raise ValueError(
+            f"{name} images have {train[0].numel()} values each (shape {tuple(train.shape[1:])}), "
+            f"but the queries have {n}"
+        )
+    if image_shape is not None and train.dim() == 4 and len(image_shape) == 3 and tuple(train.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"{name} has image shape {tuple(train.shape[1:])}, expected {tuple(image_shape)}")
+    check_finite(name, train)
+    return train
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devs = {k: v.device for k, v in tensors.items() if v is not None}
+    first = next(iter(devs.values()))
+    if any(d != first for d in devs.values()):
+        desc = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+    return first
+
+
+def check_alpha_bar(alpha_bar) -> float:
+    if isinstance(alpha_bar, torch.Tensor):
+        if alpha_bar.numel() != 1:
+            raise ValueError(f"alpha_bar must be a scalar, got shape {tuple(alpha_bar.shape)}")
+        alpha_bar = alpha_bar.item()
+    try:
+        ab = float(alpha_bar)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha_bar must be a float, got {type(alpha_bar).__name__}") from None
+    if not (0.0 < ab < 1.0) or math.isnan(ab):
+        raise ValueError(f"alpha_bar must be in (0, 1) (exclusive: 1 means no noise, 0 no signal), got {ab}")
+    return ab
+
+
+def check_positive(name: str, value) -> float:
+    v = float(value)
+    if not (v > 0.0) or math.isinf(v):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
+    mask = as_tensor(name, mask)
+    if mask.shape != (n, n):
+        raise ValueError(f"{name} must be [n, n] = [{n}, {n}] (column m is the window of output pixel m), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (binary windows) or float (weights), got {mask.dtype}")
+    check_finite(name, mask)
+    return mask
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def to_unit(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 -> ``u / 127.5 - 1``; float data is already in [-1, 1]. Never in place."""
+    if y.dtype == torch.uint8:
+        return y.to(dtype) / 127.5 - 1.0
+    return y.to(dtype)

@@ -1,0 +1,180 @@
+"""Analytical denoisers with one interface: ``den(x_t, t) -> x0_hat``.
+
+``x_t``: float32/float64 ``[B, C, H, W]`` (or ``[B, n]``); ``t``: an integer
+timestep of the 1000-step linear schedule (int or 0-d tensor). The output has
+x_t's shape and dtype.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from . import ops as _ops
+from . import _registry
+from ._validate import check_chunk_size, check_positive, check_queries, check_train
+from .moments import Moments, estimate_moments
+from .schedule import alpha_bar_at, default_alphas_cumprod, timestep_to_int
+from .wiener import WienerFilter
+
+
+def _as_train(train) -> torch.Tensor:
+    if not isinstance(train, torch.Tensor):
+        from .data import load_images
+
+        train = load_images(train)
+    return check_train(train)
+
+
+class Denoiser:
+    """Base class: validates ``x_t`` and ``t``, maps ``t`` to ``alpha_bar``."""
+
+    name = "denoiser"
+
+    def __init__(self, alphas_cumprod: Optional[torch.Tensor] = None):
+        self.alphas_cumprod = default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+
+    def alpha_bar(self, t) -> float:
+        return alpha_bar_at(t, self.alphas_cumprod)
+
+    def __call__(self, x_t, t) -> torch.Tensor:
+        t = timestep_to_int(t, self.alphas_cumprod.shape[0])
+        x = check_queries(x_t, "x_t")
+        return self.denoise(x, t, self.alpha_bar(t))
+
+    def denoise(self, x: torch.Tensor, t: int, alpha_bar: float) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _TrainSetDenoiser(Denoiser):
+    """Holds a training set (validated once) and a copy per device it is used on."""
+
+    def __init__(self, train, backend: Optional[str] = None, alphas_cumprod=None):
+        super().__init__(alphas_cumprod)
+        self.train = _as_train(train)
+        self.backend = backend
+        self._on_device: Dict[torch.device, torch.Tensor] = {self.train.device: self.train}
+
+    @property
+    def image_shape(self):
+        return tuple(self.train.shape[1:])
+
+    def _train_for(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0].numel() != self.train[0].numel() or (x.dim() == 4 and self.train.dim() == 4 and x.shape[1:] != self.train.shape[1:]):
+            raise ValueError(f"x_t has image shape {tuple(x.shape[1:])}, but the training images are {tuple(self.train.shape[1:])}")
+        if x.device not in self._on_device:
+            self._on_device[x.device] = self.train.to(x.device)
+        return self._on_device[x.device]
+
+    def _impl(self, op: str, x: torch.Tensor):
+        return _registry.select(op, x.device, self.backend).fn
+
+
+class OptimalDenoiser(_TrainSetDenoiser):
+    """The empirical optimal denoiser: exact softmax over the whole training set (SPEC 6)."""
+
+    name = "optimal"
+
+    def __init__(self, train, temperature: float = 1.0, backend: Optional[str] = None, chunk_size: int = 256, alphas_cumprod=None):
+        super().__init__(train, backend, alphas_cumprod)
+        self.temperature = check_positive("temperature", temperature)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def denoise(self, x, t, alpha_bar):
+        train = self._train_for(x)
+        out = self._impl("optimal_denoise", x)(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), alpha_bar, self.temperature, self.chunk_size, False)
+        return out.reshape(x.shape)
+
+
+class NearestDenoiser(_TrainSetDenoiser):
+    """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (SPEC 6)."""
+
+    name = "nearest"
+
+    def denoise(self, x, t, alpha_bar):
+        train = self._train_for(x)
+        return self._impl("nearest_denoise", x)(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), alpha_bar, 256).reshape(x.shape)
+
+
+class WienerDenoiser(Denoiser):
+    """The optimal linear denoiser ``mean + A_t (x/a - mean)`` from dataset moments (SPEC 3)."""
+
+    name = "wiener"
+
+    def __init__(self, moments: Moments, alphas_cumprod=None):
+        super().__init__(alphas_cumprod)
+        if not isinstance(moments, Moments):
+            raise TypeError(f"moments must be analytic_diffusion.Moments, got {type(moments).__name__}")
+        self.moments = moments
+        self.filter = WienerFilter(moments)
+
+    def denoise(self, x, t, alpha_bar):
+        self.moments.check_compatible(x.shape[1:], "x_t")
+        f = self.filter
+        if f.U.device != x.device:
+            f = self.filter = WienerFilter.__new__(WienerFilter)
+            f.__dict__.update({k: (v.to(x.device) if isinstance(v, torch.Tensor) else v) for k, v in self.filter.__dict__.items()})
+        return f.apply(x, alpha_bar)
+
+    def sensitivity(self, t, pixels):
+        """Jacobian rows (sensitivity fields) for flat output pixels: float64 ``[P, C, H, W]``."""
+        return self.filter.sensitivity(self.alpha_bar(t), pixels)
+
+
+class LocalityDenoiser(_TrainSetDenoiser):
+    """The paper's locality denoiser (SPEC 5) with Wiener-derived windows (SPEC 4).
+
+    ``train``: uint8 or float ``[N, C, H, W]`` (or any source ``data.load_images``
+    takes); ``moments``: :class:`Moments` of the data the windows come from
+    (estimated from ``train`` when None). Each timestep's mask is built once
+    and cached.
+    """
+
+    name = "locality"
+
+    def __init__(
+        self,
+        train,
+        moments: Optional[Moments] = None,
+        threshold: float = 0.02,
+        temperature: float = 1.0,
+        softmax: str = "exact",
+        chunk_size: int = 256,
+        backend: Optional[str] = None,
+        alphas_cumprod=None,
+    ):
+        super().__init__(train, backend, alphas_cumprod)
+        if softmax not in ("exact", "wssm"):
+            raise ValueError(f"softmax must be 'exact' or 'wssm', got {softmax!r}")
+        self.threshold = float(threshold)
+        self.temperature = check_positive("temperature", temperature)
+        self.softmax = softmax
+        self.chunk_size = check_chunk_size(chunk_size)
+        if moments is None:
+            moments = estimate_moments(self.train)
+        elif not isinstance(moments, Moments):
+            raise TypeError(f"moments must be analytic_diffusion.Moments or None, got {type(moments).__name__}")
+        moments.check_compatible(self.train.shape[1:], "the training set")
+        self.moments = moments
+        self._filter: Optional[WienerFilter] = None
+        self._masks: Dict[int, torch.Tensor] = {}
+
+    @property
+    def filter(self) -> WienerFilter:
+        if self._filter is None:
+            self._filter = WienerFilter(self.moments)
+        return self._filter
+
+    def mask(self, t) -> torch.Tensor:
+        """The (cached) mask for timestep ``t``: bool ``[n, n]`` (float64 if threshold <= 0), on the CPU."""
+        t = timestep_to_int(t, self.alphas_cumprod.shape[0])
+        if t not in self._masks:
+            self._masks[t] = self.filter.mask(self.alpha_bar(t), self.threshold)
+        return self._masks[t]
+
+    def denoise(self, x, t, alpha_bar):
+        train = self._train_for(x)
+        mask = self.mask(t).to(x.device)
+        impl = self._impl("locality_denoise", x)
+        out = impl(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), mask, alpha_bar, self.temperature, self.softmax, self.chunk_size, False)
+        return out.reshape(x.shape)

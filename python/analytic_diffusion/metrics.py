@@ -1,0 +1,33 @@
+"""Agreement metrics between a denoiser's predictions and a reference (SPEC 8)."""
+from __future__ import annotations
+
+import torch
+
+
+def _pair(pred: torch.Tensor, target: torch.Tensor):
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dim() < 1 or pred.shape[0] == 0:
+        raise ValueError(f"pred must be a non-empty batch [B, ...], got shape {tuple(pred.shape)}")
+    return pred.reshape(pred.shape[0], -1).to(torch.float64), target.reshape(target.shape[0], -1).to(torch.float64)
+
+
+def r2(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``1 - sum (pred - target)^2 / (n * var_unbiased(target))`` per sample ``[B]``, then averaged.
+
+    ``pred``, ``target``: ``[B, ...]``. Returns a float64 scalar (``reduction="mean"``)
+    or ``[B]`` (``"none"``).
+    """
+    p, t = _pair(pred, target)
+    n = t.shape[1]
+    if n < 2:
+        raise ValueError("r2 needs at least 2 values per sample (unbiased variance)")
+    per = 1.0 - ((p - t) ** 2).sum(1) / (n * t.var(1, unbiased=True))
+    return per.mean() if reduction == "mean" else per
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per-pixel mean squared error: float64 scalar, or ``[B]`` with ``reduction="none"``."""
+    p, t = _pair(pred, target)
+    per = ((p - t) ** 2).mean(1)
+    return per.mean() if reduction == "mean" else per

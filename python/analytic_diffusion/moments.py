@@ -1,0 +1,437 @@
+"""Dataset moments (SPEC 2): streaming, mergeable mean and covariance, full and patch.
+
+uint8 data is accumulated as exact integer sums (``sum u`` and ``sum u u^T``), so
+the result is independent of batch size, order and sharding. Float data is
+accumulated in float64 around a shift (the first batch's mean), so
+``E[xx^T] - mean mean^T`` never cancels catastrophically.
+
+All moments are reported in the [-1, 1] value convention (uint8 ``u`` maps to
+``u / 127.5 - 1``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _registry
+from ._validate import IMAGE_DTYPES, as_tensor, check_finite
+
+FORMAT = "analytic-diffusion-moments/1"
+CONVENTION = "[-1,1]"  # uint8 u maps to u/127.5 - 1
+_U8_SCALE = 127.5
+
+ShapeLike = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Moments:
+    """Mean and unbiased covariance of a dataset, float64.
+
+    ``mean``: float64 ``[d]``; ``cov``: float64 ``[d, d]``; ``count``: number of
+    vectors (images, or patches for ``kind == "patch"``). ``image_shape`` is the
+    ``(C, H, W)`` the vectors flatten (for patches ``(C, k, k)``).
+    """
+
+    count: int
+    mean: torch.Tensor
+    cov: torch.Tensor
+    image_shape: Optional[Tuple[int, ...]] = None
+    kind: str = "full"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def patch_size(self) -> Optional[int]:
+        return int(self.image_shape[-1]) if self.kind == "patch" and self.image_shape else None
+
+    def to(self, device) -> "Moments":
+        return Moments(self.count, self.mean.to(device), self.cov.to(device), self.image_shape, self.kind, dict(self.extra))
+
+    # ---- files (safetensors: never pickle)
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``mean``/``cov`` and metadata (count, image shape, value convention) to safetensors."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": FORMAT,
+            "count": str(int(self.count)),
+            "image_shape": json.dumps(list(self.image_shape) if self.image_shape else None),
+            "convention": CONVENTION,
+            "kind": self.kind,
+            "extra": json.dumps(self.extra),
+        }
+        save_file({"mean": self.mean.detach().cpu().contiguous(), "cov": self.cov.detach().cpu().contiguous()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device=None) -> "Moments":
+        """Read a file written by :meth:`save`; fails clearly on anything else."""
+        from safetensors import safe_open
+
+        path = str(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"stats file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                if meta.get("format") != FORMAT or not {"mean", "cov"} <= keys:
+                    raise ValueError(f"{path!r} is not an analytic-diffusion moments file (format={meta.get('format')!r}, tensors={sorted(keys)})")
+                mean, cov = f.get_tensor("mean"), f.get_tensor("cov")
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"could not read stats file {path!r}: {e}") from e
+        if meta.get("convention") != CONVENTION:
+            raise ValueError(f"stats file {path!r} uses value convention {meta.get('convention')!r}, expected {CONVENTION!r}")
+        d = mean.shape[0]
+        if mean.dim() != 1 or cov.shape != (d, d):
+            raise ValueError(f"stats file {path!r} is inconsistent: mean {tuple(mean.shape)}, cov {tuple(cov.shape)}")
+        shape = json.loads(meta.get("image_shape", "null"))
+        m = cls(int(meta["count"]), mean.to(torch.float64), cov.to(torch.float64), tuple(shape) if shape else None, meta.get("kind", "full"), json.loads(meta.get("extra", "{}")))
+        return m.to(device) if device is not None else m
+
+    def check_compatible(self, data_shape: Sequence[int], what: str = "the data") -> None:
+        """Raise if these full-image moments do not describe images of ``data_shape``.
+
+        ``data_shape``: ``(C, H, W)`` of one image, or ``(n,)`` for flat vectors.
+        """
+        shape = tuple(int(s) for s in data_shape)
+        n = 1
+        for s in shape:
+            n *= s
+        if self.kind != "full":
+            raise ValueError(f"these are {self.kind} moments (image shape {self.image_shape}); full-image moments are needed for {what}")
+        if n != self.n or (len(shape) == 3 and self.image_shape is not None and tuple(self.image_shape) != shape):
+            raise ValueError(
+                f"the moments were computed for images of shape {self.image_shape or (self.n,)} "
+                f"({self.n} values) but {what} has shape {shape} ({n} values)"
+            )
+
+
+# --------------------------------------------------------------------------- memory guard
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, anything that would not fit in the device's free memory."""
+    avail = _available_bytes(device)
+    if avail is not None and nbytes > 0.9 * avail:
+        raise MemoryError(
+            f"{what} needs about {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB is free on {device}. {hint}".strip()
+        )
+
+
+def _shape_arg(n: ShapeLike) -> Tuple[int, Optional[Tuple[int, ...]]]:
+    if isinstance(n, int) and not isinstance(n, bool):
+        if n < 1:
+            raise ValueError(f"n must be a positive number of values per image, got {n}")
+        return n, None
+    shape = tuple(int(s) for s in n)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"n must be an int or an image shape (C, H, W), got {n!r}")
+    return shape[0] * shape[1] * shape[2], shape
+
+
+# --------------------------------------------------------------------------- reference backend
+def _ref_update_u8(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
+    """Add ``sum u`` and ``sum u u^T`` of uint8 ``rows [B, n]`` into int64 ``s1 [n]``, ``s2 [n, n]``.
+
+    float64 GEMM is exact here: every partial sum is an integer below
+    B * 255^2 < 2^53 for B < 1.3e11, whatever the summation order.
+    """
+    u = rows.to(torch.float64)
+    s1 += rows.sum(0, dtype=torch.int64)
+    s2 += (u.T @ u).to(torch.int64)
+
+
+def _ref_update_float(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
+    """Add shifted sums of float ``rows [B, n]`` (already in [-1, 1]) in float64."""
+    z = rows.to(torch.float64) - ref
+    s1 += z.sum(0)
+    s2 += z.T @ z
+
+
+_registry.register(
+    "moments",
+    "reference",
+    SimpleNamespace(update_u8=_ref_update_u8, update_float=_ref_update_float),
+    devices=("any",),
+    priority=0,
+)
+
+
+# --------------------------------------------------------------------------- accumulator
+class MomentAccumulator:
+    """Streaming mean/covariance over vectors of length ``n`` (SPEC 2).
+
+    ``MomentAccumulator(n)`` with ``n`` an int or an image shape ``(C, H, W)``.
+    ``update(batch)`` takes uint8 or float ``[B, n]`` / ``[B, C, H, W]``;
+    ``merge(other)`` folds another accumulator in exactly; ``result()`` returns
+    :class:`Moments`. While every batch is uint8 the sums are exact integers.
+    """
+
+    def __init__(self, n: ShapeLike, *, device=None, backend: Optional[str] = None):
+        self.n, self.image_shape = _shape_arg(n)
+        self.device = None if device is None else torch.device(device)
+        self.backend = backend
+        self.count = 0
+        self.mode: Optional[str] = None  # None (empty), "int" (exact uint8 sums) or "float"
+        self._s1 = self._s2 = self._ref = None
+
+    # ---- internals
+    def _alloc(self, device: torch.device, mode: str) -> None:
+        nbytes = 8 * self.n * self.n * 2  # the n x n sums plus the result's covariance
+        check_fits(
+            nbytes,
+            device,
+            f"an {self.n} x {self.n} covariance",
+            "Use patch moments (estimate_patch_moments) for images this large.",
+        )
+        self.device = device
+        self.mode = mode
+        dt = torch.int64 if mode == "int" else torch.float64
+        self._s1 = torch.zeros(self.n, dtype=dt, device=device)
+        self._s2 = torch.zeros(self.n, self.n, dtype=dt, device=device)
+        self._ref = None if mode == "int" else torch.zeros(self.n, dtype=torch.float64, device=device)
+
+    def _to_float_mode(self) -> None:
+        """Re-express exact integer sums as float sums around the shift u = 0 (y = -1)."""
+        s1 = self._s1.to(torch.float64) / _U8_SCALE
+        s2 = self._s2.to(torch.float64) / _U8_SCALE**2
+        self._s1, self._s2, self.mode = s1, s2, "float"
+        self._ref = torch.full((self.n,), -1.0, dtype=torch.float64, device=self.device)
+
+    def _impl(self):
+        return _registry.select("moments", self.device, self.backend).fn
+
+    def _rows(self, batch, name: str) -> torch.Tensor:
+        batch = as_tensor(name, batch)
+        if batch.dtype not in IMAGE_DTYPES:
+            raise TypeError(f"{name} must be uint8 or float, got {batch.dtype}")
+        if batch.dim() not in (2, 4):
+            raise ValueError(f"{name} must be [B, n] or [B, C, H, W], got shape {tuple(batch.shape)}")
+        if batch.dim() == 4 and self.image_shape is not None and tuple(batch.shape[1:]) != self.image_shape:
+            raise ValueError(f"{name} has image shape {tuple(batch.shape[1:])}, but this accumulator holds {self.image_shape} (mixed image shapes)")
+        if batch.shape[1:].numel() != self.n:
+            raise ValueError(f"{name} has {batch.shape[1:].numel()} values per image, expected n = {self.n}")
+        check_finite(name, batch)
+        if batch.dim() == 4 and self.image_shape is None:
+            self.image_shape = tuple(batch.shape[1:])
+        return batch.reshape(batch.shape[0], self.n)
+
+    # ---- public API
+    def update(self, batch) -> "MomentAccumulator":
+        """Accumulate a batch: uint8 or float (in [-1, 1]) ``[B, n]`` or ``[B, C, H, W]``."""
+        rows = self._rows(batch, "batch")
+        if rows.shape[0] == 0:
+            return self
+        device = self.device or rows.device
+        rows = rows.to(device)
+        want = "int" if rows.dtype == torch.uint8 else "float"
+        if self.mode is None:
+            self._alloc(device, want)
+            if want == "float":
+                # shift by the first batch's mean: later sums stay small, no cancellation
+                self._ref = rows.to(torch.float64).mean(0)
+        elif self.mode == "int" and want == "float":
+            self._to_float_mode()
+        impl = self._impl()
+        if self.mode == "int":
+            impl.update_u8(rows, self._s1, self._s2)
+        else:
+            impl.update_float(rows.to(torch.float64) / _U8_SCALE - 1.0 if rows.dtype == torch.uint8 else rows, self._ref, self._s1, self._s2)
+        self.count += rows.shape[0]
+        return self
+
+    def _centered(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, M2) with M2 = sum of centred outer products, float64, [-1, 1] units."""
+        N = self.count
+        if self.mode == "int":
+            s1, s2 = self._s1, self._s2
+            mean_u = s1.to(torch.float64) / N
+            if N * N * 255 * 255 < 2**63:
+                # N*S2 - s1 s1^T is an exact int64: one rounding in the final division
+                m2_u = (N * s2 - torch.outer(s1, s1)).to(torch.float64) / N
+            else:
+                m2_u = s2.to(torch.float64) - torch.outer(s1.to(torch.float64), s1.to(torch.float64)) / N
+            return mean_u / _U8_SCALE - 1.0, m2_u / _U8_SCALE**2
+        mean_z = self._s1 / N
+        return self._ref + mean_z, self._s2 - torch.outer(self._s1, self._s1) / N
+
+    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
+        """Fold ``other`` into ``self`` (``other`` is not modified). Exact for two uint8 states."""
+        if not isinstance(other, MomentAccumulator):
+            raise TypeError(f"other must be a MomentAccumulator, got {type(other).__name__}")
+        if other.n != self.n or (self.image_shape and other.image_shape and self.image_shape != other.image_shape):
+            raise ValueError(f"cannot merge accumulators of different sizes: {self.image_shape or self.n} vs {other.image_shape or other.n}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self._alloc(other.device if self.device is None else self.device, other.mode)
+            self.image_shape = self.image_shape or other.image_shape
+        dev = self.device
+        if self.mode == "int" and other.mode == "int":
+            self._s1 += other._s1.to(dev)
+            self._s2 += other._s2.to(dev)
+        else:
+            # Chan et al.: combine centred sums, then keep the merged mean as the shift
+            mean_a, m2_a = self._centered() if self.count else (None, None)
+            mean_b, m2_b = (t.to(dev) for t in other._centered())
+            if self.count == 0:
+                mean, m2 = mean_b, m2_b
+            else:
+                na, nb = self.count, other.count
+                d = mean_b - mean_a
+                mean = mean_a + d * (nb / (na + nb))
+                m2 = m2_a + m2_b + torch.outer(d, d) * (na * nb / (na + nb))
+            self.mode, self._ref = "float", mean
+            self._s1, self._s2 = torch.zeros_like(mean), m2.clone()
+        self.count += other.count
+        self.image_shape = self.image_shape or other.image_shape
+        return self
+
+    def result(self) -> Moments:
+        """Mean and unbiased covariance (float64, [-1, 1] units). Needs at least 2 vectors."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 images for an unbiased covariance, got {self.count} (empty dataset?)")
+        mean, m2 = self._centered()
+        cov = m2 / (self.count - 1)
+        cov = 0.5 * (cov + cov.T)  # exact symmetry for eigh; the sums are symmetric up to rounding
+        return Moments(self.count, mean, cov, self.image_shape, "full")
+
+    # ---- checkpoints (safetensors-friendly: tensors + plain metadata)
+    def state_dict(self) -> dict:
+        st = {"count": torch.tensor(self.count, dtype=torch.int64), "n": torch.tensor(self.n)}
+        if self.mode is not None:
+            st.update(s1=self._s1.cpu(), s2=self._s2.cpu())
+            if self._ref is not None:
+                st["ref"] = self._ref.cpu()
+        st["mode"] = torch.tensor({None: 0, "int": 1, "float": 2}[self.mode])
+        if self.image_shape:
+            st["image_shape"] = torch.tensor(self.image_shape)
+        return st
+
+    def load_state_dict(self, st: dict) -> "MomentAccumulator":
+        if int(st["n"]) != self.n:
+            raise ValueError(f"state is for n = {int(st['n'])}, this accumulator has n = {self.n}")
+        self.mode = {0: None, 1: "int", 2: "float"}[int(st["mode"])]
+        self.count = int(st["count"])
+        dev = self.device or torch.device("cpu")
+        if self.mode is not None:
+            self.device = dev
+            self._s1, self._s2 = st["s1"].to(dev).clone(), st["s2"].to(dev).clone()
+            self._ref = st["ref"].to(dev).clone() if "ref" in st else None
+        if "image_shape" in st:
+            self.image_shape = tuple(int(s) for s in st["image_shape"])
+        return self
+
+
+# --------------------------------------------------------------------------- drivers
+def _batches(data, batch_size: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
+    from . import data as _data
+
+    return _data.iter_batches(data, batch_size, progress=progress, desc=desc)
+
+
+def estimate_moments(
+    data,
+    batch_size: int = 256,
+    device=None,
+    backend: Optional[str] = None,
+    progress: bool = False,
+) -> Moments:
+    """Mean and covariance of a dataset in one streaming pass.
+
+    ``data``: anything :func:`analytic_diffusion.data.iter_batches` takes (tensor or
+    array ``[N, C, H, W]`` uint8 / float in [-1, 1], a .npy/.npz path, an image
+    folder, a Dataset or DataLoader). Returns :class:`Moments` (float64
+    ``mean [n]``, ``cov [n, n]``).
+    """
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    acc = None
+    for batch in _batches(data, int(batch_size), progress, "moments"):
+        if acc is None:
+            shape = tuple(batch.shape[1:]) if batch.dim() == 4 else int(batch.shape[1])
+            acc = MomentAccumulator(shape, device=device or batch.device, backend=backend)
+        acc.update(batch)
+    if acc is None or acc.count == 0:
+        raise ValueError("data is an empty dataset: no images to estimate moments from")
+    return acc.result()
+
+
+class PatchMomentAccumulator:
+    """Stationary k x k patch moments (SPEC 2) over images ``[B, C, H, W]``.
+
+    The patch vector at position p is the ``C*k*k`` values (C, then row, then
+    column) of the window whose top-left corner is p, over every position where
+    the window fits. Only a bounded chunk of patches exists at any time.
+    """
+
+    _CHUNK_VALUES = 1 << 23  # patches unfolded at once, in values: bounds memory
+
+    def __init__(self, channels: int, patch_size: int, *, device=None, backend: Optional[str] = None):
+        if int(patch_size) != patch_size or patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd integer, got {patch_size!r}")
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        self.k, self.channels = int(patch_size), int(channels)
+        self.inner = MomentAccumulator((self.channels, self.k, self.k), device=device, backend=backend)
+
+    def update(self, images) -> "PatchMomentAccumulator":
+        images = as_tensor("images", images)
+        if images.dim() != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"images must be [B, {self.channels}, H, W], got shape {tuple(images.shape)}")
+        H, W, k = images.shape[2], images.shape[3], self.k
+        if H < k or W < k:
+            raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch")
+        d = self.channels * k * k
+        per_image = (H - k + 1) * (W - k + 1) * d
+        step = max(1, self._CHUNK_VALUES // per_image)
+        for i in range(0, images.shape[0], step):
+            chunk = images[i : i + step]
+            # [b, C, H', W', k, k] is a strided view: only the reshape below copies
+            p = chunk.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5)
+            self.inner.update(p.reshape(-1, d))
+        return self
+
+    def merge(self, other: "PatchMomentAccumulator") -> "PatchMomentAccumulator":
+        self.inner.merge(other.inner)
+        return self
+
+    def result(self) -> Moments:
+        m = self.inner.result()
+        m.kind = "patch"
+        m.image_shape = (self.channels, self.k, self.k)
+        return m
+
+
+def estimate_patch_moments(data, patch_size: int, batch_size: int = 256, device=None, backend: Optional[str] = None, progress: bool = False) -> Moments:
+    """Stationary patch moments: mean float64 ``[C*k*k]``, cov float64 ``[C*k*k, C*k*k]``;
+    ``count`` is the number of patches."""
+    acc = None
+    for batch in _batches(data, batch_size, progress, "patch moments"):
+        if batch.dim() != 4:
+            raise ValueError(f"patch moments need images [N, C, H, W], got batches of shape {tuple(batch.shape)}")
+        if acc is None:
+            acc = PatchMomentAccumulator(batch.shape[1], patch_size, device=device or batch.device, backend=backend)
+        acc.update(batch)
+    if acc is None:
+        raise ValueError("data is an empty dataset: no images to estimate patch moments from")
+    return acc.result()

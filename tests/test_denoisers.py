@@ -1,0 +1,83 @@
+"""Denoiser classes, metrics and the backend registry."""
+import pytest
+import torch
+
+import analytic_diffusion as ad
+from analytic_diffusion import _registry
+
+from conftest import noisy_queries, unit
+
+
+def test_locality_denoiser_uses_cached_masks_and_the_op(crops, crop_moments):
+    den = ad.LocalityDenoiser(crops[:200], moments=crop_moments, threshold=0.02)
+    ab = ad.alpha_bar_at(100)
+    x = noisy_queries(crops[200:202], ab).float()
+    out = den(x, torch.tensor(100))
+    M = den.mask(100)
+    assert den.mask(100) is M  # cached
+    ref = ad.ops.locality_denoise(x, crops[:200], M, ab)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+def test_locality_denoiser_estimates_moments_when_none_given(crops):
+    den = ad.LocalityDenoiser(crops[:50])
+    ref = ad.estimate_moments(crops[:50])
+    assert torch.equal(den.moments.cov, ref.cov)
+
+
+def test_high_noise_locality_equals_optimal(crops, crop_moments):
+    # at t = 900 every window is the whole image (SPEC notes): locality is the optimal denoiser
+    den = ad.LocalityDenoiser(crops[:200], moments=crop_moments)
+    assert den.mask(900).all()
+    x = noisy_queries(crops[200:203], ad.alpha_bar_at(900))
+    assert (den(x, 900) - ad.OptimalDenoiser(crops[:200])(x, 900)).abs().max().item() < 1e-12
+
+
+def test_nearest_returns_training_images(crops):
+    den = ad.NearestDenoiser(crops[:30])
+    x = noisy_queries(crops[:3], ad.alpha_bar_at(10)).float()
+    out = den(x, 10)
+    assert (out - unit(crops[:3]).float()).abs().max().item() < 1e-6
+
+
+def test_metrics_against_hand_computation():
+    target = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
+    pred = torch.tensor([[1.0, 2.0, 3.0, 5.0], [0.0, 1.0, 1.0, 1.0]])
+    # sample 0: sse 1, var_unbiased 5/3 -> 1 - 1/(4*5/3) = 0.85 ; sample 1: sse 1, var 1/3 -> 1 - 1/(4/3) = 0.25
+    assert ad.r2(pred, target).item() == pytest.approx((0.85 + 0.25) / 2, abs=1e-12)
+    assert ad.r2(pred, target, reduction="none").tolist() == pytest.approx([0.85, 0.25])
+    assert ad.mse(pred, target).item() == pytest.approx(0.25)
+    assert ad.r2(target, target).item() == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        ad.r2(pred[:1], target)
+
+
+def test_registry_selection_order(monkeypatch):
+    calls = []
+    _registry.register("toy_op", "slow", lambda: calls.append("slow"), priority=0)
+    _registry.register("toy_op", "fast", lambda: calls.append("fast"), priority=10, devices=("cuda",))
+    _registry.register("toy_op", "broken", lambda: None, priority=20, is_available=lambda: 1 / 0)
+    try:
+        assert ad.available_backends("toy_op", "cpu") == ["slow"]
+        assert ad.available_backends("toy_op") == ["fast", "slow"]
+        assert _registry.select("toy_op", "cpu").name == "slow"
+        assert _registry.select("toy_op", "cuda").name == "fast"
+        monkeypatch.setenv(_registry.ENV_VAR, "slow")
+        assert _registry.select("toy_op", "cuda").name == "slow"
+        assert _registry.select("toy_op", "cuda", backend="fast").name == "fast"  # argument beats env
+        monkeypatch.setenv(_registry.ENV_VAR, "toy_op=fast,other=x")
+        with pytest.raises(ValueError, match=f"environment variable {_registry.ENV_VAR}.*does not run on cpu"):
+            _registry.select("toy_op", "cpu")
+        monkeypatch.setenv(_registry.ENV_VAR, "cpu")  # a global name the op lacks is ignored
+        assert _registry.select("toy_op", "cpu").name == "slow"
+        with pytest.raises(RuntimeError, match="not available"):
+            _registry.select("toy_op", "cpu", backend="broken")
+    finally:
+        _registry._REGISTRY.pop("toy_op")
+    with pytest.raises(ValueError, match="unknown op"):
+        ad.available_backends("no_such_op")
+
+
+def test_reference_registered_for_every_op():
+    for op in ("locality_denoise", "optimal_denoise", "nearest_denoise", "moments"):
+        assert "reference" in ad.available_backends(op, "cpu")
