@@ -5,7 +5,7 @@ import torch
 import analytic_diffusion as ad
 from analytic_diffusion import _registry
 
-from conftest import noisy_queries, unit
+from spec_dense import noisy_queries, unit
 
 
 def test_locality_denoiser_uses_cached_masks_and_the_op(crops, crop_moments):

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
-IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+IMAGE_DTYPES = (torch.uint8, torch.float16, torch.float32, torch.float64)
 
 
 def as_tensor(name: str, value) -> torch.Tensor:
@@ -115,7 +115,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def to_unit(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 -> ``u / 127.5 - 1``; float data is already in [-1, 1]. Never in place."""
+    """uint8 -> ``u / 127.5 - 1``; float data is already in [-1, 1]. Never in place.
+
+    Computed as ``(u - 127.5) / 127.5``: the subtraction is exact, so the result is
+    correctly rounded (``u / 127.5 - 1`` is one ulp off for half the values).
+    """
     if y.dtype == torch.uint8:
-        return y.to(dtype) / 127.5 - 1.0
+        return (y.to(dtype) - 127.5) / 127.5
     return y.to(dtype)

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _registry
-from ._validate import IMAGE_DTYPES, as_tensor, check_finite
+from ._validate import IMAGE_DTYPES, as_tensor, check_finite, to_unit
 
 FORMAT = "analytic-diffusion-moments/1"
 CONVENTION = "[-1,1]"  # uint8 u maps to u/127.5 - 1
@@ -255,7 +255,7 @@ class MomentAccumulator:
         if self.mode == "int":
             impl.update_u8(rows, self._s1, self._s2)
         else:
-            impl.update_float(rows.to(torch.float64) / _U8_SCALE - 1.0 if rows.dtype == torch.uint8 else rows, self._ref, self._s1, self._s2)
+            impl.update_float(to_unit(rows, torch.float64), self._ref, self._s1, self._s2)
         self.count += rows.shape[0]
         return self
 
@@ -270,7 +270,7 @@ class MomentAccumulator:
                 m2_u = (N * s2 - torch.outer(s1, s1)).to(torch.float64) / N
             else:
                 m2_u = s2.to(torch.float64) - torch.outer(s1.to(torch.float64), s1.to(torch.float64)) / N
-            return mean_u / _U8_SCALE - 1.0, m2_u / _U8_SCALE**2
+            return (mean_u - _U8_SCALE) / _U8_SCALE, m2_u / _U8_SCALE**2
         mean_z = self._s1 / N
         return self._ref + mean_z, self._s2 - torch.outer(self._s1, self._s1) / N
 

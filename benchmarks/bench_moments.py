@@ -1,0 +1,34 @@
+"""Dataset moments on uint8 images: every backend against the reference (torch float64
+two-pass: mean, then ``Xc.T @ Xc``), same data, same run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import analytic_diffusion as ad
+from conftest import QUICK, time_call
+
+CASES = [(64, 192)] if QUICK else [(5000, 768), (5000, 3072)]
+
+
+def two_pass_float64(u8):
+    X = u8.double() / 127.5 - 1
+    mean = X.mean(0)
+    Xc = X - mean
+    return mean, Xc.T @ Xc / (X.shape[0] - 1)
+
+
+@pytest.mark.parametrize("N,n", CASES)
+@pytest.mark.parametrize("backend", ad.available_backends("moments", "cpu"))
+def test_moments_uint8(benchmark, record, backend, N, n):
+    u8 = torch.randint(0, 256, (N, n), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    run = lambda: ad.estimate_moments(u8, batch_size=1024, backend=backend)  # noqa: E731
+    m = benchmark.pedantic(run, rounds=1 if QUICK else 3, iterations=1)
+    seconds = benchmark.stats.stats.median if benchmark.stats else time_call(run, repeats=1, warmup=0)
+    ref_s = time_call(lambda: two_pass_float64(u8), repeats=1 if QUICK else 3, warmup=0)
+    mean, cov = two_pass_float64(u8)
+    err = float((m.cov - cov).abs().max() / cov.abs().max())
+    gmacs = N * n * (n + 1) / 2 / seconds / 1e9  # lower-triangle multiply-adds
+    row = record("moments", f"uint8 N={N} n={n}", backend, seconds, baseline="torch float64 two-pass", baseline_seconds=ref_s, rel_err=err, images_per_s=N / seconds, gmacs=gmacs)
+    benchmark.extra_info.update(row)
+    assert err < 1e-12

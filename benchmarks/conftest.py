@@ -1,0 +1,105 @@
+"""Shared benchmark harness.
+
+Every benchmark times a backend and the reference PyTorch implementation on the
+same inputs in the same run and records the ratio and the relative error.
+``AD_BENCH_QUICK=1`` shrinks every shape (CI runs the benchmarks that way, once
+each, so they cannot rot). ``AD_BENCH_RECORD=1`` writes the table to
+``benchmarks/results/<device>.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+QUICK = os.environ.get("AD_BENCH_QUICK", "") not in ("", "0")
+RECORD = os.environ.get("AD_BENCH_RECORD", "") not in ("", "0")
+_ROWS: list[dict] = []
+
+
+def device_name(device: str = "cpu") -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} threads)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str = "cpu", repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (synchronised on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return float((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def record():
+    """``record(bench, case, impl, seconds, baseline=..., baseline_seconds=..., rel_err=..., **extra)``."""
+
+    def _record(bench, case, impl, seconds, *, baseline=None, baseline_seconds=None, rel_err=None, device="cpu", **extra):
+        row = dict(bench=bench, case=case, impl=impl, seconds=seconds, device=device_name(device))
+        if baseline is not None:
+            row.update(baseline=baseline, baseline_seconds=baseline_seconds, speedup=baseline_seconds / seconds)
+        if rel_err is not None:
+            row["rel_err"] = rel_err
+        row.update(extra)
+        _ROWS.append(row)
+        return row
+
+    return _record
+
+
+def _table(rows) -> str:
+    lines = ["| bench | case | impl | time (ms) | baseline | baseline (ms) | speed-up | rel. error |", "|---|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        has_base = r.get("baseline") is not None
+        base_ms = "%.2f" % (1e3 * r["baseline_seconds"]) if has_base else ""
+        speedup = "%.2fx" % r["speedup"] if has_base else ""
+        err = "%.1e" % r["rel_err"] if "rel_err" in r else ""
+        lines.append(f"| {r['bench']} | {r['case']} | {r['impl']} | {1e3 * r['seconds']:.2f} | {r.get('baseline') or ''} | {base_ms} | {speedup} | {err} |")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    terminalreporter.write_sep("-", "analytic-diffusion: backends vs baselines (same inputs, same run)")
+    terminalreporter.write_line(_table(_ROWS))
+    if RECORD and not QUICK:
+        dev = _ROWS[0]["device"]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", dev).strip("-").lower()[:60]
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d")
+        header = f"# Benchmarks on {dev}\n\n{stamp}, torch {torch.__version__}, {os.cpu_count()} CPU threads\n\n"
+        (out / f"{slug}.md").write_text(header + _table(_ROWS) + "\n")
+        (out / f"{slug}.json").write_text(json.dumps({"device": dev, "date": stamp, "torch": torch.__version__, "rows": _ROWS}, indent=1))
+        terminalreporter.write_line(f"recorded in {out / slug}.md")
