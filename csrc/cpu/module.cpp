@@ -1,0 +1,140 @@
+// analytic_diffusion._C: CPU kernels.
+//
+// No libtorch here on purpose: the module only sees raw addresses (Python ints), sizes
+// and element strides, so it builds against nothing but pybind11 and works with any
+// torch version. The Python side (_ext.py) owns validation and allocation.
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../common/convert.h"
+#include "../common/macros.h"
+
+namespace py = pybind11;
+
+namespace analytic_diffusion {
+namespace {
+
+// Below this many elements, waking the OpenMP team costs more than the loop itself.
+constexpr int64_t kParallelMinElements = int64_t(1) << 16;
+
+template <typename T>
+void dequantize_u8_rows(
+    const uint8_t* src,  // [rows, cols] uint8 image data, addressed via (s0, s1)
+    T* dst,              // [rows, cols] contiguous output, row-major
+    int64_t rows,        // number of rows (e.g. images, or images*channels)
+    int64_t cols,        // elements per row
+    int64_t s0,          // src stride between rows, in elements (>= 0)
+    int64_t s1           // src stride between columns, in elements (>= 0)
+) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMinElements && rows > 1)
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* in = src + r * s0;
+        T* out = dst + r * cols;
+        if (s1 == 1) {
+            // Separate unit-stride loop: the common contiguous case then vectorises.
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+            for (int64_t c = 0; c < cols; ++c) out[c] = dequantize_u8_value<T>(in[c]);
+        } else {
+            for (int64_t c = 0; c < cols; ++c) out[c] = dequantize_u8_value<T>(in[c * s1]);
+        }
+    }
+}
+
+void dequantize_u8(
+    uintptr_t src_ptr,  // address of src[0, 0]: uint8, host memory
+    uintptr_t dst_ptr,  // address of dst: [rows, cols] contiguous float32 or float64
+    int64_t rows,       // number of rows
+    int64_t cols,       // number of columns
+    int64_t src_stride0,  // src row stride in elements (any value >= 0, 0 = broadcast)
+    int64_t src_stride1,  // src column stride in elements (any value >= 0)
+    bool dst_is_double    // true: dst is float64, false: float32
+) {
+    if (rows < 0 || cols < 0) throw std::invalid_argument("dequantize_u8: negative size");
+    if (src_stride0 < 0 || src_stride1 < 0)
+        throw std::invalid_argument("dequantize_u8: negative stride");
+    if (rows == 0 || cols == 0) return;
+    if (src_ptr == 0 || dst_ptr == 0)
+        throw std::invalid_argument("dequantize_u8: null pointer");
+    const auto* src = reinterpret_cast<const uint8_t*>(src_ptr);
+    // The loop touches no Python objects, so let other Python threads run meanwhile.
+    py::gil_scoped_release nogil;
+    if (dst_is_double) {
+        dequantize_u8_rows(src, reinterpret_cast<double*>(dst_ptr), rows, cols, src_stride0,
+                           src_stride1);
+    } else {
+        dequantize_u8_rows(src, reinterpret_cast<float*>(dst_ptr), rows, cols, src_stride0,
+                           src_stride1);
+    }
+}
+
+// Instruction set the compiler was allowed to target; reflects -march=native (AD_NATIVE)
+// at build time, not what the running CPU could do.
+const char* simd_level() {
+#if defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__SSE4_2__)
+    return "sse4.2";
+#elif defined(__ARM_NEON) || defined(__ARM_NEON__)
+    return "neon";
+#else
+    return "none";
+#endif
+}
+
+py::dict build_info() {
+    py::dict info;
+    info["module"] = "analytic_diffusion._C";
+#if defined(AD_COMPILER_ID)
+    info["compiler"] = std::string(AD_COMPILER_ID) + " " + AD_COMPILER_VERSION;
+    info["compiler_id"] = AD_COMPILER_ID;
+    info["compiler_version"] = AD_COMPILER_VERSION;
+#endif
+#if defined(AD_BUILD_TYPE)
+    info["build_type"] = AD_BUILD_TYPE;
+    info["flags"] = AD_CXX_FLAGS;
+    info["target_flags"] = AD_TARGET_FLAGS;
+#endif
+#if defined(AD_NATIVE) && AD_NATIVE
+    info["native"] = true;
+#else
+    info["native"] = false;
+#endif
+    info["simd"] = simd_level();
+#if defined(_OPENMP)
+    info["openmp"] = true;
+    info["openmp_version"] = static_cast<int>(_OPENMP);
+    info["max_threads"] = omp_get_max_threads();
+#else
+    info["openmp"] = false;
+    info["max_threads"] = 1;
+#endif
+    info["cplusplus"] = static_cast<long>(__cplusplus);
+    return info;
+}
+
+}  // namespace
+}  // namespace analytic_diffusion
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "analytic_diffusion CPU kernels (raw-pointer API; use analytic_diffusion._ext)";
+    m.def("build_info", &analytic_diffusion::build_info,
+          "Compiler, flags, OpenMP and SIMD level this module was built with.");
+    m.def("dequantize_u8", &analytic_diffusion::dequantize_u8, py::arg("src_ptr"),
+          py::arg("dst_ptr"), py::arg("rows"), py::arg("cols"), py::arg("src_stride0"),
+          py::arg("src_stride1"), py::arg("dst_is_double"),
+          "dst[r*cols + c] = src[r*s0 + c*s1] / 127.5 - 1 for a [rows, cols] uint8 view.");
+}
