@@ -24,7 +24,7 @@ def u8():
 def test_uint8_sums_are_exact(u8):
     acc = ad.MomentAccumulator((3, 4, 5)).update(u8)
     s1, s2, mean, cov = numpy_int64_moments(u8)
-    assert np.array_equal(acc._s1.numpy(), s1) and np.array_equal(acc._s2.numpy(), s2)
+    assert np.array_equal(acc._s1.numpy(), s1) and np.array_equal(np.tril(acc._s2.numpy()), np.tril(s2))
     m = acc.result()
     assert m.count == 157 and m.image_shape == (3, 4, 5)
     assert np.abs(m.mean.numpy() - mean).max() < 1e-15

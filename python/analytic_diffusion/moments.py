@@ -148,7 +148,22 @@ def _shape_arg(n: ShapeLike) -> Tuple[int, Optional[Tuple[int, ...]]]:
     return shape[0] * shape[1] * shape[2], shape
 
 
-# --------------------------------------------------------------------------- reference backend
+# --------------------------------------------------------------------------- backends
+# A "moments" backend is a namespace with two in-place updates of the accumulator's
+# own sums (never of user data):
+#   update_u8(rows uint8 [B, n] any strides, s1 int64 [n], s2 int64 [n, n])
+#       s1 += sum_k rows[k];  s2[i, j] += sum_k rows[k, i] * rows[k, j]  for j <= i.
+#   update_float(rows float [B, n] in [-1, 1], ref float64 [n], s1 float64 [n], s2 float64 [n, n])
+#       z = rows - ref;  s1 += sum_k z[k];  s2[i, j] += sum_k z[k, i] * z[k, j]  for j <= i,
+#       with float64 accuracy.
+# Only the lower triangle of s2 is read (SYRK does half a GEMM's work); entries above
+# the diagonal may hold anything.
+
+
+def _sym_from_lower(s2: torch.Tensor) -> torch.Tensor:
+    return s2.tril() + s2.tril(-1).T
+
+
 def _ref_update_u8(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
     """Add ``sum u`` and ``sum u u^T`` of uint8 ``rows [B, n]`` into int64 ``s1 [n]``, ``s2 [n, n]``.
 
@@ -213,7 +228,7 @@ class MomentAccumulator:
     def _to_float_mode(self) -> None:
         """Re-express exact integer sums as float sums around the shift u = 0 (y = -1)."""
         s1 = self._s1.to(torch.float64) / _U8_SCALE
-        s2 = self._s2.to(torch.float64) / _U8_SCALE**2
+        s2 = _sym_from_lower(self._s2).to(torch.float64) / _U8_SCALE**2
         self._s1, self._s2, self.mode = s1, s2, "float"
         self._ref = torch.full((self.n,), -1.0, dtype=torch.float64, device=self.device)
 
@@ -263,7 +278,7 @@ class MomentAccumulator:
         """(mean, M2) with M2 = sum of centred outer products, float64, [-1, 1] units."""
         N = self.count
         if self.mode == "int":
-            s1, s2 = self._s1, self._s2
+            s1, s2 = self._s1, _sym_from_lower(self._s2)
             mean_u = s1.to(torch.float64) / N
             if N * N * 255 * 255 < 2**63:
                 # N*S2 - s1 s1^T is an exact int64: one rounding in the final division
@@ -272,7 +287,7 @@ class MomentAccumulator:
                 m2_u = s2.to(torch.float64) - torch.outer(s1.to(torch.float64), s1.to(torch.float64)) / N
             return (mean_u - _U8_SCALE) / _U8_SCALE, m2_u / _U8_SCALE**2
         mean_z = self._s1 / N
-        return self._ref + mean_z, self._s2 - torch.outer(self._s1, self._s1) / N
+        return self._ref + mean_z, _sym_from_lower(self._s2) - torch.outer(self._s1, self._s1) / N
 
     def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
         """Fold ``other`` into ``self`` (``other`` is not modified). Exact for two uint8 states."""
