@@ -142,7 +142,6 @@ def _patch_moments_by_loops(x, k):
 def test_patch_moments_match_definition(k):
     x = torch.randint(0, 256, (6, 2, 7, 9), generator=torch.Generator().manual_seed(k), dtype=torch.uint8)
     acc = ad.PatchMomentAccumulator(2, k)
-    acc._CHUNK_VALUES = 200  # force several chunks
     m = acc.update(x[:4]).update(x[4:]).result()
     mean, cov, count = _patch_moments_by_loops(x, k)
     assert m.kind == "patch" and m.image_shape == (2, k, k) and m.count == count
@@ -170,3 +169,29 @@ def test_guards():
         ad.PatchMomentAccumulator(3, 4)
     with pytest.raises(ValueError, match="smaller than the"):
         ad.PatchMomentAccumulator(1, 5).update(torch.zeros(1, 1, 4, 8))
+
+
+def test_patch_moments_float_merge_and_mixed():
+    g = torch.Generator().manual_seed(9)
+    u = torch.randint(0, 256, (5, 3, 9, 8), generator=g, dtype=torch.uint8)
+    mean, cov, count = _patch_moments_by_loops(u, 3)
+    f = (u.double() - 127.5) / 127.5
+    a = ad.PatchMomentAccumulator(3, 3).update(f[:2])
+    b = ad.PatchMomentAccumulator(3, 3).update(u[2:])
+    m = a.merge(b).result()
+    assert m.count == count
+    assert (m.cov - cov).abs().max().item() < 1e-14 and (m.mean - mean).abs().max().item() < 1e-15
+    # after a merge the shift is no longer per-channel constant; later updates fold the difference in
+    m2 = a.update(f[:1]).result()
+    ref_mean, ref_cov, _ = _patch_moments_by_loops(torch.cat([u, u[:1]]), 3)
+    assert (m2.cov - ref_cov).abs().max().item() < 1e-14
+
+
+@pytest.mark.parametrize("k", [7, 9])
+def test_patch_moments_large_windows_match_unfold(k, monkeypatch):
+    monkeypatch.setattr(ad.moments, "_PATCH_GEMM_BUDGET", 2000)  # several row blocks per lag
+    u = torch.randint(0, 256, (3, 2, 12, 11), generator=torch.Generator().manual_seed(k), dtype=torch.uint8)
+    P = u.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 2 * k * k)
+    ref = ad.MomentAccumulator(2 * k * k).update(P).result()
+    m = ad.estimate_patch_moments(u, k, batch_size=2)
+    assert torch.equal(m.cov, ref.cov) and torch.equal(m.mean, ref.mean)  # exact integer sums both ways

@@ -391,15 +391,73 @@ def estimate_moments(
     return acc.result()
 
 
+_PATCH_GEMM_BUDGET = 1 << 25  # elements of one row-lag product block (256 MiB in float64)
+
+
+def _region_sums(img: torch.Tensor, k: int, out_h: int, out_w: int) -> torch.Tensor:
+    """Sums of ``img [..., H, W]`` over the ``out_h x out_w`` rectangles whose top-left
+    corners are (i, j) for i, j in [0, k): ``[..., k, k]``, through one integral image."""
+    I = torch.nn.functional.pad(img.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    return I[..., out_h : out_h + k, out_w : out_w + k] - I[..., :k, out_w : out_w + k] - I[..., out_h : out_h + k, :k] + I[..., :k, :k]
+
+
+def patch_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and second moment sums of all k x k patches of ``x [B, C, H, W]``, without
+    unfolding: float64 ``s1 [C*k*k]`` and ``s2 [C*k*k, C*k*k]`` (full, symmetric).
+
+    For patch offsets d = (i, j) and d' = d + e, ``sum_p x[p + d] x[p + d']`` is the
+    sum of the lag-e product image ``P_e(q) = sum_b x[b, :, q] x[b, :, q + e]`` over
+    the rectangle of positions q = p + d: one product image and one integral image
+    per lag serve every pair of offsets with that lag. The batch reduction inside
+    ``P_e`` is a GEMM per row lag (``X_r^T X_{r+di}`` over (channel, column)), whose
+    diagonals are the column lags. Work: ``k H (C W)^2 B`` multiply-adds on GEMM
+    units instead of unfold + GEMM's ``(H-k+1)(W-k+1) B (C k^2)^2``.
+
+    uint8 input (any batch of at most 258 images) is multiplied in float32, which
+    is exact there (every sum is an integer below 258 * 255^2 < 2^24); other input
+    in float64.
+    """
+    B, C, H, W = x.shape
+    oh, ow = H - k + 1, W - k + 1
+    exact_f32 = x.dtype == torch.uint8 and B * 255 * 255 < (1 << 24)
+    xf = x.to(torch.float32 if exact_f32 else torch.float64)
+    s1 = _region_sums(xf.sum(0, dtype=torch.float64), k, oh, ow).reshape(-1)  # ordered C, row, column
+    rows = xf.permute(2, 0, 1, 3).reshape(H, B, C * W)  # [row, batch, (channel, column)]
+    s2 = torch.zeros(C, k, k, C, k, k, dtype=torch.float64, device=x.device)
+    lags = range(-(k - 1), k)
+    P = torch.zeros(len(lags), C, C, H, W, dtype=torch.float64, device=x.device)  # one product image per column lag
+    row_block = max(1, _PATCH_GEMM_BUDGET // (C * W) ** 2)  # bounds G's memory at any image size
+    for di in range(k):
+        P.zero_()
+        for r0 in range(0, H - di, row_block):
+            r1 = min(H - di, r0 + row_block)
+            # G[r, (c, w), (c', w')] = sum_b x[b, c, r, w] x[b, c', r + di, w']
+            G = torch.bmm(rows[r0:r1].transpose(1, 2), rows[r0 + di : r1 + di]).to(torch.float64).reshape(r1 - r0, C, W, C, W)
+            for li, dj in enumerate(lags):
+                c0, c1 = max(0, -dj), min(W, W - dj)
+                P[li, :, :, r0:r1, c0:c1] = torch.diagonal(G, offset=dj, dim1=2, dim2=4).permute(1, 2, 0, 3)
+        R = _region_sums(P, k, oh, ow)  # [lag, C, C', k, k]: rectangles with top-left corner d
+        for li, dj in enumerate(lags):
+            if di == 0 and dj < 0:
+                continue  # negative lags are transposes of positive ones
+            i_idx = torch.arange(0, k - di, device=x.device)[:, None]  # offsets d with d + e inside the patch
+            j_idx = torch.arange(max(0, -dj), k - max(dj, 0), device=x.device)[None, :]
+            block = R[li][:, :, i_idx, j_idx].permute(2, 3, 0, 1)  # [ni, nj, C, C']
+            s2[:, i_idx, j_idx, :, i_idx + di, j_idx + dj] = block
+            s2[:, i_idx + di, j_idx + dj, :, i_idx, j_idx] = block.transpose(-1, -2)
+    d = C * k * k
+    return s1, s2.reshape(d, d)
+
+
 class PatchMomentAccumulator:
     """Stationary k x k patch moments (SPEC 2) over images ``[B, C, H, W]``.
 
     The patch vector at position p is the ``C*k*k`` values (C, then row, then
     column) of the window whose top-left corner is p, over every position where
-    the window fits. Only a bounded chunk of patches exists at any time.
+    the window fits. Patches are never unfolded (see :func:`patch_sums`); uint8
+    images give exact integer sums, float images float64 sums around a
+    per-channel shift. Works on any device.
     """
-
-    _CHUNK_VALUES = 1 << 23  # patches unfolded at once, in values: bounds memory
 
     def __init__(self, channels: int, patch_size: int, *, device=None, backend: Optional[str] = None):
         if int(patch_size) != patch_size or patch_size < 1 or patch_size % 2 == 0:
@@ -410,23 +468,50 @@ class PatchMomentAccumulator:
         self.inner = MomentAccumulator((self.channels, self.k, self.k), device=device, backend=backend)
 
     def update(self, images) -> "PatchMomentAccumulator":
+        """Accumulate every k x k patch of ``images``: uint8 or float ``[B, C, H, W]``."""
         images = as_tensor("images", images)
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"images must be [B, {self.channels}, H, W], got shape {tuple(images.shape)}")
+        if images.dtype not in IMAGE_DTYPES:
+            raise TypeError(f"images must be uint8 or float, got {images.dtype}")
         H, W, k = images.shape[2], images.shape[3], self.k
         if H < k or W < k:
             raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch")
-        d = self.channels * k * k
-        per_image = (H - k + 1) * (W - k + 1) * d
-        step = max(1, self._CHUNK_VALUES // per_image)
-        for i in range(0, images.shape[0], step):
-            chunk = images[i : i + step]
-            # [b, C, H', W', k, k] is a strided view: only the reshape below copies
-            p = chunk.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5)
-            self.inner.update(p.reshape(-1, d))
+        check_finite("images", images)
+        if images.shape[0] == 0:
+            return self
+        acc = self.inner
+        device = acc.device or images.device
+        images = images.to(device)
+        count = images.shape[0] * (H - k + 1) * (W - k + 1)
+        if images.dtype == torch.uint8 and acc.mode in (None, "int"):
+            if acc.mode is None:
+                acc._alloc(device, "int")
+            for b in range(0, images.shape[0], 256):  # 256 images: exact float32 products
+                s1, s2 = patch_sums(images[b : b + 256], k)
+                acc._s1 += s1.to(torch.int64)
+                acc._s2 += s2.to(torch.int64)
+        else:
+            y = to_unit(images, torch.float64)
+            if acc.mode is None:
+                acc._alloc(device, "float")
+                # a per-channel shift keeps the sums small: patches are stationary
+                acc._ref = y.mean((0, 2, 3)).repeat_interleave(k * k)
+            elif acc.mode == "int":
+                acc._to_float_mode()
+            shift = acc._ref.reshape(self.channels, k * k)[:, 0].reshape(1, -1, 1, 1)
+            z = y - shift
+            s1, s2 = patch_sums(z, k)
+            # the accumulator's shift is per entry; fold any mismatch (after a merge) in exactly
+            delta = (shift.reshape(-1).repeat_interleave(k * k) - acc._ref)
+            acc._s1 += s1 + count * delta
+            acc._s2 += s2 + torch.outer(s1, delta) + torch.outer(delta, s1) + count * torch.outer(delta, delta)
+        acc.count += count
         return self
 
     def merge(self, other: "PatchMomentAccumulator") -> "PatchMomentAccumulator":
+        if not isinstance(other, PatchMomentAccumulator) or (other.k, other.channels) != (self.k, self.channels):
+            raise ValueError("can only merge patch accumulators with the same channels and patch size")
         self.inner.merge(other.inner)
         return self
 
