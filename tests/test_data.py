@@ -459,6 +459,11 @@ def test_iter_batches_equals_load_images_everywhere(tmp_path, bs):
         bs_list = list(D.iter_batches(src, batch_size=bs))
         assert all(b.shape[0] == bs for b in bs_list[:-1])
         assert torch.equal(torch.cat(bs_list), whole), type(src)
+        for start in (0, 3, 7):  # resuming: the same images from ``start`` on, in order
+            tail = list(D.iter_batches(src, batch_size=bs, start=start))
+            assert torch.equal(torch.cat(tail) if tail else x[:0], x[start:]), (type(src), start)
+        with pytest.raises(ValueError, match="fewer than start=8"):
+            list(D.iter_batches(src, batch_size=bs, start=8))
 
 
 # --------------------------------------------------------------------------- #

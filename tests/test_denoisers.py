@@ -66,12 +66,13 @@ def test_registry_selection_order(monkeypatch):
         assert _registry.select("toy_op", "cuda").name == "slow"
         assert _registry.select("toy_op", "cuda", backend="fast").name == "fast"  # argument beats env
         monkeypatch.setenv(_registry.ENV_VAR, "toy_op=fast,other=x")
-        with pytest.raises(ValueError, match=f"environment variable {_registry.ENV_VAR}.*does not run on cpu"):
+        with pytest.raises(ValueError, match=f"environment variable {_registry.ENV_VAR}='fast': .*does not run on cpu"):
             _registry.select("toy_op", "cpu")
         monkeypatch.setenv(_registry.ENV_VAR, "cpu")  # a global name the op lacks is ignored
         assert _registry.select("toy_op", "cpu").name == "slow"
         with pytest.raises(RuntimeError, match="not available"):
             _registry.select("toy_op", "cpu", backend="broken")
+        assert _registry.registered_backends("toy_op") == ["broken", "fast", "slow"]  # usable or not
     finally:
         _registry._REGISTRY.pop("toy_op")
     with pytest.raises(ValueError, match="unknown op"):
@@ -81,3 +82,18 @@ def test_registry_selection_order(monkeypatch):
 def test_reference_registered_for_every_op():
     for op in ("locality_denoise", "optimal_denoise", "nearest_denoise", "moments"):
         assert "reference" in ad.available_backends(op, "cpu")
+
+
+def test_wiener_denoiser_shares_a_filter():
+    x0 = torch.randint(0, 256, (300, 2, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    m = ad.estimate_moments(x0)
+    f = ad.WienerFilter(m)
+    shared = ad.WienerDenoiser(f)
+    assert shared.filter is f  # no second eigendecomposition
+    xt = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    assert torch.equal(shared(xt, 500), ad.WienerDenoiser(m)(xt, 500))
+    with pytest.raises(ValueError, match="n = 32"):
+        shared(torch.randn(3, 2, 4, 5, dtype=torch.float64), 500)
+    with pytest.raises(TypeError, match="Moments or WienerFilter"):
+        ad.WienerDenoiser(m.cov)
+    assert f.to("cpu") is f

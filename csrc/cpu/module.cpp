@@ -16,6 +16,7 @@
 
 #include "../common/convert.h"
 #include "../common/macros.h"
+#include "moments.h"
 
 namespace py = pybind11;
 
@@ -114,6 +115,7 @@ py::dict build_info() {
     info["native"] = false;
 #endif
     info["simd"] = simd_level();
+    info["vnni"] = u8_syrk_has_vnni();  // moments: the int8 dot-product micro-kernel runs here
 #if defined(_OPENMP)
     info["openmp"] = true;
     info["openmp_version"] = static_cast<int>(_OPENMP);
@@ -137,4 +139,24 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dst_ptr"), py::arg("rows"), py::arg("cols"), py::arg("src_stride0"),
           py::arg("src_stride1"), py::arg("dst_is_double"),
           "dst[r*cols + c] = src[r*s0 + c*s1] / 127.5 - 1 for a [rows, cols] uint8 view.");
+    // moments (moments.cpp): the kernels touch no Python objects, so the GIL is released.
+    m.def("u8_syrk_update", &analytic_diffusion::u8_syrk_update, py::arg("x_ptr"), py::arg("B"),
+          py::arg("n"), py::arg("stride0"), py::arg("stride1"), py::arg("s1_ptr"),
+          py::arg("s2_ptr"), py::arg("force_portable") = false, py::arg("chunk_rows") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "s1 += column sums, lower triangle of s2 += x^T x for uint8 x [B, n] (int64 sums, "
+          "exact). chunk_rows: images per int32 accumulation (0 = default, <= 65536).");
+    m.def("f64_syrk_update", &analytic_diffusion::f64_syrk_update, py::arg("x_ptr"), py::arg("B"),
+          py::arg("n"), py::arg("stride0"), py::arg("stride1"), py::arg("x_is_double"),
+          py::arg("ref_ptr"), py::arg("s1_ptr"), py::arg("s2_ptr"),
+          py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
+          "z = x - ref in float64; s1 += column sums of z, lower triangle of s2 += z^T z.");
+    m.def("u8_moments_finalize", &analytic_diffusion::u8_moments_finalize, py::arg("N"),
+          py::arg("n"), py::arg("s1_ptr"), py::arg("s2_ptr"), py::arg("mean_ptr"),
+          py::arg("cov_ptr"), py::call_guard<py::gil_scoped_release>(),
+          "mean and unbiased cov ([-1, 1] units) from exact uint8 sums, bit-identical to "
+          "MomentAccumulator.result(), in one pass.");
+    m.def("u8_syrk_has_vnni", &analytic_diffusion::u8_syrk_has_vnni,
+          "Whether uint8 updates run the AVX-512 VNNI micro-kernel (compiled in and "
+          "supported by this CPU).");
 }

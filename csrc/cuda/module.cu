@@ -16,6 +16,7 @@
 
 #include "../common/convert.h"
 #include "../common/macros.h"
+#include "moments.h"
 
 namespace py = pybind11;
 
@@ -175,4 +176,20 @@ PYBIND11_MODULE(_C_cuda, m) {
           py::arg("dst_ptr"), py::arg("rows"), py::arg("cols"), py::arg("src_stride0"),
           py::arg("src_stride1"), py::arg("dst_is_double"), py::arg("stream") = 0,
           "dst[r*cols + c] = src[r*s0 + c*s1] / 127.5 - 1 on `stream` (asynchronous).");
+    m.def(
+        "u8_syrk_update",
+        [](uintptr_t x_ptr, int64_t B, int64_t n, int64_t stride0, int64_t stride1,
+           uintptr_t s1_ptr, uintptr_t s2_ptr, uintptr_t ws_ptr, uintptr_t stream,
+           int64_t k_block, bool use_mma) {
+            // launches only: no Python state is touched while the GIL is released
+            py::gil_scoped_release nogil;
+            analytic_diffusion::u8_syrk_update(x_ptr, B, n, stride0, stride1, s1_ptr, s2_ptr,
+                                               ws_ptr, stream, k_block, use_mma);
+        },
+        py::arg("x_ptr"), py::arg("B"), py::arg("n"), py::arg("stride0"), py::arg("stride1"),
+        py::arg("s1_ptr"), py::arg("s2_ptr"), py::arg("ws_ptr"), py::arg("stream") = 0,
+        py::arg("k_block") = 0, py::arg("use_mma") = true,
+        "Exact uint8 moment sums of a batch x [B, n]: s1 [n] += column sums, lower triangle "
+        "of s2 [n, n] += x^T x (int64, in place, asynchronous on `stream`). ws: int64 [n] "
+        "scratch. use_mma=False runs the plain int64 cross-check kernel.");
 }

@@ -21,6 +21,9 @@ from .moments import (
 from .sampling import ddim_step, sample
 from .schedule import alpha_bar_at, ddim_timesteps, linear_alphas_cumprod
 from .wiener import WienerFilter, locality_mask, wiener_matrix
+from . import _cpu  # registers the compiled CPU backends
+from . import _cuda  # registers the CUDA backends
+from . import _triton  # registers the Triton backends
 
 __version__ = "0.1.0"
 

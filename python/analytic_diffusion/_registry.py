@@ -51,6 +51,11 @@ def register(
     _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, tuple(devices), priority, is_available)
 
 
+def registered_backends(op: str) -> List[str]:
+    """Every backend registered for ``op``, usable here or not (sorted by name)."""
+    return sorted(_op_table(op))
+
+
 def ops() -> List[str]:
     """Names of all registered ops."""
     return sorted(_REGISTRY)
@@ -101,7 +106,7 @@ def select(op: str, device: torch.device | str, backend: Optional[str] = None) -
     source = "backend="
     if backend is None:
         backend = _env_request(op)
-        source = f"environment variable {ENV_VAR}"
+        source = f"environment variable {ENV_VAR}="
     if backend is not None:
         if backend not in table:
             raise ValueError(

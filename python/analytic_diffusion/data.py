@@ -435,8 +435,9 @@ class _Source:
     total: Optional[int] = None
     exact_total = False  # True when ``total`` is guaranteed (safe to preallocate)
     limit: Optional[int] = None
+    seekable = False  # True when batches() can start at any image without reading the ones before
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[torch.Tensor]:
         raise NotImplementedError
 
     def whole(self) -> Optional[torch.Tensor]:
@@ -446,6 +447,7 @@ class _Source:
 
 class _InMemory(_Source):
     exact_total = True
+    seekable = True
 
     def __init__(self, data: torch.Tensor, what: str, limit: Optional[int]):
         self.data = data if limit is None else data[:limit]
@@ -453,8 +455,8 @@ class _InMemory(_Source):
         if self.total == 0 or self.data[0].numel() == 0:
             raise ValueError(f"{what} is empty: shape {_shape_str(data.shape)}")
 
-    def batches(self, batch_size):
-        for i in range(0, self.total, batch_size):
+    def batches(self, batch_size, start=0):
+        for i in range(start, self.total, batch_size):
             yield self.data[i : i + batch_size]
 
     def whole(self):
@@ -463,6 +465,7 @@ class _InMemory(_Source):
 
 class _NpyFile(_Source):
     exact_total = True
+    seekable = True
 
     def __init__(self, path: Path, limit: Optional[int]):
         self.path = path
@@ -481,8 +484,8 @@ class _NpyFile(_Source):
         if self.total == 0 or int(np.prod(self.shape)) == 0:
             raise ValueError(f"{self.what} is empty: shape {_shape_str(mm.shape)}")
 
-    def batches(self, batch_size):
-        for i in range(0, self.total, batch_size):
+    def batches(self, batch_size, start=0):
+        for i in range(start, self.total, batch_size):
             # np.array copies the slice out of the memory map into RAM.
             yield _array_batch(np.array(self.mm[i : i + batch_size]), self.what)
 
@@ -527,6 +530,7 @@ def _list_image_files(folder: Path) -> List[Path]:
 
 class _Folder(_Source):
     exact_total = True
+    seekable = True
 
     def __init__(self, folder: Path, limit: Optional[int]):
         from PIL import Image, UnidentifiedImageError
@@ -558,10 +562,10 @@ class _Folder(_Source):
         self.mode = "L" if all_gray else "RGB"
         self.total = len(files)
 
-    def batches(self, batch_size):
+    def batches(self, batch_size, start=0):
         from PIL import Image
 
-        for i in range(0, self.total, batch_size):
+        for i in range(start, self.total, batch_size):
             arrs = []
             for f in self.files[i : i + batch_size]:
                 with Image.open(f) as im:
@@ -573,6 +577,7 @@ class _Folder(_Source):
 
 class _MapDataset(_Source):
     exact_total = True
+    seekable = True
 
     def __init__(self, ds, limit: Optional[int]):
         self.ds = ds
@@ -582,8 +587,8 @@ class _MapDataset(_Source):
         if self.total == 0:
             raise ValueError(f"{self.what} is empty (len 0)")
 
-    def batches(self, batch_size):
-        for i in range(0, self.total, batch_size):
+    def batches(self, batch_size, start=0):
+        for i in range(start, self.total, batch_size):
             j = min(i + batch_size, self.total)
             items = [_item_image(self.ds[k], f"{self.what} item {k}") for k in range(i, j)]
             yield _stack_items(items, i, self.what)
@@ -599,7 +604,7 @@ class _IterDataset(_Source):
         except TypeError:
             self.total = limit
 
-    def batches(self, batch_size):
+    def batches(self, batch_size, start=0):
         buf: List[torch.Tensor] = []
         start = 0
         for k, item in enumerate(self.ds):
@@ -629,7 +634,7 @@ class _Loader(_Source):
             total = limit if total is None else min(total, limit)
         self.total = total
 
-    def batches(self, batch_size):
+    def batches(self, batch_size, start=0):
         for k, batch in enumerate(self.loader):
             yield _loader_batch(batch, f"{self.what} batch {k}")
 
@@ -689,12 +694,17 @@ def _check_finite(b: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains {bad} NaN/Inf value(s); float images must be finite, in [-1, 1]")
 
 
-def _checked(src: _Source, batch_size: int) -> Iterator[torch.Tensor]:
-    """Raw batches -> validated batches (dtype, one image shape, finite), limit applied."""
+def _checked(src: _Source, batch_size: int, start: int = 0) -> Iterator[torch.Tensor]:
+    """Raw batches -> validated batches (dtype, one image shape, finite), limit applied,
+    beginning at image ``start`` (unseekable sources read and drop the images before it)."""
     limit = src.limit
     shape0 = dtype0 = None
-    seen = 0
-    for k, b in enumerate(src.batches(batch_size)):
+    seen = min(start, src.total) if src.seekable else 0
+    drop = 0 if src.seekable else start
+    for k, b in enumerate(src.batches(batch_size, start if src.seekable else 0)):
+        if drop:
+            took = min(drop, b.shape[0])
+            b, drop, seen = b[took:], drop - took, seen + took
         if limit is not None and seen + b.shape[0] > limit:
             b = b[: limit - seen]
         if b.shape[0] == 0:
@@ -720,6 +730,8 @@ def _checked(src: _Source, batch_size: int) -> Iterator[torch.Tensor]:
             return
     if seen == 0:
         raise ValueError("source is empty: it yielded no images")
+    if seen < start:
+        raise ValueError(f"source holds only {seen} images, fewer than start={start} (is it the data the run began with?)")
 
 
 def _rechunk(batches: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -754,6 +766,7 @@ def iter_batches(
     batch_size: int = 256,
     *,
     limit: Optional[int] = None,
+    start: int = 0,
     progress: bool = False,
     desc: Optional[str] = None,
 ) -> Iterator[torch.Tensor]:
@@ -767,6 +780,9 @@ def iter_batches(
             except the last; a DataLoader's own batches are re-chunked to this
             size (passed through without a copy when they already match).
         limit: only the first ``limit`` images (int >= 1), or all.
+        start: skip the first ``start`` images (int >= 0), e.g. to resume a run.
+            Arrays, files, folders and map-style Datasets seek there without
+            reading them; DataLoaders and iterable datasets read and drop them.
         progress: show a tqdm bar (unit "img"; total when known).
         desc: label of the progress bar.
 
@@ -783,16 +799,17 @@ def iter_batches(
         the source itself are raised at the call, before iteration starts.
     """
     batch_size = _check_int("batch_size", batch_size, 1)
+    start = _check_int("start", start, 0)
     src = _open(source, limit)
-    return _iter(src, batch_size, progress, desc)
+    return _iter(src, batch_size, progress, desc, start)
 
 
-def _iter(src: _Source, batch_size: int, progress: bool, desc: Optional[str]) -> Iterator[torch.Tensor]:
+def _iter(src: _Source, batch_size: int, progress: bool, desc: Optional[str], start: int = 0) -> Iterator[torch.Tensor]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=src.total, unit="img", desc=desc, disable=not progress)
+    bar = tqdm(total=src.total, initial=min(start, src.total or start), unit="img", desc=desc, disable=not progress)
     try:
-        for b in _rechunk(_checked(src, batch_size), batch_size):
+        for b in _rechunk(_checked(src, batch_size, start), batch_size):
             bar.update(b.shape[0])
             yield b
     finally:

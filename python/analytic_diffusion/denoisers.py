@@ -6,7 +6,7 @@ x_t's shape and dtype.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -97,23 +97,35 @@ class NearestDenoiser(_TrainSetDenoiser):
 
 
 class WienerDenoiser(Denoiser):
-    """The optimal linear denoiser ``mean + A_t (x/a - mean)`` from dataset moments (SPEC 3)."""
+    """The optimal linear denoiser ``mean + A_t (x/a - mean)`` from dataset moments (SPEC 3).
+
+    ``moments``: :class:`Moments`, or a :class:`WienerFilter` already built from them
+    (several denoisers can then share one eigendecomposition).
+    """
 
     name = "wiener"
 
-    def __init__(self, moments: Moments, alphas_cumprod=None):
+    def __init__(self, moments: Union[Moments, WienerFilter], alphas_cumprod=None):
         super().__init__(alphas_cumprod)
-        if not isinstance(moments, Moments):
-            raise TypeError(f"moments must be analytic_diffusion.Moments, got {type(moments).__name__}")
-        self.moments = moments
-        self.filter = WienerFilter(moments)
+        if isinstance(moments, WienerFilter):
+            self.filter = moments
+            self.moments = None
+        elif isinstance(moments, Moments):
+            self.moments = moments
+            self.filter = WienerFilter(moments)
+        else:
+            raise TypeError(f"moments must be analytic_diffusion.Moments or WienerFilter, got {type(moments).__name__}")
+        self._on_device: Dict[torch.device, WienerFilter] = {self.filter.device: self.filter}
 
     def denoise(self, x, t, alpha_bar):
-        self.moments.check_compatible(x.shape[1:], "x_t")
-        f = self.filter
-        if f.U.device != x.device:
-            f = self.filter = WienerFilter.__new__(WienerFilter)
-            f.__dict__.update({k: (v.to(x.device) if isinstance(v, torch.Tensor) else v) for k, v in self.filter.__dict__.items()})
+        if self.moments is not None:
+            self.moments.check_compatible(x.shape[1:], "x_t")
+        elif x[0].numel() != self.filter.n:
+            raise ValueError(f"x_t has {x[0].numel()} values per image, but the Wiener filter is for n = {self.filter.n}")
+        # one copy per device, made once: sampling on a GPU must not move [n, n] every step
+        f = self._on_device.get(x.device)
+        if f is None:
+            f = self._on_device[x.device] = self.filter.to(x.device)
         return f.apply(x, alpha_bar)
 
     def sensitivity(self, t, pixels):

@@ -46,6 +46,20 @@ class WienerFilter:
             raise ValueError(f"mean must be [{self.n}], got {tuple(mean.shape)}")
         self.mean = mean.to(torch.float64)
 
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
+    def to(self, device) -> "WienerFilter":
+        """This filter on ``device`` (``self`` if already there): the eigendecomposition is
+        moved, never recomputed."""
+        device = torch.device(device)
+        if self.U.device == device or (device.index is None and self.U.device.type == device.type):
+            return self
+        f = WienerFilter.__new__(WienerFilter)
+        f.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return f
+
     def gains(self, alpha_bar: float) -> torch.Tensor:
         """``g = ab*lam / (ab*lam + s2)``: float64 ``[n]``."""
         ab = check_alpha_bar(alpha_bar)

@@ -1,0 +1,165 @@
+"""uint8 moment sums on the GPU: the int8 tensor-core SYRK (CUDA and Triton backends)
+against torch float64 ``X^T X`` (the exact float path) on the same data, same run.
+
+As a pytest-benchmark module it is skipped without a CUDA device. As a script
+(``python benchmarks/bench_moments_gpu.py --json out.json``) it prints one line per
+case and writes a JSON record; benchmarks/gpu_check.sh runs it that way.
+
+Work is counted as the lower triangle SYRK does: ``2 * N * n * (n + 1) / 2`` integer
+operations per update; "peak" is the dense int8 tensor-core rate of an H100 SXM
+(1979 TOPS, KERNEL-NOTES.md), so on an H200 or PCIe card the percentage is relative to
+that figure, not the card's own.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import analytic_diffusion as ad
+from analytic_diffusion import _cuda, _triton
+
+try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
+    from conftest import QUICK
+except ImportError:  # pragma: no cover
+    QUICK = False
+
+INT8_PEAK_TOPS = 1979.0  # H100 SXM dense int8
+CASES = [(2048, 1024)] if QUICK else [(20000, 3072), (20000, 12288)]
+
+
+def cuda_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median device time of ``fn()`` by CUDA events (launch overhead included)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def run_case(impl: str, N: int, n: int, seed: int = 0, check: bool = True, **kw) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randint(0, 256, (N, n), dtype=torch.uint8, device="cuda", generator=g)
+    s1 = torch.zeros(n, dtype=torch.int64, device="cuda")
+    s2 = torch.zeros(n, n, dtype=torch.int64, device="cuda")
+    update = {"cuda": _cuda.u8_syrk_update, "triton": _triton.u8_syrk_update}[impl]
+    row = dict(impl=impl, N=N, n=n, device=torch.cuda.get_device_name(), **{k: v for k, v in kw.items() if v is not None})
+    if check:  # one update, compared with an exact float64 GEMM (integer sums < 2^53)
+        update(x, s1, s2, **kw)
+        xd = x.double()
+        ref = xd.T @ xd
+        row["exact"] = bool(torch.equal(s2.tril(), ref.tril().to(torch.int64))) and bool(torch.equal(s1, x.sum(0, dtype=torch.int64)))
+        del xd, ref
+        torch.cuda.empty_cache()
+    seconds = cuda_seconds(lambda: update(x, s1, s2, **kw))
+    ops = 2.0 * N * n * (n + 1) / 2
+    row.update(seconds=seconds, tops=ops / seconds / 1e12)
+    row["pct_of_int8_peak"] = 100 * row["tops"] / INT8_PEAK_TOPS
+    row.update(_baselines(x, N, n, seed))
+    return row
+
+
+_BASELINES: dict = {}
+
+
+def _baselines(x: torch.Tensor, N: int, n: int, seed: int) -> dict:
+    """torch float64 GEMM on the same data (what the float path costs) and cuBLASLt int8
+    GEMM with int32 output (the vendor's tensor-core rate; not exact for large N, shown
+    for scale only). Cached per case: every launch config sees the same data."""
+    key = (N, n, seed)
+    if key in _BASELINES:
+        return _BASELINES[key]
+    row = {}
+    xd = x.double()
+    row["torch_f64_seconds"] = cuda_seconds(lambda: xd.T @ xd, repeats=3, warmup=1)
+    row["torch_f64_tflops"] = 2.0 * N * n * n / row["torch_f64_seconds"] / 1e12
+    del xd
+    torch.cuda.empty_cache()
+    try:
+        s = (x.to(torch.int16) - 128).to(torch.int8)
+        st = s.T.contiguous()
+        row["torch_int_mm_seconds"] = cuda_seconds(lambda: torch._int_mm(st, s), repeats=3, warmup=1)
+        row["torch_int_mm_tops"] = 2.0 * N * n * n / row["torch_int_mm_seconds"] / 1e12
+        del s, st
+    except Exception as e:  # _int_mm is a private API with shape rules
+        row["torch_int_mm_error"] = f"{type(e).__name__}: {e}"[:200]
+    torch.cuda.empty_cache()
+    _BASELINES[key] = row
+    return row
+
+
+def _available(impl: str) -> bool:
+    return {"cuda": _cuda.available, "triton": _triton.available}[impl]()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("N,n", CASES)
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_u8_syrk_gpu(benchmark, record, impl, N, n):
+    if not _available(impl):
+        pytest.skip(f"the {impl} moments backend is not available")
+    row = run_case(impl, N, n)
+    assert row["exact"]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # timings come from CUDA events
+    benchmark.extra_info.update(row)
+    record("moments_gpu", f"uint8 N={N} n={n}", impl, row["seconds"], baseline="torch float64 X^T X",
+           baseline_seconds=row["torch_f64_seconds"], device="cuda", tops=row["tops"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_estimate_moments_gpu_end_to_end(benchmark, record):
+    if not _cuda.available():
+        pytest.skip("the CUDA moments backend is not available")
+    N, n = (512, 768) if QUICK else (20000, 3072)
+    x = torch.randint(0, 256, (N, n), dtype=torch.uint8, device="cuda")
+    run = lambda: ad.estimate_moments(x, batch_size=4096, backend="cuda")  # noqa: E731
+    seconds = cuda_seconds(run, repeats=3, warmup=1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    record("moments_gpu", f"estimate_moments uint8 N={N} n={n}", "cuda", seconds, device="cuda")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--N", type=int, default=20000)
+    p.add_argument("--n", type=int, nargs="*", default=[3072, 12288])
+    p.add_argument("--impl", nargs="*", default=["cuda", "triton"])
+    p.add_argument("--no-check", action="store_true", help="skip the exactness check (saves memory)")
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.n:
+        for impl in args.impl:
+            configs = [{}]
+            if impl == "triton":  # a few launch shapes: nobody has tuned them on this card yet
+                configs = [{}, {"block": 128, "num_warps": 8}, {"block": 128, "bk": 128, "num_warps": 8, "num_stages": 4}]
+            for kw in configs:
+                if not _available(impl):
+                    rows.append(dict(impl=impl, N=args.N, n=n, error="backend not available"))
+                    continue
+                try:
+                    row = run_case(impl, args.N, n, check=not args.no_check, **kw)
+                except Exception as e:  # keep going: one failing config must not hide the rest
+                    row = dict(impl=impl, N=args.N, n=n, **kw, error=f"{type(e).__name__}: {e}"[:500])
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "build_info": ad.build_info(), "rows": rows}, f, indent=1, default=str)
+    return 0 if all(r.get("exact", True) and "error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Moments across processes: 2 gloo ranks on localhost, each streaming its shard."""
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import analytic_diffusion as ad
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+KINDS = ("uint8", "float", "empty", "patch")
+
+
+def _worker(rank, world, port, data, out_dir):
+    # One process group for every case: spawning ranks costs seconds (each imports torch).
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        for kind in KINDS:
+            shard = data[rank::world]  # interleaved shards: a different order than one pass
+            if kind == "patch":
+                acc = ad.PatchMomentAccumulator(data.shape[1], 3).update(shard)
+            else:
+                acc = ad.MomentAccumulator(tuple(data.shape[1:]))
+                if kind == "float" and rank == 1:
+                    shard = (shard.double() - 127.5) / 127.5  # one float rank forces the Chan path
+                if kind == "empty" and rank == 1:
+                    shard = shard[:0]
+                acc.update(shard)
+            m = acc.all_reduce().result()
+            torch.save({"mean": m.mean, "cov": m.cov, "count": m.count}, os.path.join(out_dir, f"{kind}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    # spawn, not fork: a forked child inherits the parent's OpenMP pool in a broken state and hangs
+    mp.start_processes(_worker, args=(2, _free_port(), data, str(out)), nprocs=2, join=True, start_method="spawn")
+    return {k: [torch.load(out / f"{k}{r}.pt", weights_only=True) for r in range(2)] for k in KINDS}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return torch.randint(0, 256, (41, 2, 5, 5), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def test_all_reduce_uint8_is_bit_identical_to_one_process(data, results):
+    one = ad.estimate_moments(data)
+    for res in results["uint8"]:
+        assert res["count"] == 41
+        assert torch.equal(res["cov"], one.cov) and torch.equal(res["mean"], one.mean)
+
+
+def test_all_reduce_float_rank_uses_chan_merge(data, results):
+    one = ad.estimate_moments(data)
+    for res in results["float"]:
+        assert res["count"] == 41
+        assert (res["cov"] - one.cov).abs().max().item() < 1e-13
+
+
+def test_all_reduce_with_an_empty_rank(data, results):
+    one = ad.estimate_moments(data[0::2])
+    for res in results["empty"]:
+        assert res["count"] == 21 and torch.equal(res["cov"], one.cov)
+
+
+def test_all_reduce_patch_moments(data, results):
+    one = ad.estimate_patch_moments(data, 3)
+    for res in results["patch"]:
+        assert res["count"] == one.count and torch.equal(res["cov"], one.cov)
