@@ -67,7 +67,7 @@ def record():
     def _record(bench, case, impl, seconds, *, baseline=None, baseline_seconds=None, rel_err=None, device="cpu", **extra):
         row = dict(bench=bench, case=case, impl=impl, seconds=seconds, device=device_name(device))
         if baseline is not None:
-            row.update(baseline=baseline, baseline_seconds=baseline_seconds, speedup=baseline_seconds / seconds)
+            row.update(baseline=baseline, baseline_seconds=baseline_seconds, speedup=baseline_seconds / seconds if seconds else None)
         if rel_err is not None:
             row["rel_err"] = rel_err
         row.update(extra)
@@ -77,14 +77,30 @@ def record():
     return _record
 
 
+_STD_KEYS = {"bench", "case", "impl", "seconds", "device", "baseline", "baseline_seconds", "speedup", "rel_err", "date"}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def _table(rows) -> str:
-    lines = ["| bench | case | impl | time (ms) | baseline | baseline (ms) | speed-up | rel. error |", "|---|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| bench | case | impl | time (ms) | baseline | baseline (ms) | speed-up | rel. error | more |",
+        "|---|---|---|---:|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         has_base = r.get("baseline") is not None
         base_ms = "%.2f" % (1e3 * r["baseline_seconds"]) if has_base else ""
         speedup = "%.2fx" % r["speedup"] if has_base else ""
-        err = "%.1e" % r["rel_err"] if "rel_err" in r else ""
-        lines.append(f"| {r['bench']} | {r['case']} | {r['impl']} | {1e3 * r['seconds']:.2f} | {r.get('baseline') or ''} | {base_ms} | {speedup} | {err} |")
+        err = "%.1e" % r["rel_err"] if r.get("rel_err") is not None else ""
+        ms = f"{1e3 * r['seconds']:.2f}" if r.get("seconds") is not None else ""
+        more = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in _STD_KEYS)
+        lines.append(
+            f"| {r['bench']} | {r['case']} | {r['impl']} | {ms} | {r.get('baseline') or ''} | {base_ms} | {speedup} | {err} | {more} |"
+        )
     return "\n".join(lines)
 
 
@@ -99,7 +115,17 @@ def pytest_terminal_summary(terminalreporter):
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         stamp = time.strftime("%Y-%m-%d")
-        header = f"# Benchmarks on {dev}\n\n{stamp}, torch {torch.__version__}, {os.cpu_count()} CPU threads\n\n"
-        (out / f"{slug}.md").write_text(header + _table(_ROWS) + "\n")
-        (out / f"{slug}.json").write_text(json.dumps({"device": dev, "date": stamp, "torch": torch.__version__, "rows": _ROWS}, indent=1))
+        # Merge with earlier runs on this device: a row is replaced only by a new
+        # measurement of the same (bench, case, impl), so separate runs add up.
+        rows = []
+        old = out / f"{slug}.json"
+        if old.exists():
+            rows = json.loads(old.read_text()).get("rows", [])
+        fresh = {(r["bench"], r["case"], r["impl"]) for r in _ROWS}
+        rows = [r for r in rows if (r["bench"], r["case"], r["impl"]) not in fresh]
+        rows += [dict(r, date=stamp) for r in _ROWS]
+        rows.sort(key=lambda r: (r["bench"], r["case"], r["impl"]))
+        header = f"# Benchmarks on {dev}\n\ntorch {torch.__version__}, {os.cpu_count()} CPU threads; each row dated in the JSON file\n\n"
+        (out / f"{slug}.md").write_text(header + _table(rows) + "\n")
+        old.write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows}, indent=1))
         terminalreporter.write_line(f"recorded in {out / slug}.md")

@@ -19,6 +19,29 @@ def test_locality_denoiser_uses_cached_masks_and_the_op(crops, crop_moments):
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
+def test_masks_stored_packed_and_prepared_once(crops, crop_moments, monkeypatch):
+    den = ad.LocalityDenoiser(crops[:200], moments=crop_moments, threshold=0.02)
+    n = crops[0].numel()
+    ts = ad.ddim_timesteps(5)
+    seen = []
+
+    def fake(x, train, mask, *args):
+        return torch.zeros_like(x)
+
+    fake.prepare = lambda mask: seen.append(mask.clone())
+    _registry.register("locality_denoise", "fake", fake, priority=-1)
+    try:
+        den.backend = "fake"
+        den.prepare(ts)
+    finally:
+        _registry._REGISTRY["locality_denoise"].pop("fake")
+    assert len(seen) == len(ts)
+    for t, m in zip(ts, seen):
+        assert torch.equal(m, den.filter.mask(ad.alpha_bar_at(t), 0.02))  # unpacking is lossless
+        assert torch.equal(den.mask(t), m)
+    assert den.mask_bytes() == len(ts) * n * ((n + 7) // 8)  # bit-packed, not n*n bool or float
+
+
 def test_locality_denoiser_estimates_moments_when_none_given(crops):
     den = ad.LocalityDenoiser(crops[:50])
     ref = ad.estimate_moments(crops[:50])

@@ -18,6 +18,16 @@ def _free_port():
 
 
 KINDS = ("uint8", "float", "empty", "patch")
+TIMESTEPS = (900, 300, 10)
+
+
+def _denoiser_data():
+    crops = ad.data.natural_crops(105, size=4, seed=5)
+    ab = ad.alpha_bar_at(10)
+    g = torch.Generator().manual_seed(0)
+    held = crops[100:].double() / 127.5 - 1
+    x = ab**0.5 * held + (1 - ab) ** 0.5 * torch.randn(held.shape, generator=g, dtype=torch.float64)
+    return crops[:100], x
 
 
 def _worker(rank, world, port, data, out_dir):
@@ -39,6 +49,16 @@ def _worker(rank, world, port, data, out_dir):
                 acc.update(shard)
             m = acc.all_reduce().result()
             torch.save({"mean": m.mean, "cov": m.cov, "count": m.count}, os.path.join(out_dir, f"{kind}{rank}.pt"))
+        # Denoisers over a sharded training set: contiguous shards of unequal size, the
+        # moments all-reduced inside the locality denoiser, every step merged across ranks.
+        train, x = _denoiser_data()
+        shard = train[:40] if rank == 0 else train[40:]
+        dens = {
+            "locality": ad.LocalityDenoiser(shard, threshold=0.05, process_group=True),
+            "optimal": ad.OptimalDenoiser(shard, process_group=dist.group.WORLD),
+        }
+        outs = {(name, t): den(x, t) for name, den in dens.items() for t in TIMESTEPS}
+        torch.save(outs, os.path.join(out_dir, f"denoisers{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -48,7 +68,8 @@ def results(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     # spawn, not fork: a forked child inherits the parent's OpenMP pool in a broken state and hangs
     mp.start_processes(_worker, args=(2, _free_port(), data, str(out)), nprocs=2, join=True, start_method="spawn")
-    return {k: [torch.load(out / f"{k}{r}.pt", weights_only=True) for r in range(2)] for k in KINDS}
+    res = {k: [torch.load(out / f"{k}{r}.pt", weights_only=True) for r in range(2)] for k in KINDS + ("denoisers",)}
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +101,31 @@ def test_all_reduce_patch_moments(data, results):
     one = ad.estimate_patch_moments(data, 3)
     for res in results["patch"]:
         assert res["count"] == one.count and torch.equal(res["cov"], one.cov)
+
+
+@pytest.mark.parametrize("name", ["locality", "optimal"])
+def test_sharded_denoisers_equal_one_process(results, name):
+    train, x = _denoiser_data()
+    one = ad.LocalityDenoiser(train, threshold=0.05) if name == "locality" else ad.OptimalDenoiser(train)
+    for rank_out in results["denoisers"]:
+        for t in TIMESTEPS:
+            ref = one(x, t)
+            got = rank_out[(name, t)]
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            assert (got - ref).abs().max().item() < 1e-10 * max(1.0, ref.abs().max().item()), (name, t)
+
+
+def test_all_reduce_state_without_processes_is_merge_states():
+    # the collective merge equals merge_states; checked in-process with a 1-rank group
+    import tempfile
+
+    train, x = _denoiser_data()
+    ab = ad.alpha_bar_at(300)
+    s1 = ad.ops.optimal_denoise(x, train[:30], ab, return_state=True)
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/pg", rank=0, world_size=1)
+        try:
+            merged = ad.ops.all_reduce_state(s1)
+        finally:
+            dist.destroy_process_group()
+    assert torch.equal(merged.mx, s1.mx) and torch.allclose(merged.result(), s1.result(), rtol=0, atol=1e-15)

@@ -13,7 +13,7 @@ import torch
 from . import ops as _ops
 from . import _registry
 from ._validate import check_chunk_size, check_positive, check_queries, check_train
-from .moments import Moments, estimate_moments
+from .moments import MomentAccumulator, Moments, estimate_moments
 from .schedule import alpha_bar_at, default_alphas_cumprod, timestep_to_int
 from .wiener import WienerFilter
 
@@ -49,11 +49,23 @@ class Denoiser:
 class _TrainSetDenoiser(Denoiser):
     """Holds a training set (validated once) and a copy per device it is used on."""
 
-    def __init__(self, train, backend: Optional[str] = None, alphas_cumprod=None):
+    def __init__(self, train, backend: Optional[str] = None, alphas_cumprod=None, process_group=None):
         super().__init__(alphas_cumprod)
         self.train = _as_train(train)
         self.backend = backend
+        self.process_group = process_group
         self._on_device: Dict[torch.device, torch.Tensor] = {self.train.device: self.train}
+
+    @property
+    def sharded(self) -> bool:
+        """True when ``train`` is this rank's shard and results are merged across ranks."""
+        return self.process_group is not None
+
+    def _merged(self, state) -> torch.Tensor:
+        # Each rank holds a shard of the training set: the softmax states of the shards
+        # merge exactly (SPEC 5), so every rank returns the full-dataset result.
+        group = None if self.process_group is True else self.process_group
+        return _ops.all_reduce_state(state, group).result()
 
     @property
     def image_shape(self):
@@ -71,18 +83,27 @@ class _TrainSetDenoiser(Denoiser):
 
 
 class OptimalDenoiser(_TrainSetDenoiser):
-    """The empirical optimal denoiser: exact softmax over the whole training set (SPEC 6)."""
+    """The empirical optimal denoiser: exact softmax over the whole training set (SPEC 6).
+
+    ``process_group``: a torch.distributed group (or ``True`` for the default group)
+    when ``train`` is this rank's shard of the training set; every rank then returns
+    the result over the union of the shards.
+    """
 
     name = "optimal"
 
-    def __init__(self, train, temperature: float = 1.0, backend: Optional[str] = None, chunk_size: int = 256, alphas_cumprod=None):
-        super().__init__(train, backend, alphas_cumprod)
+    def __init__(self, train, temperature: float = 1.0, backend: Optional[str] = None, chunk_size: int = 256, alphas_cumprod=None, process_group=None):
+        super().__init__(train, backend, alphas_cumprod, process_group)
         self.temperature = check_positive("temperature", temperature)
         self.chunk_size = check_chunk_size(chunk_size)
 
     def denoise(self, x, t, alpha_bar):
         train = self._train_for(x)
-        out = self._impl("optimal_denoise", x)(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), alpha_bar, self.temperature, self.chunk_size, False)
+        out = self._impl("optimal_denoise", x)(
+            x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), alpha_bar, self.temperature, self.chunk_size, self.sharded
+        )
+        if self.sharded:
+            out = self._merged(out).to(x.dtype)
         return out.reshape(x.shape)
 
 
@@ -139,7 +160,14 @@ class LocalityDenoiser(_TrainSetDenoiser):
     ``train``: uint8 or float ``[N, C, H, W]`` (or any source ``data.load_images``
     takes); ``moments``: :class:`Moments` of the data the windows come from
     (estimated from ``train`` when None). Each timestep's mask is built once
-    and cached.
+    and cached bit-packed (n*n/8 bytes; the bool mask of the step in use is kept
+    unpacked); :meth:`prepare` builds the masks, and the backend's plans, of a
+    whole sampling schedule up front (``ad.sample`` calls it).
+
+    ``process_group``: a torch.distributed group (or ``True`` for the default group)
+    when ``train`` is this rank's shard (exact softmax only). Moments estimated here
+    are then all-reduced, so every rank builds the same masks, and each step merges
+    the ranks' softmax states: every rank returns the full-dataset result.
     """
 
     name = "locality"
@@ -154,22 +182,30 @@ class LocalityDenoiser(_TrainSetDenoiser):
         chunk_size: int = 256,
         backend: Optional[str] = None,
         alphas_cumprod=None,
+        process_group=None,
     ):
-        super().__init__(train, backend, alphas_cumprod)
+        super().__init__(train, backend, alphas_cumprod, process_group)
         if softmax not in ("exact", "wssm"):
             raise ValueError(f"softmax must be 'exact' or 'wssm', got {softmax!r}")
+        if softmax == "wssm" and self.sharded:
+            raise ValueError("softmax='wssm' cannot be sharded across processes (its per-chunk softmaxes do not merge); use softmax='exact'")
         self.threshold = float(threshold)
         self.temperature = check_positive("temperature", temperature)
         self.softmax = softmax
         self.chunk_size = check_chunk_size(chunk_size)
         if moments is None:
-            moments = estimate_moments(self.train)
+            if self.sharded:
+                acc = MomentAccumulator(tuple(self.train.shape[1:])).update(self.train)
+                moments = acc.all_reduce(None if process_group is True else process_group).result()
+            else:
+                moments = estimate_moments(self.train)
         elif not isinstance(moments, Moments):
             raise TypeError(f"moments must be analytic_diffusion.Moments or None, got {type(moments).__name__}")
         moments.check_compatible(self.train.shape[1:], "the training set")
         self.moments = moments
         self._filter: Optional[WienerFilter] = None
-        self._masks: Dict[int, torch.Tensor] = {}
+        self._masks: Dict[int, _StoredMask] = {}
+        self._dense: Optional[tuple] = None  # (t, device, mask): the unpacked mask in use
 
     @property
     def filter(self) -> WienerFilter:
@@ -177,16 +213,71 @@ class LocalityDenoiser(_TrainSetDenoiser):
             self._filter = WienerFilter(self.moments)
         return self._filter
 
-    def mask(self, t) -> torch.Tensor:
-        """The (cached) mask for timestep ``t``: bool ``[n, n]`` (float64 if threshold <= 0), on the CPU."""
+    def mask(self, t, device=None) -> torch.Tensor:
+        """The mask for timestep ``t``: bool ``[n, n]`` (float64 if threshold <= 0), on
+        ``device`` (default CPU). Built once per timestep, stored bit-packed."""
         t = timestep_to_int(t, self.alphas_cumprod.shape[0])
+        device = torch.device(device or "cpu")
+        if self._dense is not None and self._dense[0] == t and self._dense[1] == device:
+            return self._dense[2]
         if t not in self._masks:
-            self._masks[t] = self.filter.mask(self.alpha_bar(t), self.threshold)
-        return self._masks[t]
+            self._masks[t] = _StoredMask(self.filter.mask(self.alpha_bar(t), self.threshold))
+        m = self._masks[t].unpack(device)
+        self._dense = (t, device, m)
+        return m
+
+    def prepare(self, timesteps, device=None) -> "LocalityDenoiser":
+        """Build the masks of ``timesteps`` (and, where the backend plans its work per
+        mask, its plans) now rather than during the first sampling run."""
+        device = torch.device(device or self.train.device)
+        impl = _registry.select("locality_denoise", device, self.backend).fn
+        prep = getattr(impl, "prepare", None)
+        for t in timesteps:
+            m = self.mask(t, device)
+            if prep is not None:
+                prep(m)
+        return self
+
+    def mask_bytes(self) -> int:
+        """Memory held by the cached masks (packed), in bytes."""
+        return sum(m.nbytes for m in self._masks.values())
 
     def denoise(self, x, t, alpha_bar):
         train = self._train_for(x)
-        mask = self.mask(t).to(x.device)
+        mask = self.mask(t, x.device)
         impl = self._impl("locality_denoise", x)
-        out = impl(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), mask, alpha_bar, self.temperature, self.softmax, self.chunk_size, False)
+        out = impl(
+            x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), mask, alpha_bar,
+            self.temperature, self.softmax, self.chunk_size, self.sharded,
+        )
+        if self.sharded:
+            out = self._merged(out).to(x.dtype)
         return out.reshape(x.shape)
+
+
+class _StoredMask:
+    """A mask kept compactly: bool masks bit-packed along rows (n * ceil(n/8) bytes);
+    real-valued masks (threshold <= 0) as they are."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.shape = tuple(mask.shape)
+        if mask.dtype == torch.bool:
+            import numpy as np
+
+            self.packed = torch.from_numpy(np.packbits(mask.cpu().numpy(), axis=1))
+            self.dense = None
+        else:
+            self.packed, self.dense = None, mask
+
+    @property
+    def nbytes(self) -> int:
+        t = self.packed if self.packed is not None else self.dense
+        return t.numel() * t.element_size()
+
+    def unpack(self, device) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.to(device)
+        import numpy as np
+
+        bits = np.unpackbits(self.packed.numpy(), axis=1, count=self.shape[1])
+        return torch.from_numpy(bits.view(np.bool_)).to(device)

@@ -50,6 +50,9 @@ def sample(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     x = torch.randn((int(num_samples), *shape), generator=gen, dtype=dtype).to(device or "cpu")
     x0 = x
+    prepare = getattr(denoiser, "prepare", None)
+    if prepare is not None:  # masks and plans of the whole schedule, before the first step
+        prepare(ts, x.device)
     it = ts
     if progress:
         from tqdm.auto import tqdm

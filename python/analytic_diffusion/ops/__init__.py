@@ -23,6 +23,7 @@ from .._validate import (
 )
 from ._reference import (
     SoftmaxState,
+    all_reduce_state,
     locality_denoise_reference,
     merge_states,
     nearest_denoise_reference,
@@ -31,6 +32,7 @@ from ._reference import (
 
 __all__ = [
     "SoftmaxState",
+    "all_reduce_state",
     "locality_denoise",
     "locality_denoise_reference",
     "merge_states",

@@ -51,6 +51,24 @@ def merge_states(*states: SoftmaxState) -> SoftmaxState:
     return SoftmaxState(mx, l, acc)
 
 
+def all_reduce_state(state: SoftmaxState, group=None) -> SoftmaxState:
+    """Merge the states of every rank of ``group`` (torch.distributed), each computed on
+    that rank's shard of the training set: the SPEC 5 merge as collectives (a MAX
+    all-reduce of ``mx``, then SUM all-reduces of the rescaled ``l`` and ``acc``).
+    Every rank gets the merged state; the inputs are not modified. Works with gloo
+    (CPU tensors) and NCCL (GPU tensors)."""
+    import torch.distributed as dist
+
+    mx = state.mx.clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    corr = torch.exp(state.mx - mx)  # a rank with no images has mx = -inf: corr = 0
+    corr = torch.nan_to_num(corr, nan=0.0)  # -inf - -inf: every rank empty for this output
+    l, acc = state.l * corr, state.acc * corr
+    dist.all_reduce(l, group=group)
+    dist.all_reduce(acc, group=group)
+    return SoftmaxState(mx, l, acc)
+
+
 def _query_blocks(B: int, per_query: int):
     step = max(1, _BLOCK_VALUES // max(1, per_query))
     return [(i, min(B, i + step)) for i in range(0, B, step)]
