@@ -12,6 +12,8 @@
 #   pytest.txt    GPU tests (tests/test_moments_gpu.py, tests/test_build.py)
 #   sanitizer.txt compute-sanitizer reports
 #   timing.json   one row per (backend, n, launch config): seconds, TOPS, % of int8 peak
+#   pytest_locality.txt, locality_timing.json  the Triton locality/optimal denoiser: GPU
+#                 tests, and per-DDIM-step timings at the CIFAR shape (see the end)
 # Each step is time-boxed and a failing step does not stop the later ones; the exit
 # status is non-zero if any step failed. No network is needed (pip --no-deps,
 # --no-build-isolation: the image already has torch, triton, scikit-build-core, pybind11).
@@ -103,6 +105,35 @@ for r in rows:
           f" exact={r.get('exact')} | torch f64 X^T X {r['torch_f64_seconds']*1e3:8.2f} ms"
           f" | torch._int_mm {r.get('torch_int_mm_tops', float('nan')):6.1f} TOPS {cfg or ''}")
 EOF
+
+# ---- locality_denoise / optimal_denoise, Triton backend (tests/test_locality_triton.py,
+# benchmarks/bench_locality_gpu.py): GPU tests (fixed and autotuned launch shapes, accuracy
+# vs float64 at every DDIM step), then the CIFAR-shape timing (N = 50000, n = 3072, B = 128,
+# 10 DDIM steps; target <= 0.06 s per step averaged). AD_CHECK_LOCALITY=0 skips both.
+if [ "${AD_CHECK_LOCALITY:-1}" != "0" ]; then
+    step locality-tests 300 "$OUT/pytest_locality.txt" "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_locality_triton.py
+    tail -n 3 "$OUT/pytest_locality.txt" | tee -a "$SUMMARY"
+    step locality-timing 300 "$OUT/locality_timing.log" "$PY" benchmarks/bench_locality_gpu.py --json "$OUT/locality_timing.json"
+    "$PY" - "$OUT/locality_timing.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception as e:
+    print("no locality_timing.json:", e); sys.exit(0)
+for r in rows:
+    if "error" in r:
+        print(f"  {r['bench']} t={r.get('t')} ERROR {r['error'][:200]}"); continue
+    if r["bench"] == "locality_gpu":
+        print(f"  t={r['t']:3d} density={r['density']:.3f} blocks={r['block_density']:.2f} single={r['single_window']!s:5} split={r['hi_lo_split']!s:5}"
+              f" {r['seconds']*1e3:8.2f} ms (first call {r['first_call_s']:.1f} s) rel_err={r['rel_err']:.1e}"
+              f" | official {r['official_s']*1e3:8.1f} ms ({r['speedup_vs_official']:.1f}x) reference {r['reference_f32_s']*1e3:8.1f} ms")
+    elif r["bench"] == "locality_gpu average":
+        print(f"  average over {r['steps']} steps: {r['seconds']*1e3:.2f} ms/step (target {r['target_s']*1e3:.0f} ms: {'met' if r['meets_target'] else 'NOT met'}),"
+              f" max rel_err {r['max_rel_err']:.1e}, official {r['official_s']*1e3:.1f} ms/step")
+    else:
+        print(f"  optimal_denoise t=300: {r['seconds']*1e3:.2f} ms, reference {r['reference_f32_s']*1e3:.1f} ms, rel_err {r['rel_err']:.1e}")
+EOF
+fi
 
 note "== done, status $status"
 exit $status

@@ -4,6 +4,7 @@
 // and element strides, so it builds against nothing but pybind11 and works with any
 // torch version. The Python side (_ext.py) owns validation and allocation.
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -16,6 +17,7 @@
 
 #include "../common/convert.h"
 #include "../common/macros.h"
+#include "locality_denoise.h"
 #include "moments.h"
 
 namespace py = pybind11;
@@ -128,6 +130,44 @@ py::dict build_info() {
     return info;
 }
 
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+    return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());  // a copy
+}
+
+// Every row add of a plan's packets, decoded, for tests and inspection: per add its
+// segment, group, kind (0: e_i, 1: P_i, 2: -P_i) and index i within the segment.
+py::dict decode_lookups(const LocalityPlan& P) {
+    std::vector<int32_t> seg, grp, kind, index;
+    constexpr uint32_t kRow = kLdLanes * sizeof(double);
+    const int64_t S = P.S;
+    for (int64_t s = 0; s < P.nseg; ++s) {
+        for (uint32_t k = P.seg_packet_off[s]; k < P.seg_packet_off[s + 1]; ++k) {
+            for (int64_t i = 0; i < kLdPacket; ++i) {
+                const int64_t row = P.packet_rows[k * kLdPacket + i] / kRow;
+                seg.push_back(static_cast<int32_t>(s));
+                grp.push_back(static_cast<int32_t>(P.packet_group[k] & kLdGroupMask));
+                if (row < S) {
+                    kind.push_back(0);
+                    index.push_back(static_cast<int32_t>(row));
+                } else if (row <= 2 * S) {
+                    kind.push_back(1);
+                    index.push_back(static_cast<int32_t>(row - S));
+                } else {
+                    kind.push_back(2);
+                    index.push_back(static_cast<int32_t>(row - 2 * S - 1));
+                }
+            }
+        }
+    }
+    py::dict d;
+    d["segment"] = to_numpy(seg);
+    d["group"] = to_numpy(grp);
+    d["kind"] = to_numpy(kind);
+    d["index"] = to_numpy(index);
+    return d;
+}
+
 }  // namespace
 }  // namespace analytic_diffusion
 
@@ -156,6 +196,60 @@ PYBIND11_MODULE(_C, m) {
           py::arg("cov_ptr"), py::call_guard<py::gil_scoped_release>(),
           "mean and unbiased cov ([-1, 1] units) from exact uint8 sums, bit-identical to "
           "MomentAccumulator.result(), in one pass.");
+    // locality_denoise / optimal_denoise (locality_denoise.cpp)
+    using analytic_diffusion::LocalityPlan;
+    py::class_<LocalityPlan>(m, "LocalityPlan",
+                             "Per-mask work plan of the CPU locality kernel (groups of identical "
+                             "windows, spanning tree, run terms per segment). Opaque to the kernel "
+                             "caller; the attributes are for statistics and tests.")
+        .def_readonly("n", &LocalityPlan::n)
+        .def_readonly("segment", &LocalityPlan::S)
+        .def_readonly("num_segments", &LocalityPlan::nseg)
+        .def_readonly("num_groups", &LocalityPlan::G)
+        .def_readonly("tree", &LocalityPlan::tree)
+        .def_readonly("singletons", &LocalityPlan::singletons, "groups [0, singletons) have one pixel")
+        .def_readonly("area", &LocalityPlan::area, "sum of window sizes: adds per (query, image) of the dense method")
+        .def_readonly("lookups", &LocalityPlan::lookups, "lookups per (query, image) of this plan")
+        .def_readonly("padded_lookups", &LocalityPlan::padded_lookups, "lookups including packet padding")
+        .def_property_readonly("num_packets", [](const LocalityPlan& p) { return p.packet_group.size(); })
+        .def_readonly("direct_lookups", &LocalityPlan::direct_lookups, "lookups without the spanning tree")
+        .def_readonly("max_depth", &LocalityPlan::max_depth)
+        .def_readonly("max_window", &LocalityPlan::max_window)
+        .def_readonly("full", &LocalityPlan::full)
+        .def_readonly("build_seconds", &LocalityPlan::build_seconds)
+        .def_property_readonly("group_of_pixel", [](const LocalityPlan& p) { return analytic_diffusion::to_numpy(p.group_of_pixel); })
+        .def_property_readonly("group_offsets", [](const LocalityPlan& p) { return analytic_diffusion::to_numpy(p.group_offsets); })
+        .def_property_readonly("group_pixels", [](const LocalityPlan& p) { return analytic_diffusion::to_numpy(p.group_pixels); })
+        .def_property_readonly("parent", [](const LocalityPlan& p) { return analytic_diffusion::to_numpy(p.parent); })
+        .def_property_readonly("resolve_order", [](const LocalityPlan& p) { return analytic_diffusion::to_numpy(p.resolve_order); })
+        .def_property_readonly("nbytes", [](const LocalityPlan& p) {
+            return static_cast<int64_t>(4 * (p.group_of_pixel.size() + p.group_offsets.size() + p.group_pixels.size() +
+                                             p.parent.size() + p.resolve_order.size() +
+                                             p.seg_packet_off.size() + p.packet_group.size()) +
+                                        2 * p.packet_rows.size());
+        })
+        .def("decode_lookups", &analytic_diffusion::decode_lookups,
+             "dict of int32 arrays segment, group, kind (0: e, 1: P, 2: -P), index: every row add");
+    m.def("locality_plan_build", &analytic_diffusion::locality_plan_build, py::arg("mask_ptr"),
+          py::arg("n"), py::arg("stride0"), py::arg("stride1"), py::arg("segment") = 0,
+          py::arg("use_tree") = true, py::call_guard<py::gil_scoped_release>(),
+          "Plan of a bool [n, n] mask (column m = window of pixel m), read through raw strides.");
+    m.def("locality_plan_full", &analytic_diffusion::locality_plan_full, py::arg("n"),
+          py::arg("segment") = 0, py::call_guard<py::gil_scoped_release>(),
+          "Plan of the all-ones mask (one group): the optimal denoiser.");
+    m.def("locality_denoise_run", &analytic_diffusion::locality_denoise_run, py::arg("plan"),
+          py::arg("x_ptr"), py::arg("B"), py::arg("x_stride0"), py::arg("x_stride1"),
+          py::arg("x_is_double"), py::arg("train_ptr"), py::arg("N"), py::arg("train_stride0"),
+          py::arg("train_stride1"), py::arg("train_kind"), py::arg("a"), py::arg("scale"),
+          py::arg("chunk"), py::arg("out_ptr"), py::arg("out_is_double"), py::arg("mx_ptr"),
+          py::arg("l_ptr"), py::arg("acc_ptr"), py::arg("allow_fixed") = false,
+          py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
+          "Softmax-weighted denoising with a plan: exact (chunk = 0) or WSSM (chunk > 0); "
+          "writes out [B, n] and/or the float64 state mx, l [B, G], acc [B, n]. Returns "
+          "whether fixed-point distances were used (allow_fixed and within the error bound).");
+    m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
+    m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
+          "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");
     m.def("u8_syrk_has_vnni", &analytic_diffusion::u8_syrk_has_vnni,
           "Whether uint8 updates run the AVX-512 VNNI micro-kernel (compiled in and "
           "supported by this CPU).");

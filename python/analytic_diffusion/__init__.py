@@ -10,6 +10,8 @@ from . import ops
 from ._ext import build_info
 from ._registry import available_backends
 from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser
+from .analysis import ModelDenoiser, compare, field_similarity, sensitivity
+from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
 from .moments import (
     MomentAccumulator,
@@ -21,6 +23,7 @@ from .moments import (
 from .sampling import ddim_step, sample
 from .schedule import alpha_bar_at, ddim_timesteps, linear_alphas_cumprod
 from .wiener import WienerFilter, locality_mask, wiener_matrix
+from .windowed import WindowedWiener, WindowedWienerDenoiser
 from . import _cpu  # registers the compiled CPU backends
 from . import _cuda  # registers the CUDA backends
 from . import _triton  # registers the Triton backends
@@ -39,7 +42,9 @@ def __getattr__(name):
 
 __all__ = [
     "Denoiser",
+    "DiffusersModelAdapter",
     "LocalityDenoiser",
+    "ModelDenoiser",
     "MomentAccumulator",
     "Moments",
     "NearestDenoiser",
@@ -47,18 +52,23 @@ __all__ = [
     "PatchMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
+    "WindowedWiener",
+    "WindowedWienerDenoiser",
     "alpha_bar_at",
     "available_backends",
     "build_info",
+    "compare",
     "ddim_step",
     "ddim_timesteps",
     "estimate_moments",
     "estimate_patch_moments",
+    "field_similarity",
     "linear_alphas_cumprod",
     "locality_mask",
     "mse",
     "ops",
     "r2",
     "sample",
+    "sensitivity",
     "wiener_matrix",
 ]

@@ -1,4 +1,6 @@
-"""CPU backend of the ``moments`` op (see the backend contract in moments.py).
+"""CPU backends: the ``moments`` op, and ``locality_denoise`` / ``optimal_denoise``.
+
+moments (see the backend contract in moments.py):
 
 uint8 batches go to ``_C.u8_syrk_update``: exact int64 sums from int8 dot products
 (AVX-512 VNNI, chosen at run time where the CPU has it, otherwise a portable
@@ -10,17 +12,36 @@ relative). ``finalize_u8`` (beyond the two-update contract) turns exact sums int
 mean and covariance bit-identically to ``MomentAccumulator.result()``, ~10x faster.
 The kernels use torch's OpenMP runtime, so ``torch.set_num_threads`` applies to them.
 
-Importing this module only registers the backend; the compiled module is loaded on the
+locality_denoise / optimal_denoise (SPEC 5, 6): ``_C.locality_denoise_run`` runs a per-mask
+*plan* (:func:`locality_plan`): pixels with identical windows share one distance; windows are
+runs of consecutive pixels, each costing two lookups in per-segment prefix sums of the
+squared differences (one for a lone pixel); a spanning tree lets a window start from a
+similar one. Distances, logits and softmax state are float64 (direct differences, never the
+expanded form), so float32 and float64 queries are both exact to rounding; the online
+softmax is merged across threads with the SPEC 5 rule. Plans are cached by mask content (LRU
+of 32), so a sampler that passes the same masks every run builds each plan once; an op that
+is given the same mask tensor again skips even the hashing. Real-valued masks (threshold <= 0)
+that are not 0/1 fall back to the float64 reference. All-ones windows (the optimal
+denoiser) cost O(N n).
+
+Importing this module only registers the backends; the compiled module is loaded on the
 first availability probe or call.
 """
 from __future__ import annotations
 
+import hashlib
+import math
+import threading
+import weakref
+from collections import OrderedDict
 from types import SimpleNamespace
-from typing import Tuple
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import _ext, _registry
+from .ops import SoftmaxState, locality_denoise_reference
 
 _NAME = "analytic_diffusion._C"
 _SYMBOLS = ("u8_syrk_update", "f64_syrk_update", "u8_moments_finalize")
@@ -121,3 +142,196 @@ def u8_finalize(count: int, s1: torch.Tensor, s2: torch.Tensor) -> Tuple[torch.T
 BACKEND = SimpleNamespace(update_u8=u8_syrk_update, update_float=f64_syrk_update, finalize_u8=u8_finalize)
 
 _registry.register("moments", "cpu", BACKEND, devices=("cpu",), priority=10, is_available=available)
+
+
+# ============================================================================ locality
+_LOCALITY_SYMBOLS = ("locality_plan_build", "locality_plan_full", "locality_denoise_run", "LocalityPlan")
+_PLAN_CACHE_SIZE = 32
+_plan_lock = threading.Lock()
+_plans: "OrderedDict[tuple, object]" = OrderedDict()  # content key -> _C.LocalityPlan
+# id(mask) -> (weakref to it, its version counter, content key): the same tensor object,
+# unmodified (torch bumps _version on every in-place write, through any view), is not hashed
+# again. Keyed by id, not by the tensor: a WeakKeyDictionary would compare tensors with ==.
+_seen_masks: dict = {}
+_full_plans: dict = {}  # n -> plan of the all-ones mask
+
+
+def locality_available() -> bool:
+    """``_C`` loads and has the locality kernels."""
+    mod = _ext.cpu_module()
+    return mod is not None and all(hasattr(mod, s) for s in _LOCALITY_SYMBOLS)
+
+
+def _locality_module():
+    mod = _ext.cpu_module()
+    if mod is None or not all(hasattr(mod, s) for s in _LOCALITY_SYMBOLS):
+        reason = _ext.build_info()["cpu"].get("error") or "it was built without the locality kernels"
+        raise RuntimeError(
+            f"the CPU locality backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
+            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
+        )
+    return mod
+
+
+def _binary_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask as a bool CPU tensor, or None for real-valued weights (not all 0 or 1)."""
+    if mask.dtype == torch.bool:
+        return mask.cpu()
+    m = mask.cpu()
+    if not bool(((m == 0) | (m == 1)).all()):
+        return None
+    return m != 0
+
+
+def _content_key(mask: torch.Tensor, segment: int, use_tree: bool) -> tuple:
+    arr = np.packbits(mask.contiguous().numpy())
+    return (mask.shape[0], segment, use_tree, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest())
+
+
+def locality_plan(mask: torch.Tensor, *, segment: int = 0, use_tree: bool = True):
+    """The CPU kernel's plan for ``mask`` (bool, or float with only 0/1 values, ``[n, n]``,
+    column m the window of pixel m): built on first use, then cached by content (LRU of 32).
+
+    Returns an ``_C.LocalityPlan`` (attributes ``num_groups``, ``lookups``, ``area``,
+    ``build_seconds``, ...), or None for a real-valued mask (those run the reference).
+    ``segment`` (0 = default) and ``use_tree`` are tuning knobs for tests and benchmarks.
+    Calling it ahead of time (``LocalityDenoiser.prepare`` does) keeps plan building out of
+    the first sampling run.
+    """
+    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"mask must be [n, n], got shape {tuple(mask.shape)}")
+    key = None
+    version = _version(mask)
+    seen = _seen_masks.get(id(mask))
+    if version is not None and seen is not None and seen[0]() is mask and seen[1] == version and seen[2][1:3] == (segment, use_tree):
+        key = seen[2]
+    with _plan_lock:
+        if key is not None and key in _plans:
+            _plans.move_to_end(key)
+            return _plans[key]
+    bmask = _binary_mask(mask)
+    if bmask is None:
+        return None
+    key = _content_key(bmask, segment, use_tree)
+    _remember(mask, key)
+    with _plan_lock:
+        if key in _plans:
+            _plans.move_to_end(key)
+            return _plans[key]
+    n = bmask.shape[0]
+    m8 = bmask.contiguous().view(torch.uint8)
+    plan = _locality_module().locality_plan_build(m8.data_ptr(), n, n, 1, int(segment), bool(use_tree))
+    with _plan_lock:
+        _plans[key] = plan
+        _plans.move_to_end(key)
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def _version(mask: torch.Tensor) -> Optional[int]:
+    try:
+        return mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: hash every call
+        return None
+
+
+def _remember(mask: torch.Tensor, key: tuple) -> None:
+    version = _version(mask)
+    if version is None:
+        return
+    ident = id(mask)
+    try:
+        ref = weakref.ref(mask, lambda _r, ident=ident: _seen_masks.pop(ident, None))
+    except TypeError:  # pragma: no cover - an object without weakref support: always hash
+        return
+    with _plan_lock:
+        _seen_masks[ident] = (ref, version, key)
+
+
+def _full_plan(n: int):
+    with _plan_lock:
+        plan = _full_plans.get(n)
+    if plan is None:
+        plan = _locality_module().locality_plan_full(n, 0)
+        with _plan_lock:
+            _full_plans[n] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (tests, memory)."""
+    with _plan_lock:
+        _plans.clear()
+        _full_plans.clear()
+    _seen_masks.clear()
+
+
+_TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _run(plan, x: torch.Tensor, train: torch.Tensor, alpha_bar: float, temperature: float, chunk: int, return_state: bool, expand_state: bool):
+    # Not input validation (the public op did that): the kernel reads and writes through raw
+    # pointers, so anything it would misread is fixed here.
+    if x.device.type != "cpu" or train.device.type != "cpu":
+        raise ValueError("the cpu locality backend needs CPU tensors")
+    if train.dtype not in _TRAIN_KIND:
+        train = train.float()  # float16 / bfloat16 images: exact in float32
+    B, n = x.shape
+    N = train.shape[0]
+    if plan.n != n:
+        raise ValueError(f"plan is for n = {plan.n}, the queries have n = {n}")
+    a = math.sqrt(alpha_bar)
+    scale = 1.0 / (2.0 * (1.0 - alpha_bar) * temperature)
+    nan = float("nan")
+    # outputs start as NaN so that anything the kernel failed to write is visible
+    out = None if return_state else torch.full((B, n), nan, dtype=x.dtype)
+    mx = l = acc = None
+    if return_state:
+        G = plan.num_groups
+        mx = torch.full((B, G), nan, dtype=torch.float64)
+        l = torch.full((B, G), nan, dtype=torch.float64)
+        acc = torch.full((B, n), nan, dtype=torch.float64)
+    _locality_module().locality_denoise_run(
+        plan, x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
+        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        a, scale, int(chunk),
+        0 if out is None else out.data_ptr(), x.dtype == torch.float64,
+        0 if mx is None else mx.data_ptr(), 0 if l is None else l.data_ptr(), 0 if acc is None else acc.data_ptr(),
+        # fixed-point distances (within a 3e-4 logit error bound) only where that is far below
+        # the output's own rounding: float32 results, not states (their max would be shifted)
+        x.dtype == torch.float32 and not return_state,
+    )
+    if not return_state:
+        return out
+    if expand_state:  # per-group max and sum -> every pixel of the group
+        idx = torch.from_numpy(plan.group_of_pixel).long()
+        mx, l = mx[:, idx], l[:, idx]
+    return SoftmaxState(mx.to(x.dtype), l.to(x.dtype), acc.to(x.dtype))
+
+
+def locality_denoise_cpu(x, train, mask, alpha_bar, temperature=1.0, softmax="exact", chunk_size=256, return_state=False):
+    """Backend of ``ops.locality_denoise`` (reference signature; inputs validated)."""
+    plan = locality_plan(mask)
+    if plan is None:  # real-valued weights: the float64 reference, in x's dtype
+        res = locality_denoise_reference(x.double(), train, mask.cpu().double(), alpha_bar, temperature, softmax, chunk_size, return_state)
+        if return_state:
+            return SoftmaxState(*(t.to(x.dtype) for t in res))
+        return res.to(x.dtype)
+    return _run(plan, x, train, alpha_bar, temperature, 0 if softmax == "exact" else chunk_size, return_state, True)
+
+
+def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, return_state=False):
+    """Backend of ``ops.optimal_denoise``: the one-group plan, O(N n)."""
+    return _run(_full_plan(x.shape[1]), x, train, alpha_bar, temperature, 0, return_state, False)
+
+
+def _prepare(mask) -> None:
+    """Build (and cache) the plan of ``mask`` ahead of the first call."""
+    locality_plan(mask)
+
+
+locality_denoise_cpu.prepare = _prepare
+
+_registry.register("locality_denoise", "cpu", locality_denoise_cpu, devices=("cpu",), priority=10, is_available=locality_available)
+_registry.register("optimal_denoise", "cpu", optimal_denoise_cpu, devices=("cpu",), priority=10, is_available=locality_available)

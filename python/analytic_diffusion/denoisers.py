@@ -159,7 +159,13 @@ class LocalityDenoiser(_TrainSetDenoiser):
 
     ``train``: uint8 or float ``[N, C, H, W]`` (or any source ``data.load_images``
     takes); ``moments``: :class:`Moments` of the data the windows come from
-    (estimated from ``train`` when None). Each timestep's mask is built once
+    (full-image moments estimated from ``train`` when None). Patch moments
+    (``kind == "patch"``, e.g. ``estimate_patch_moments(train, 9)``) are accepted too,
+    for images whose full covariance does not fit: the windows then come from the
+    windowed Wiener filter (``WindowedWiener.dense_mask``: its k x k window pattern
+    placed at every pixel, clipped at the borders). The masks are still dense
+    ``[n, n]`` (n^2 bits packed per step, n^2 bytes for the step in use), so this is
+    for moderate n (3x64x64: 150 MB unpacked). Each timestep's mask is built once
     and cached bit-packed (n*n/8 bytes; the bool mask of the step in use is kept
     unpacked); :meth:`prepare` builds the masks, and the backend's plans, of a
     whole sampling schedule up front (``ad.sample`` calls it).
@@ -201,16 +207,31 @@ class LocalityDenoiser(_TrainSetDenoiser):
                 moments = estimate_moments(self.train)
         elif not isinstance(moments, Moments):
             raise TypeError(f"moments must be analytic_diffusion.Moments or None, got {type(moments).__name__}")
-        moments.check_compatible(self.train.shape[1:], "the training set")
+        if moments.kind == "patch":
+            # windows from the windowed Wiener filter: only the channel count must match
+            if self.train.dim() != 4:
+                raise ValueError(f"patch moments need training images [N, C, H, W], got shape {tuple(self.train.shape)}")
+            if not moments.image_shape or int(moments.image_shape[0]) != self.train.shape[1]:
+                raise ValueError(f"the patch moments are for {moments.image_shape} patches, but the training images have {self.train.shape[1]} channels")
+        else:
+            moments.check_compatible(self.train.shape[1:], "the training set")
         self.moments = moments
-        self._filter: Optional[WienerFilter] = None
+        self._filter = None  # WienerFilter, or WindowedWiener for patch moments
         self._masks: Dict[int, _StoredMask] = {}
         self._dense: Optional[tuple] = None  # (t, device, mask): the unpacked mask in use
 
     @property
-    def filter(self) -> WienerFilter:
+    def filter(self):
+        """The filter the windows come from: :class:`WienerFilter` (full moments) or
+        :class:`WindowedWiener` (patch moments). Both have ``sensitivity(alpha_bar,
+        pixels, image_shape=None) -> [P, C, H, W]``."""
         if self._filter is None:
-            self._filter = WienerFilter(self.moments)
+            if self.moments.kind == "patch":
+                from .windowed import WindowedWiener  # windowed imports this module
+
+                self._filter = WindowedWiener(self.moments, self.image_shape)
+            else:
+                self._filter = WienerFilter(self.moments)
         return self._filter
 
     def mask(self, t, device=None) -> torch.Tensor:
@@ -221,7 +242,10 @@ class LocalityDenoiser(_TrainSetDenoiser):
         if self._dense is not None and self._dense[0] == t and self._dense[1] == device:
             return self._dense[2]
         if t not in self._masks:
-            self._masks[t] = _StoredMask(self.filter.mask(self.alpha_bar(t), self.threshold))
+            f, ab = self.filter, self.alpha_bar(t)
+            # patch moments: the windowed filter's k x k pattern expanded to [n, n]
+            built = f.dense_mask(ab, self.threshold) if self.moments.kind == "patch" else f.mask(ab, self.threshold)
+            self._masks[t] = _StoredMask(built)
         m = self._masks[t].unpack(device)
         self._dense = (t, device, m)
         return m

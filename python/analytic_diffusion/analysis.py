@@ -1,0 +1,735 @@
+"""Locality analysis: sensitivity fields and agreement with a trained network.
+
+- :func:`sensitivity` - Jacobian rows ``d x0_hat[m] / d x_t`` (the *sensitivity
+  field* of output pixel m, SPEC 3): analytic for the Wiener denoiser, batched
+  vector-Jacobian products with autograd for anything else (a trained network,
+  a differentiable denoiser).
+- :func:`field_similarity` - cosine and support IoU of two sets of fields.
+- :class:`ModelDenoiser` - a network ``model(x_t, t) -> eps or x0`` as a denoiser
+  ``den(x_t, t) -> x0_hat`` (plugs into :func:`analytic_diffusion.sample`).
+- :func:`compare` - r2 and MSE (SPEC 8) per timestep between analytical
+  denoisers and a network, on the same ``x_t`` or along their own DDIM
+  trajectories; :class:`Agreement` holds the result (table, plot, dict).
+- :func:`fields_figure` - Pillow figure of fields and windows, one row per
+  source, one column per timestep.
+
+Model calling convention (everything that is not an :class:`~analytic_diffusion.Denoiser`):
+``model(x_t, t_tensor)`` with ``x_t`` ``[B, C, H, W]`` (x_t's dtype and device)
+and ``t_tensor`` a long tensor ``[B]`` holding the integer timestep of the
+1000-step schedule (the convention of diffusers' ``UNet2DModel``). It may return
+a tensor of x_t's shape, an object with a ``.sample`` tensor (diffusers'
+``UNet2DOutput``) or a tuple whose first element is that tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ._validate import FLOAT_DTYPES, check_finite, check_queries, check_train, to_unit
+from .denoisers import Denoiser, WienerDenoiser
+from .metrics import mse as _mse
+from .metrics import r2 as _r2
+from .sampling import sample as _sample
+from .schedule import ddim_timesteps, default_alphas_cumprod, timestep_to_int
+
+__all__ = [
+    "Agreement",
+    "ModelDenoiser",
+    "compare",
+    "field_similarity",
+    "fields_figure",
+    "sensitivity",
+]
+
+_PREDICTIONS = ("x0", "epsilon")
+_PROTOCOLS = ("single_step", "trajectory")
+
+
+# --------------------------------------------------------------------------- #
+# small checks
+# --------------------------------------------------------------------------- #
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_prediction(prediction) -> str:
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"prediction must be 'x0' or 'epsilon', got {prediction!r}")
+    return prediction
+
+
+def _check_schedule(alphas_cumprod) -> torch.Tensor:
+    if alphas_cumprod is None:
+        return default_alphas_cumprod()
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
+        raise TypeError(f"alphas_cumprod must be a 1-D float tensor [T], got {getattr(alphas_cumprod, 'shape', type(alphas_cumprod).__name__)}")
+    if alphas_cumprod.numel() == 0 or not bool(((alphas_cumprod > 0) & (alphas_cumprod < 1)).all()):
+        raise ValueError("alphas_cumprod must be non-empty with every value in (0, 1)")
+    return alphas_cumprod
+
+
+def _model_output(out, what: str) -> torch.Tensor:
+    """The prediction tensor inside whatever a network returned."""
+    if isinstance(out, torch.Tensor):
+        return out
+    s = getattr(out, "sample", None)
+    if isinstance(s, torch.Tensor):  # diffusers' UNet2DOutput and friends
+        return s
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"{what} must return a tensor, an object with a .sample tensor or a tuple (tensor, ...), got {type(out).__name__}")
+
+
+def _pixel_index(pixels, n: int) -> torch.Tensor:
+    if isinstance(pixels, bool):
+        raise TypeError("pixels must be an int or a sequence of ints, got bool")
+    if isinstance(pixels, numbers.Integral):
+        pixels = [int(pixels)]
+    if isinstance(pixels, torch.Tensor):
+        if pixels.is_floating_point() or pixels.dtype == torch.bool or pixels.dim() > 1:
+            raise TypeError(f"pixels must be integer flat indices ([P] long tensor), got dtype {pixels.dtype} shape {tuple(pixels.shape)}")
+        idx = pixels.reshape(-1).to(torch.long).cpu()
+    else:
+        try:
+            vals = list(pixels)
+        except TypeError:
+            raise TypeError(f"pixels must be an int or a sequence of ints, got {type(pixels).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in vals):
+            raise TypeError(f"pixels must hold ints (flat indices c*H*W + h*W + w), got {vals!r}")
+        idx = torch.tensor([int(v) for v in vals], dtype=torch.long)
+    if idx.numel() == 0:
+        raise ValueError("pixels is empty: give at least one flat output pixel index")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"pixels must be flat indices in [0, {n - 1}] (c*H*W + h*W + w), got {idx.tolist()}")
+    return idx
+
+
+# --------------------------------------------------------------------------- #
+# networks as denoisers
+# --------------------------------------------------------------------------- #
+class ModelDenoiser(Denoiser):
+    """A trained network as a denoiser ``den(x_t, t) -> x0_hat`` (plugs into ``ad.sample``).
+
+    Args:
+        model: ``torch.nn.Module`` or callable, called as ``model(x_t, t_tensor)``
+            with ``t_tensor`` a long tensor ``[B]`` (see the module docstring for
+            what it may return). Put a module in eval mode yourself: a batch-norm
+            layer in training mode mixes the samples of a batch.
+        prediction: what the model predicts, ``"epsilon"`` (the noise; then
+            ``x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)``) or ``"x0"``.
+        alphas_cumprod: the schedule, float ``[T]`` (default: SPEC 1's linear one).
+
+    ``den(x_t, t)`` takes float32/float64 ``[B, C, H, W]`` and an integer timestep and
+    returns ``x0_hat`` with x_t's shape and dtype. It builds an autograd graph only
+    when ``x_t`` requires grad (for :func:`sensitivity`); otherwise the model runs
+    under ``torch.no_grad()``, so sampling does not keep every step's graph alive.
+    """
+
+    name = "model"
+
+    def __init__(self, model, prediction: str = "epsilon", alphas_cumprod: Optional[torch.Tensor] = None):
+        if not callable(model):
+            raise TypeError(f"model must be a torch.nn.Module or a callable model(x_t, t), got {type(model).__name__}")
+        if isinstance(model, Denoiser):
+            raise TypeError(f"model is already a denoiser ({type(model).__name__}); use it directly instead of wrapping it")
+        super().__init__(_check_schedule(alphas_cumprod))
+        self.model = model
+        self.prediction = _check_prediction(prediction)
+
+    def denoise(self, x, t, alpha_bar):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        grad = x.requires_grad and torch.is_grad_enabled()
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            out = _model_output(self.model(x, tt), "model")
+        if out.shape != x.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for x_t of shape {tuple(x.shape)}; it must predict one value per input value")
+        if not out.is_floating_point():
+            raise TypeError(f"model returned dtype {out.dtype}; expected a float tensor")
+        out = out.to(x.dtype)
+        if self.prediction == "x0":
+            return out
+        return (x - math.sqrt(1.0 - alpha_bar) * out) / math.sqrt(alpha_bar)
+
+
+def _as_denoiser(obj, prediction: str, alphas_cumprod, what: str) -> Denoiser:
+    """Denoisers are used as they are (they already return x0_hat); networks get wrapped."""
+    if isinstance(obj, Denoiser):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"{what} must be a denoiser, a torch.nn.Module or a callable model(x_t, t), got {type(obj).__name__}")
+    return ModelDenoiser(obj, prediction, alphas_cumprod)
+
+
+# --------------------------------------------------------------------------- #
+# sensitivity fields
+# --------------------------------------------------------------------------- #
+def sensitivity(
+    denoiser_or_model,
+    x_t: torch.Tensor,
+    t,
+    pixels: Union[int, Sequence[int], torch.Tensor],
+    *,
+    batch_pixels: int = 16,
+    prediction: str = "x0",
+    alphas_cumprod: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sensitivity fields: Jacobian rows ``d x0_hat[b, m] / d x_t[b]`` for output pixels m.
+
+    Args:
+        denoiser_or_model: a :class:`~analytic_diffusion.Denoiser` with a
+            ``sensitivity(t, pixels)`` method -- a linear denoiser such as
+            :class:`~analytic_diffusion.WienerDenoiser`, whose Jacobian of
+            ``mean + A_t (x/a - mean)`` is ``A_t / a`` from the filter's
+            eigendecomposition, the same for every ``x_t`` -- is asked for its exact
+            rows; any other :class:`~analytic_diffusion.Denoiser`
+            (``den(x_t, t) -> x0_hat``, differentiable in torch, e.g. a
+            :class:`ModelDenoiser`) goes through autograd; a network / callable
+            ``model(x_t, t_tensor)`` (``t_tensor`` long ``[B]``) is first wrapped in
+            ``ModelDenoiser(model, prediction, alphas_cumprod)``.
+        x_t: float32/float64 ``[B, C, H, W]``, the noisy images the Jacobian is taken
+            at (not modified; its ``.grad`` is not touched).
+        t: integer timestep of the schedule.
+        pixels: flat output pixel indices ``c*H*W + h*W + w`` (an int, a sequence or
+            a long tensor), ``P`` of them.
+        batch_pixels: how many pixels share one backward pass (autograd path). Each
+            pass is a batched vector-Jacobian product (``torch.autograd.grad`` with
+            ``is_grads_batched=True``); a model whose ops cannot be batched that way
+            falls back to one backward pass per pixel, with the same result.
+        prediction: what a wrapped network returns, ``"x0"`` or ``"epsilon"``.
+            Ignored for denoisers (they return ``x0_hat``).
+        alphas_cumprod: the schedule of a wrapped network (default: linear).
+
+    Returns:
+        ``[B, P, C, H, W]`` in x_t's dtype and device, detached: entry
+        ``[b, p]`` is row ``pixels[p]`` of sample b's Jacobian, reshaped like an
+        image. The autograd path assumes the samples of a batch do not interact
+        (true for eval-mode networks and all analytical denoisers): it
+        differentiates ``sum_b x0_hat[b, m]``.
+    """
+    x = check_queries(x_t, "x_t")
+    if x.dim() != 4:
+        raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x.shape)}")
+    prediction = _check_prediction(prediction)
+    batch_pixels = _check_int("batch_pixels", batch_pixels, 1)
+    n = x[0].numel()
+    idx = _pixel_index(pixels, n)
+    den = _as_denoiser(denoiser_or_model, prediction, alphas_cumprod, "denoiser_or_model")
+    t = timestep_to_int(t, den.alphas_cumprod.shape[0])
+
+    if isinstance(den, WienerDenoiser):
+        shape = den.filter.image_shape
+        if den.filter.n != n or (shape is not None and tuple(shape) != tuple(x.shape[1:])):
+            raise ValueError(f"x_t has image shape {tuple(x.shape[1:])}, but the Wiener filter is for {tuple(shape) if shape else f'n = {den.filter.n}'}")
+    analytic = getattr(den, "sensitivity", None)
+    if callable(analytic):
+        # a linear denoiser (Wiener, windowed Wiener) knows its Jacobian exactly; it is the same for every x_t
+        try:
+            takes_shape = "image_shape" in inspect.signature(analytic).parameters
+        except (TypeError, ValueError):
+            takes_shape = False
+        rows = analytic(t, idx.tolist(), image_shape=tuple(x.shape[1:])) if takes_shape else analytic(t, idx.tolist())
+        if not isinstance(rows, torch.Tensor) or rows.numel() != len(idx) * n:
+            raise ValueError(f"{type(den).__name__}.sensitivity returned {getattr(rows, 'shape', type(rows).__name__)}, expected [P, C, H, W] = [{len(idx)}, {', '.join(map(str, x.shape[1:]))}]")
+        rows = rows.reshape(len(idx), *x.shape[1:]).to(device=x.device, dtype=x.dtype)
+        return rows.unsqueeze(0).repeat(x.shape[0], *([1] * rows.dim()))
+
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = den(xg, t)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise ValueError(f"the denoiser returned {getattr(out, 'shape', type(out).__name__)} for x_t of shape {tuple(x.shape)}")
+    if not out.requires_grad:
+        raise RuntimeError(
+            f"the output of {type(den).__name__} does not depend on x_t through autograd (computed without "
+            "gradients, e.g. by a compiled backend or under torch.no_grad()); use a differentiable "
+            "denoiser, or backend='reference' where the denoiser has one"
+        )
+    flat = out.reshape(x.shape[0], n)
+    pieces: List[torch.Tensor] = []
+    batched = True
+    for start in range(0, len(idx), batch_pixels):
+        chunk = idx[start : start + batch_pixels]
+        k = len(chunk)
+        if batched:
+            cot = torch.zeros((k, x.shape[0], n), dtype=flat.dtype, device=flat.device)
+            cot[torch.arange(k), :, chunk.to(flat.device)] = 1.0
+            try:
+                (g,) = torch.autograd.grad(flat, xg, grad_outputs=cot, retain_graph=True, is_grads_batched=True)
+                pieces.append(g.detach())
+                continue
+            except (RuntimeError, NotImplementedError):
+                batched = False  # an op without a batching rule: one backward pass per pixel from here on
+        for m in chunk.tolist():
+            cot = torch.zeros_like(flat)
+            cot[:, m] = 1.0
+            (g,) = torch.autograd.grad(flat, xg, grad_outputs=cot, retain_graph=True)
+            pieces.append(g.detach().unsqueeze(0))
+    fields = torch.cat(pieces, 0)  # [P, B, C, H, W]
+    return fields.transpose(0, 1).contiguous().to(x.dtype)
+
+
+def field_similarity(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.02) -> Dict[str, torch.Tensor]:
+    """Cosine similarity and support IoU of sensitivity fields, field by field.
+
+    Args:
+        a, b: float ``[P, C, H, W]`` or ``[B, P, C, H, W]`` (e.g. from
+            :func:`sensitivity`; a ``[P, ...]`` Wiener field against a ``[B, P, ...]``
+            network field broadcasts). One field is the trailing ``[C, H, W]``.
+        threshold: in (0, 1]; the support of a field ``f`` is
+            ``{ j : |f_j| >= threshold * max |f| }`` (SPEC 4's binarisation, per field;
+            an all-zero field has an empty support).
+
+    Returns:
+        ``{"cosine": ..., "iou": ...}``, float64 ``[P]`` or ``[B, P]``:
+        ``cosine = <a, b> / (|a| |b|)`` of the flattened fields (NaN when either is
+        all zero); ``iou = |S_a & S_b| / |S_a | S_b|`` (1 when both supports are empty).
+    """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
+    for name, f in (("a", a), ("b", b)):
+        if f.dim() not in (4, 5) or not f.is_floating_point():
+            raise ValueError(f"{name} must be float [P, C, H, W] or [B, P, C, H, W], got {f.dtype} shape {tuple(f.shape)}")
+        check_finite(name, f)
+    if a.shape[-3:] != b.shape[-3:]:
+        raise ValueError(f"a and b must hold fields of one shape [C, H, W], got {tuple(a.shape[-3:])} and {tuple(b.shape[-3:])}")
+    try:
+        lead = torch.broadcast_shapes(a.shape[:-3], b.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not broadcast (leading dims [P] or [B, P])") from None
+    thr = float(threshold)
+    if not 0.0 < thr <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    fa = a.to(torch.float64).flatten(-3).expand(*lead, -1)
+    fb = b.to(torch.float64).to(fa.device).flatten(-3).expand(*lead, -1)
+    na, nb = fa.norm(dim=-1), fb.norm(dim=-1)
+    cos = (fa * fb).sum(-1) / (na * nb)
+    cos = torch.where((na > 0) & (nb > 0), cos, torch.full_like(cos, float("nan")))
+
+    def support(f):
+        mx = f.abs().amax(-1, keepdim=True)
+        return (f.abs() >= thr * mx) & (mx > 0)
+
+    sa, sb = support(fa), support(fb)
+    inter = (sa & sb).sum(-1).to(torch.float64)
+    union = (sa | sb).sum(-1).to(torch.float64)
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return {"cosine": cos, "iou": iou}
+
+
+# --------------------------------------------------------------------------- #
+# agreement with a network
+# --------------------------------------------------------------------------- #
+class _Batched:
+    """Calls a denoiser on at most ``batch_size`` samples at a time (bounds peak memory)."""
+
+    def __init__(self, den, batch_size: int):
+        self.den, self.batch_size = den, batch_size
+        self.name = getattr(den, "name", "denoiser")
+        prep = getattr(den, "prepare", None)
+        if prep is not None:
+            self.prepare = prep
+
+    def __call__(self, x, t):
+        outs = [self.den(x[i : i + self.batch_size], t) for i in range(0, x.shape[0], self.batch_size)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise ValueError(f"{self.name} returned {getattr(out, 'shape', type(out).__name__)} for x_t of shape {tuple(x.shape)}")
+        return out
+
+
+@dataclass
+class Agreement:
+    """Result of :func:`compare`: agreement of each denoiser with the network per timestep.
+
+    ``r2[name][i]`` and ``mse[name][i]`` belong to ``timesteps[i]`` (Python floats;
+    r2 with the network's prediction as the target, SPEC 8).
+    """
+
+    protocol: str
+    timesteps: List[int]
+    r2: Dict[str, List[float]]
+    mse: Dict[str, List[float]]
+    num_samples: int
+    seed: int
+    steps: Optional[int] = None
+    names: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict of every field."""
+        return {
+            "protocol": self.protocol,
+            "timesteps": list(self.timesteps),
+            "names": list(self.names),
+            "r2": {k: list(v) for k, v in self.r2.items()},
+            "mse": {k: list(v) for k, v in self.mse.items()},
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "steps": self.steps,
+        }
+
+    def table(self) -> str:
+        """Markdown table: one row per timestep, ``<name> r2`` and ``<name> MSE`` columns."""
+        head = ["t"] + [f"{k} {m}" for k in self.names for m in ("r2", "MSE")]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for i, t in enumerate(self.timesteps):
+            cells = [str(t)]
+            for k in self.names:
+                cells += [f"{self.r2[k][i]:.4f}", f"{self.mse[k][i]:.4g}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, path=None, size: Tuple[int, int] = (360, 260)):
+        """Line plots of r2 (left) and MSE (right) against the timestep, one line per denoiser.
+
+        Drawn with Pillow only. r2 below -1 is drawn at -1 (the axis floor).
+        ``path``: where to save the PNG (None: do not save). ``size``: one panel's
+        ``(width, height)`` in pixels. Returns the RGB ``PIL.Image``.
+        """
+        from PIL import Image, ImageDraw
+
+        from .viz import _font, _text_size
+
+        w, h = int(size[0]), int(size[1])
+        if w < 120 or h < 100:
+            raise ValueError(f"size must be at least (120, 100), got {size}")
+        font = _font(12)
+        line_h = _text_size("Ag", font)[1] + 4
+        legend_h = line_h * len(self.names) + 8
+        img = Image.new("RGB", (2 * w, h + legend_h), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        r2_min = min([0.0] + [v for k in self.names for v in self.r2[k] if math.isfinite(v)])
+        r2_lo = max(-1.0, math.floor(r2_min * 10.0) / 10.0)
+        r2_title = "r2 vs network (higher is better)" + (", clipped at -1" if r2_min < -1.0 else "")
+        pos = [v for k in self.names for v in self.mse[k] if math.isfinite(v) and v > 0]
+        # MSE spans decades between high and low noise: log axis when it does
+        log = bool(pos) and max(pos) / min(pos) > 100
+        if log:
+            mse_lim = (math.floor(math.log10(min(pos))), math.ceil(math.log10(max(pos))))
+        else:
+            mse_lim = (0.0, max(pos) if pos else 1.0)
+        _line_panel(draw, font, (0, 0, w, h), r2_title, self.timesteps, [self.r2[k] for k in self.names], (r2_lo, 1.0))
+        _line_panel(draw, font, (w, 0, w, h), "MSE vs network" + (" (log)" if log else ""), self.timesteps, [self.mse[k] for k in self.names], mse_lim, log=log)
+        for i, k in enumerate(self.names):
+            y = h + 4 + i * line_h
+            col = _PALETTE[i % len(_PALETTE)]
+            draw.line([(12, y + line_h // 2), (40, y + line_h // 2)], fill=col, width=3)
+            draw.text((48, y), k, fill=(0, 0, 0), font=font)
+        if path is not None:
+            img.save(path)
+        return img
+
+
+# Okabe-Ito: distinguishable for the common forms of colour blindness
+_PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    span = (hi - lo) / max(count - 1, 1)
+    mag = 10.0 ** math.floor(math.log10(span))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= span)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _line_panel(draw, font, box, title, xs, series, ylim, log=False):
+    from .viz import _text_size
+
+    x0, y0, w, h = box
+    left, right, top, bottom = x0 + 56, x0 + w - 14, y0 + 24, y0 + h - 38
+    lo, hi = ylim
+    if hi <= lo:
+        hi = lo + 1.0
+    xlo, xhi = (min(xs), max(xs)) if xs else (0, 1)
+    if xhi == xlo:
+        xlo, xhi = xlo - 1, xhi + 1
+
+    def px(t):
+        return left + (t - xlo) / (xhi - xlo) * (right - left)
+
+    def py(v):
+        v = math.log10(v) if log else v
+        v = min(max(v, lo), hi)
+        return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    draw.text((x0 + (w - _text_size(title, font)[0]) // 2, y0 + 4), title, fill=(0, 0, 0), font=font)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    ticks = [float(k) for k in range(math.ceil(lo), math.floor(hi) + 1)] if log else _nice_ticks(lo, hi)
+    for v in ticks:
+        y = py(10.0**v if log else v)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        s = f"1e{int(v)}" if log else f"{v:.3g}"
+        draw.text((left - 6 - _text_size(s, font)[0], y - 7), s, fill=(0, 0, 0), font=font)
+    shown = xs if len(xs) <= 10 else xs[:: max(1, len(xs) // 10)]
+    for t in shown:
+        s = str(t)
+        draw.text((px(t) - _text_size(s, font)[0] / 2, bottom + 4), s, fill=(0, 0, 0), font=font)
+    label = "timestep t"
+    draw.text(((left + right - _text_size(label, font)[0]) // 2, bottom + 20), label, fill=(90, 90, 90), font=font)
+    if not log and lo < 0 < hi:
+        draw.line([(left, py(0.0)), (right, py(0.0))], fill=(150, 150, 150))
+    for i, ys in enumerate(series):
+        col = _PALETTE[i % len(_PALETTE)]
+        pts = [(px(t), py(v)) for t, v in sorted(zip(xs, ys)) if math.isfinite(v) and (v > 0 or not log)]
+        if len(pts) > 1:
+            draw.line(pts, fill=col, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+
+
+def compare(
+    denoisers: Mapping[str, Callable],
+    model,
+    data=None,
+    timesteps: Optional[Sequence[int]] = None,
+    *,
+    protocol: str = "single_step",
+    num_samples: int = 8,
+    seed: int = 0,
+    steps: int = 10,
+    batch_size: int = 64,
+    prediction: str = "epsilon",
+    alphas_cumprod: Optional[torch.Tensor] = None,
+    shape: Optional[Sequence[int]] = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Agreement:
+    """r2 and MSE (SPEC 8) per timestep between analytical denoisers and a network.
+
+    Args:
+        denoisers: ``{name: den}``, each ``den(x_t, t) -> x0_hat`` (any
+            :class:`~analytic_diffusion.Denoiser`, or a callable with that interface).
+        model: the reference: a network ``model(x_t, t_tensor)`` predicting
+            ``prediction`` (wrapped in :class:`ModelDenoiser`), or a denoiser.
+        data: images ``[N, C, H, W]``, uint8 or float in [-1, 1] (any source
+            ``ad.data.load_images`` takes). ``single_step``: ``num_samples`` of them
+            (a seeded random choice) are noised. ``trajectory``: only their shape is
+            used (or pass ``shape`` and no data).
+        timesteps: integer timesteps to report. Default: the ``steps``-step DDIM
+            schedule (900, 800, ..., 0 for 10). For ``trajectory`` they must be
+            among that schedule's timesteps.
+        protocol: ``"single_step"``: at each t, every denoiser and the network see the
+            same ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (one seeded ``eps`` for all
+            timesteps). ``"trajectory"``: each one samples its own DDIM trajectory
+            (``ad.sample``, ``steps`` steps, the same seed, hence the same ``x_T``) and
+            its ``x0_hat`` at each step is compared with the network's at that step.
+        num_samples: images (single_step) or samples (trajectory).
+        seed: seeds the image choice and noise (single_step) or ``x_T`` (trajectory).
+        steps: DDIM steps (the default timesteps; the trajectory length).
+        batch_size: at most this many samples per denoiser / network call.
+        prediction: ``"epsilon"`` or ``"x0"``, what ``model`` returns when it is a
+            network (ignored for a denoiser).
+        alphas_cumprod: the schedule (default: SPEC 1's linear one).
+        shape: image shape ``(C, H, W)`` for ``trajectory`` without data.
+        dtype, device: of ``x_t`` (float32 or float64; default CPU).
+
+    Returns:
+        :class:`Agreement` with ``.table()``, ``.plot(path)`` and ``.to_dict()``.
+        Everything runs under ``torch.no_grad()``.
+    """
+    if not isinstance(denoisers, Mapping) or len(denoisers) == 0:
+        raise TypeError(f"denoisers must be a non-empty dict {{name: denoiser}}, got {type(denoisers).__name__} {denoisers!r}"[:200])
+    for k, d in denoisers.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"denoisers keys must be non-empty strings (the names), got {k!r}")
+        if not callable(d):
+            raise TypeError(f"denoisers[{k!r}] must be callable den(x_t, t) -> x0_hat, got {type(d).__name__}")
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"protocol must be 'single_step' or 'trajectory', got {protocol!r}")
+    prediction = _check_prediction(prediction)
+    ab = _check_schedule(alphas_cumprod)
+    T = ab.shape[0]
+    num_samples = _check_int("num_samples", num_samples, 1)
+    seed = _check_int("seed", seed, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    steps = _check_int("steps", steps, 1)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    schedule = ddim_timesteps(steps, T)
+    if timesteps is None:
+        ts = list(schedule)
+    else:
+        if isinstance(timesteps, (numbers.Number, str)) or (isinstance(timesteps, torch.Tensor) and timesteps.dim() == 0):
+            raise TypeError(f"timesteps must be a sequence of ints, e.g. [900, 500, 100], got {timesteps!r}")
+        ts = [timestep_to_int(t, T) for t in timesteps]
+        if not ts:
+            raise ValueError("timesteps is empty")
+        if len(set(ts)) != len(ts):
+            raise ValueError(f"timesteps has repeated values: {ts}")
+        if protocol == "trajectory":
+            missing = [t for t in ts if t not in schedule]
+            if missing:
+                raise ValueError(f"timesteps {missing} are not steps of the {steps}-step DDIM trajectory {schedule}; the trajectory protocol can only report those")
+    ref = _as_denoiser(model, prediction, ab, "model")
+    dens = {k: _Batched(d, batch_size) for k, d in denoisers.items()}
+    ref_b = _Batched(ref, batch_size)
+    dev = torch.device(device or "cpu")
+
+    if data is not None:
+        if not isinstance(data, torch.Tensor):
+            from .data import load_images
+
+            data = load_images(data)
+        data = check_train(data, name="data")
+        if data.dim() != 4:
+            raise ValueError(f"data must be images [N, C, H, W], got shape {tuple(data.shape)}")
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"shape must be (C, H, W), got {shape}")
+        if data is not None and tuple(data.shape[1:]) != shape:
+            raise ValueError(f"shape {shape} disagrees with the data's image shape {tuple(data.shape[1:])}")
+    img_shape = shape if data is None else tuple(data.shape[1:])
+
+    r2s: Dict[str, List[float]] = {k: [] for k in dens}
+    mses: Dict[str, List[float]] = {k: [] for k in dens}
+    with torch.no_grad():
+        if protocol == "single_step":
+            if data is None:
+                raise ValueError("protocol='single_step' needs data: the clean images that are noised")
+            if num_samples > data.shape[0]:
+                raise ValueError(f"num_samples={num_samples} exceeds the {data.shape[0]} images in data")
+            g = torch.Generator().manual_seed(seed)
+            pick = torch.randperm(data.shape[0], generator=g)[:num_samples]
+            x0 = to_unit(data[pick], dtype)
+            eps = torch.randn(x0.shape, generator=g, dtype=dtype)
+            x0, eps = x0.to(dev), eps.to(dev)
+            for t in ts:
+                a_t = float(ab[t])
+                x = math.sqrt(a_t) * x0 + math.sqrt(1.0 - a_t) * eps
+                target = ref_b(x, t)
+                for k, d in dens.items():
+                    pred = d(x, t)
+                    r2s[k].append(float(_r2(pred, target)))
+                    mses[k].append(float(_mse(pred, target)))
+        else:
+            if img_shape is None:
+                raise ValueError("protocol='trajectory' needs data or shape=(C, H, W) for the image shape")
+            ref_x0: Dict[int, torch.Tensor] = {}
+
+            def keep_ref(t, x, x0):
+                if t in ts:
+                    ref_x0[t] = x0
+
+            _sample(ref_b, num_samples, img_shape, steps=steps, seed=seed, device=dev, dtype=dtype, callback=keep_ref, alphas_cumprod=ab)
+            for k, d in dens.items():
+                got: Dict[int, Tuple[float, float]] = {}
+
+                def score(t, x, x0, got=got):
+                    if t in ts:
+                        got[t] = (float(_r2(x0, ref_x0[t])), float(_mse(x0, ref_x0[t])))
+
+                _sample(d, num_samples, img_shape, steps=steps, seed=seed, device=dev, dtype=dtype, callback=score, alphas_cumprod=ab)
+                r2s[k] = [got[t][0] for t in ts]
+                mses[k] = [got[t][1] for t in ts]
+    return Agreement(
+        protocol=protocol, timesteps=ts, r2=r2s, mse=mses, num_samples=num_samples, seed=seed,
+        steps=steps if (protocol == "trajectory" or timesteps is None) else None, names=list(dens),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# figure
+# --------------------------------------------------------------------------- #
+def fields_figure(
+    rows: Mapping[str, torch.Tensor],
+    timesteps: Sequence[int],
+    captions: Optional[Mapping[str, Sequence[str]]] = None,
+    pixel: Optional[Tuple[int, int]] = None,
+    scale: int = 6,
+    pad: int = 6,
+):
+    """Sensitivity fields and windows side by side: one row per source, one column per timestep.
+
+    Args:
+        rows: ``{label: tensor [T, C, H, W]}``. Float tensors are fields, drawn summed
+            over channels on a symmetric blue-white-red scale per cell
+            (:func:`analytic_diffusion.viz.diverging_colormap`); bool tensors are windows
+            (white inside; for RGB, the colour of the channels inside).
+        timesteps: ``T`` integer timesteps (column titles).
+        captions: optional ``{label: T strings}`` printed under that row's cells
+            (e.g. the cosine with another row).
+        pixel: ``(h, w)`` of the probed pixel, outlined in every cell.
+        scale: integer upscaling factor; ``pad``: spacing in pixels.
+
+    Returns:
+        An RGB ``PIL.Image``.
+    """
+    from PIL import Image, ImageDraw
+
+    from .viz import _check_scale, _font, _outline, _text_size, _upscale, _window_rgb, diverging_colormap
+
+    scale = _check_scale(scale)
+    if not isinstance(rows, Mapping) or not rows:
+        raise TypeError("rows must be a non-empty dict {label: [T, C, H, W] tensor}")
+    arrays = {}
+    for k, v in rows.items():
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            raise ValueError(f"rows[{k!r}] must be a [T, C, H, W] tensor, got {getattr(v, 'shape', type(v).__name__)}")
+        arrays[k] = v.detach().cpu()
+    shapes = {tuple(v.shape) for v in arrays.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"all rows must have one shape [T, C, H, W], got {sorted(shapes)}")
+    T, C, H, W = next(iter(shapes))
+    timesteps = [int(t) for t in timesteps]
+    if len(timesteps) != T:
+        raise ValueError(f"got {len(timesteps)} timesteps for {T} columns")
+    captions = dict(captions or {})
+    for k, c in captions.items():
+        if k not in arrays or len(c) != T:
+            raise ValueError(f"captions[{k!r}] must name a row and hold {T} strings")
+    if pixel is not None and not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
+        raise ValueError(f"pixel {pixel} is outside the {H}x{W} image")
+
+    font, small = _font(13), _font(11)
+    cw, ch = W * scale, H * scale
+    col_w = max(cw, 80)
+    label_w = max(_text_size(k, small)[0] for k in arrays) + 2 * pad
+    title_h = _text_size("t=999", font)[1] + 6
+    cap_h = _text_size("0", small)[1] + 4
+    row_h = ch + (cap_h if captions else 0) + pad
+    width = label_w + T * (col_w + pad) + pad
+    height = pad + title_h + len(arrays) * row_h
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    for r, (k, v) in enumerate(arrays.items()):
+        y = pad + title_h + r * row_h
+        for i in range(T):
+            x = label_w + pad + i * (col_w + pad) + (col_w - cw) // 2
+            if v.dtype == torch.bool:
+                cell = _window_rgb(v[i].numpy())
+            else:
+                s = v[i].to(torch.float64).sum(0)
+                cell = diverging_colormap(s, float(s.abs().max()))
+            cell = _upscale(cell, scale)
+            if pixel is not None:
+                cell = cell.copy()
+                _outline(cell, pixel, scale)
+            canvas[y : y + ch, x : x + cw] = cell
+    img = Image.fromarray(canvas, "RGB")
+    draw = ImageDraw.Draw(img)
+    for i, t in enumerate(timesteps):
+        x0 = label_w + pad + i * (col_w + pad)
+        s = f"t={t}"
+        draw.text((x0 + (col_w - _text_size(s, font)[0]) // 2, pad), s, fill=(0, 0, 0), font=font)
+    for r, k in enumerate(arrays):
+        y = pad + title_h + r * row_h
+        draw.text((pad, y + ch // 2 - 6), k, fill=(0, 0, 0), font=small)
+        for i in range(T):
+            # a frame, so that an all-white field or window still shows its extent
+            x = label_w + pad + i * (col_w + pad) + (col_w - cw) // 2
+            draw.rectangle([x - 1, y - 1, x + cw, y + ch], outline=(170, 170, 170))
+        for i, s in enumerate(captions.get(k, ())):
+            x0 = label_w + pad + i * (col_w + pad)
+            draw.text((x0 + (col_w - _text_size(s, small)[0]) // 2, y + ch + 2), s, fill=(0, 0, 0), font=small)
+    return img
