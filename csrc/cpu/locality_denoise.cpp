@@ -67,56 +67,15 @@
 #define AD_LD_DISPATCH 0
 #endif
 
-#if defined(_OPENMP)
-#include <omp.h>
-#if defined(__unix__) || defined(__APPLE__)
-#include <pthread.h>
-#define AD_LD_FORK_GUARD 1
-#endif
-#endif
+#include "../common/cpu_runtime.h"
 
 namespace analytic_diffusion {
 namespace {
 
-// ------------------------------------------------------------------------ threads
-// libgomp is not fork-safe (see moments.cpp): a child forked after a parallel region runs
-// single-threaded instead of hanging in its first parallel region.
-std::atomic<bool> g_ld_forked{false};
-#if defined(AD_LD_FORK_GUARD)
-void ld_on_fork_child() { g_ld_forked.store(true, std::memory_order_relaxed); }
-const int g_ld_fork_handler = pthread_atfork(nullptr, nullptr, ld_on_fork_child);
-#endif
-
-// torch.set_num_threads sets this thread's OpenMP ICV, so the kernels follow it.
-int team_size() {
-#if defined(_OPENMP)
-    return g_ld_forked.load(std::memory_order_relaxed) ? 1 : omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-inline int thread_index() {
-#if defined(_OPENMP)
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-struct FreeDeleter {
-    void operator()(void* p) const { std::free(p); }
-};
-
-// 64-byte aligned: the kernel's rows of 8 doubles are loaded with aligned zmm loads.
-template <typename T>
-std::unique_ptr<T[], FreeDeleter> aligned_array(int64_t count) {
-    size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-    bytes = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
-}
+using cpu_runtime::aligned_array;
+using cpu_runtime::FreeDeleter;
+using cpu_runtime::team_size;
+using cpu_runtime::thread_index;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
