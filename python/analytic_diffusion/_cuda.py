@@ -84,6 +84,12 @@ def f64_syrk_update(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2:
     float64 ``[B, n]`` in [-1, 1]; ``ref``, ``s1``: float64 ``[n]``; ``s2``: float64 ``[n, n]``."""
     if rows.device.type != "cuda":
         raise ValueError(f"the CUDA moments backend needs CUDA tensors, got rows on {rows.device}")
+    float_update_f64(rows, ref, s1, s2)
+
+
+def float_update_f64(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
+    """The float path of both GPU backends (CUDA and Triton): float64 torch GEMM on the
+    rows' device, never TF32 (``z = rows - ref``, ``s1 += z.sum(0)``, ``s2 += z^T z``)."""
     if rows.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"rows must be float32 or float64, got {rows.dtype}")
     _check_sums(rows, s1, s2, torch.float64)

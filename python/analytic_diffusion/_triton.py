@@ -36,6 +36,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _registry
+from ._cuda import _check_sums, float_update_f64  # the accumulator checks and float path both GPU backends share
 
 MAX_K_BLOCK = 131071  # 2^31 / 2^14 - 1: int32 bound of sum s_i s_j
 DEFAULT_K_BLOCK = 65536
@@ -174,17 +175,6 @@ def _check_device(rows: torch.Tensor) -> None:
     )
 
 
-def _check_sums(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dtype: torch.dtype) -> None:
-    if rows.dim() != 2:
-        raise ValueError(f"rows must be [B, n], got shape {tuple(rows.shape)}")
-    n = rows.shape[1]
-    for name, t, shape in (("s1", s1, (n,)), ("s2", s2, (n, n))):
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
-        if t.device != rows.device:
-            raise ValueError(f"{name} is on {t.device} but rows are on {rows.device}")
-
-
 def u8_syrk_update(
     rows: torch.Tensor,
     s1: torch.Tensor,
@@ -242,14 +232,7 @@ def f64_syrk_update(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2:
     """Float batches in float64 (torch GEMM, never TF32): ``z = rows - ref``,
     ``s1 += z.sum(0)``, ``s2 += z^T z``."""
     _check_device(rows)
-    if rows.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"rows must be float32 or float64, got {rows.dtype}")
-    _check_sums(rows, s1, s2, torch.float64)
-    if rows.shape[0] == 0:
-        return
-    z = rows.to(torch.float64) - ref
-    s1 += z.sum(0)
-    s2.addmm_(z.T, z)
+    float_update_f64(rows, ref, s1, s2)
 
 
 BACKEND = SimpleNamespace(update_u8=u8_syrk_update, update_float=f64_syrk_update)
