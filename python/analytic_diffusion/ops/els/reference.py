@@ -109,7 +109,7 @@ def els_denoise_reference(
             step = max(1, _BLOCK_VALUES // (cand.shape[0] * D))
             for c0 in range(0, cand.shape[0], step):
                 d = ((q[:, None, :] - a * cand[None, c0 : c0 + step]) ** 2).sum(-1)  # [Q, c], direct differences
-                st = online_update(st, -d * scale, centres[c0 : c0 + step], "qc,cn->qn")
+                st = online_update(st, (-d * scale)[:, :, None], centres[c0 : c0 + step], "qcz,cn->qn")  # mx, l [Q, 1]
         sl = (slice(None), slice(rows[0], rows[1]), slice(cols[0], cols[1]))
         nr, nc = rows[1] - rows[0], cols[1] - cols[0]
         mx[sl] = st.mx.reshape(B, nr, nc)
