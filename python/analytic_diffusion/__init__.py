@@ -14,7 +14,8 @@ from ._ext import build_info
 from .registry import available_backends
 from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
-from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers import Denoiser, ELSDenoiser, LSDenoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers.schedules import calibrate as calibrate_patch_sizes
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
@@ -41,6 +42,8 @@ __all__ = [
     "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
+    "ELSDenoiser",
+    "LSDenoiser",
     "LocalityDenoiser",
     "ModelDenoiser",
     "MomentAccumulator",
@@ -55,6 +58,7 @@ __all__ = [
     "alpha_bar_at",
     "available_backends",
     "build_info",
+    "calibrate_patch_sizes",
     "compare",
     "data",
     "ddim_step",
