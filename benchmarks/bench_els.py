@@ -9,7 +9,8 @@ the squared-difference image). The transcriptions return the published score con
 x0_hat = (x + s2 * score) / a so that both sides compare the same quantity.
 
 Shapes: the issue's 32x32x3, N = 2000, B = 4, P = 5 (``AD_BENCH_N`` overrides N: on a
-shared 2-core machine the published algorithm at N = 2000 takes minutes per step);
+shared 2-core machine the published algorithm at N = 2000 takes minutes per step;
+``AD_BENCH_ELS_STEPS`` the timesteps, default 800,500,200,20);
 ``AD_BENCH_QUICK=1``: 8x8x3, N = 16, B = 2 (CI).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ SIZE = 8 if QUICK else 32
 N_TRAIN = 16 if QUICK else int(os.environ.get("AD_BENCH_N", "2000"))
 BATCH = 2 if QUICK else 4
 PATCH = 3 if QUICK else 5
-TIMESTEPS = [500] if QUICK else [800, 500, 200, 20]
+TIMESTEPS = [500] if QUICK else [int(t) for t in os.environ.get("AD_BENCH_ELS_STEPS", "800,500,200,20").split(",")]
 REPEATS = 1
 # images per chunk in the published loops (its demo uses 64 for ELS, its script 256 and the
 # whole data set for LS; here smaller so that the [B, chunk*L, H, W] temporaries fit the

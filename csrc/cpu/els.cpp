@@ -85,8 +85,8 @@ AD_FORCEINLINE bool any_lane(v8l m) {
 #endif
 }
 
-// e^x for x <= 0 (x = -inf gives 0), relative error < 4e-16 on [-708, 0]: Cody-Waite
-// reduction, degree-12 Taylor polynomial on |r| <= ln2/2, 2^n built in the exponent bits;
+// e^x for x <= 0 (x = -inf gives 0), relative error < 1e-14 on [-708, 0]: Cody-Waite
+// reduction, degree-11 Taylor polynomial on |r| <= ln2/2, 2^n built in the exponent bits;
 // 0 below -708. Lane-wise arithmetic only.
 AD_FORCEINLINE v8d exp_nonpos(v8d x) {
     const v8l tiny = x < splat(-708.0);
@@ -95,8 +95,7 @@ AD_FORCEINLINE v8d exp_nonpos(v8d x) {
     const v8d t = x * splat(1.4426950408889634) + shifter;
     const v8d n = t - shifter;
     const v8d r = (x - n * splat(0.6931457519531250)) - n * splat(1.4286068203094172e-06);
-    v8d p = splat(1.0 / 479001600.0);
-    p = p * r + splat(1.0 / 39916800.0);
+    v8d p = splat(1.0 / 39916800.0);
     p = p * r + splat(1.0 / 3628800.0);
     p = p * r + splat(1.0 / 362880.0);
     p = p * r + splat(1.0 / 40320.0);
@@ -152,7 +151,7 @@ struct Geometry {
 template <int kC>
 void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, const double* Y8,
                const double* nx, const double* ny, v8d pen, double cross, double* E, double* V,
-               double* D, double* st) {
+               double* D, double* S0, double* S1, double* st) {
     const int64_t C = kC > 0 ? kC : Crt;
     const int64_t H = g.H, W = g.W, P = g.P, h = g.h;
     const int64_t UR = s.ur1 - s.ur0, UC = s.uc1 - s.uc0;
@@ -187,11 +186,35 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
             for (int64_t j = 0; j < EC; ++j)
                 store(V + j * kL, (load(V + j * kL) + load(add + j * kL)) - load(sub + j * kL));
         }
-        // D[u] = <Q_p(x), Q_u'(y)> = sum_{j < P} V[u + j]
-        for (int64_t u = 0; u < UC; ++u) {
-            v8d acc = load(V + u * kL);
-            for (int64_t j = 1; j < P; ++j) acc += load(V + (u + j) * kL);
-            store(D + u * kL, acc);
+        // D[u] = <Q_p(x), Q_u'(y)> = sum_{j < P} V[u + j], by doubling: S_{2w}[u] = S_w[u] +
+        // S_w[u + w], and D the S_w of P's binary digits (log2(P) + popcount(P) - 1 adds)
+        {
+            const double* Sw = V;  // S_1
+            int64_t w = 1, len = EC;  // S_w is defined on [0, len), len = EC - w + 1
+            int64_t off = 0;          // D = sum of S_w[u + off] over P's set bits w, low to high
+            bool first = true;
+            double* bufs[2] = {S0, S1};
+            int which = 0;
+            for (int64_t rem = P;; ) {
+                if (rem & 1) {
+                    if (first) {
+                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(Sw + (u + off) * kL));
+                        first = false;
+                    } else {
+                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(D + u * kL) + load(Sw + (u + off) * kL));
+                    }
+                    off += w;
+                }
+                rem >>= 1;
+                if (rem == 0) break;
+                double* Sn = bufs[which];
+                which ^= 1;
+                const int64_t nlen = len - w;
+                for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * kL) + load(Sw + (u + w) * kL));
+                Sw = Sn;
+                len = nlen;
+                w *= 2;
+            }
         }
         // fold into the pixels p = u' - delta (mod H, W for circular)
         const int64_t ur = s.ur0 + r;
@@ -211,14 +234,12 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
             const v8d dd = lg - mo;
             if (!any_lane(dd >= vskip)) continue;  // every term < e^-50 of its lane's max
             const v8l up = dd > splat(0.0);
-            const v8d ad = up ? dd : -dd;
-            const v8d e = exp_nonpos(-ad);
-            const v8d l = load(sp + kL);
-            store(sp + kL, up ? l * e + splat(1.0) : l + e);
+            const v8d e = exp_nonpos(up ? -dd : dd);
+            const v8d f_old = up ? e : splat(1.0), f_new = up ? splat(1.0) : e;  // rescale, new term
+            store(sp + kL, load(sp + kL) * f_old + f_new);
             for (int64_t c = 0; c < C; ++c) {
                 const v8d yv = load(ycen + c * YHW8 + u * kL);
-                const v8d ac = load(sp + (2 + c) * kL);
-                store(sp + (2 + c) * kL, up ? ac * e + yv : ac + e * yv);
+                store(sp + (2 + c) * kL, load(sp + (2 + c) * kL) * f_old + f_new * yv);
             }
             store(sp, up ? lg : mo);
         }
@@ -309,7 +330,7 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
     const int64_t SS = B * HW * SP;   // per thread
     auto state = aligned_array<double>(int64_t(nth) * SS);
     const int64_t YS = C * g.YH * g.YW * kL, ES = g.YH * g.YW * kL;
-    const int64_t TS = YS + 2 * ES + g.W * kL + HW * kL;
+    const int64_t TS = YS + 2 * ES + g.W * kL + HW * kL + 2 * g.YW * kL;
     auto scratch = aligned_array<double>(int64_t(nth) * TS);
     // mx starts at a finite -1e300 (not -inf) so that a first logit gives dd = +huge, never NaN
     for (int t = 0; t < nth; ++t)
@@ -329,6 +350,8 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
         double* V = E + ES;
         double* D = V + ES;
         double* ny = D + g.W * kL;
+        double* S0 = ny + HW * kL;
+        double* S1 = S0 + g.YW * kL;
         load_octet<T>(g, train, N, o * kL, ts0, ts1, ts2, ts3, Y8);
         // ny[u', lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre u'
         const double nyscale = -scale * a * a;
@@ -349,7 +372,7 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
         for (int64_t b = 0; b < B; ++b)
             for (const Shift& s : shifts)
                 run_shift<kC>(g, C, s, X.get() + b * XS, Y8, nx.get() + b * HW, ny, pen, 2.0 * a * scale, E, V,
-                             D, st + b * HW * SP);
+                             D, S0, S1, st + b * HW * SP);
     }
     // exact merge of the per-(thread, lane) states
     for (int64_t b = 0; b < B; ++b)
