@@ -22,7 +22,7 @@
 // for 32x32x3, P = 5, |x| <= 1.1 and t >= 0 (s2 >= 1e-4, the smallest of the schedule),
 // (75 + 14) * 1.1e-16 * 363 / 2e-4 = 1.8e-8 logits, i.e. a relative weight error < 2e-8;
 // at t = 20 (s2 = 2.4e-3) 1.5e-9. The published code does the same expansion in float32
-// (2^-24 instead of 2^-53): errors of order 10 logits at t <= 20. tests/test_els.py checks
+// (2^-24 instead of 2^-53): the same bound is about 0.4 logits at t = 20. tests/test_els.py checks
 // the CPU backend against the direct-difference float64 reference at t = 0, 10, 20.
 //
 // Softmax: exact online softmax per query pixel (its own running max, never shared across
