@@ -10,7 +10,7 @@ from . import ops
 from ._ext import build_info
 from ._registry import available_backends
 from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser
-from .analysis import ModelDenoiser, compare, field_similarity, sensitivity
+from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
 from .moments import (
@@ -31,16 +31,25 @@ from . import _triton  # registers the Triton backends
 __version__ = "0.1.0"
 
 
+_LAZY = ("data", "figures")
+
+
 def __getattr__(name):
-    # data pulls in scikit-image and Pillow: load it on first use, not at import
-    if name == "data":
+    # data pulls in scikit-image and Pillow, figures matplotlib: load them on first
+    # use, so that `import analytic_diffusion` stays light
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".data", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
     "LocalityDenoiser",
