@@ -30,7 +30,6 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from ._validate import FLOAT_DTYPES, check_finite, check_queries, check_train, to_unit

@@ -353,7 +353,7 @@ def run(args) -> int:
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "command": "locality",
-        "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items() if k != "func"},
+        "args": args_dict(args),
         "data": what,
         "image_shape": [C, H, W],
         "filter": {"kind": "windowed" if windowed else "full", "window": K, "moments_count": int(moments.count)},
