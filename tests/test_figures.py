@@ -24,28 +24,7 @@ def _colours(a):
     return {tuple(c) for c in a.reshape(-1, 3)}
 
 
-# --------------------------------------------------------------------------- conversions
-def test_to_uint8_round_trips_every_level():
-    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    for dt in (torch.float32, torch.float64):
-        out = figures.to_uint8_images(ad.data.to_unit_range(u, dt))
-        assert out.dtype == np.uint8 and out.shape == (1, 16, 16, 1)
-        np.testing.assert_array_equal(out[0, :, :, 0], u[0, 0].numpy())
-
-
-def test_to_uint8_clips_and_layout():
-    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).reshape(1, 5, 1, 1).repeat(2, 1, 2, 3)[:, :3]
-    out = figures.to_uint8_images(x)
-    assert out.shape == (2, 2, 3, 3)  # HWC
-    np.testing.assert_array_equal(out[0, 0, 0], [0, 0, 128])  # -3 clipped; 0 -> 127.5 -> 128 (half to even)
-    one = figures.to_uint8_images(torch.ones(3, 4, 5))
-    assert one.shape == (4, 5, 3) and (one == 255).all()
-    with pytest.raises(ValueError, match="shape"):
-        figures.to_uint8_images(torch.zeros(4, 4))
-    with pytest.raises(TypeError, match="uint8 or float"):
-        figures.to_uint8_images(torch.zeros(1, 1, 2, 2, dtype=torch.int32))
-
-
+# --------------------------------------------------------------------------- scale
 def test_display_scale():
     assert figures.display_scale(32, 32) == 4 and figures.display_scale(25, 25) == 5
     assert figures.display_scale(8, 6) == 16 and figures.display_scale(256, 300) == 1
@@ -67,7 +46,7 @@ def test_grid_labels_add_a_column_and_pixels_are_nearest_upscaled():
     lab = _rgb(figures.image_grid([x], ["locality"], scale=5))
     assert lab.shape[0] == plain.shape[0] and lab.shape[1] > plain.shape[1]
     lw = lab.shape[1] - plain.shape[1]
-    expect = figures.to_uint8_images(x)
+    expect = ad.data.to_uint8(x).permute(0, 2, 3, 1).numpy()
     for j in range(2):  # every image pixel is an exact 5x5 square, in both figures
         x0 = 2 + j * (20 + 2)
         block = lab[2 : 2 + 20, lw + x0 : lw + x0 + 20].reshape(4, 5, 4, 5, 3)

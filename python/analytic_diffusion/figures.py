@@ -17,9 +17,10 @@ shown as they are.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import matplotlib
 import numpy as np
@@ -31,18 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
 
+from .data.convert import to_uint8
+
 __all__ = [
-    "DPI",
-    "FORMATS",
-    "agreement_figure",
-    "display_scale",
-    "diverging_colormap",
-    "fields_figure",
-    "image_grid",
-    "locality_figure",
-    "save",
-    "to_array",
-    "to_uint8_images",
+    "DPI", "FORMATS", "agreement_figure", "display_scale", "diverging_colormap", "fields_figure",
+    "image_grid", "locality_figure", "save", "to_array",
 ]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -62,9 +56,7 @@ _PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#
 _TITLE_PT, _LABEL_PT, _SMALL_PT, _TICK_PT = 10, 9, 8, 7
 
 
-# --------------------------------------------------------------------------- #
-# conversions
-# --------------------------------------------------------------------------- #
+# ---- conversions
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
@@ -73,27 +65,9 @@ def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
-def to_uint8_images(x: ArrayLike) -> np.ndarray:
-    """Images ``[B, C, H, W]`` (or one ``[C, H, W]``) -> uint8 ``[B, H, W, C]`` (or ``[H, W, C]``).
-
-    Float input is read in [-1, 1] and mapped by ``round((x + 1) * 127.5)``
-    clamped to [0, 255], the inverse of SPEC 1's ``u / 127.5 - 1`` (so uint8
-    data survives a round trip exactly). Values outside [-1, 1] (a Wiener
-    sample may overshoot) are clipped, not rescaled. uint8 input is only
-    transposed. NaN maps to 0.
-    """
-    t = _as_tensor(x, "x")
-    if t.dim() not in (3, 4):
-        raise ValueError(f"x must be [B, C, H, W] or [C, H, W], got shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        u = t
-    elif t.is_floating_point():
-        # float64 so that (u/127.5 - 1 + 1) * 127.5 lands on u up to far less than 0.5
-        u = ((t.to(torch.float64) + 1.0) * 127.5).nan_to_num(0.0).round().clamp(0, 255).to(torch.uint8)
-    else:
-        raise TypeError(f"x must be uint8 or float, got {t.dtype}")
-    perm = (0, 2, 3, 1) if u.dim() == 4 else (1, 2, 0)
-    return np.ascontiguousarray(u.permute(*perm).numpy())
+def _hwc_uint8(x: ArrayLike) -> np.ndarray:
+    """Images ``[B, C, H, W]``, uint8 or float in [-1, 1] -> uint8 ``[B, H, W, C]``."""
+    return np.ascontiguousarray(to_uint8(_as_tensor(x, "x")).permute(0, 2, 3, 1).numpy())
 
 
 def _rgb(hwc: np.ndarray) -> np.ndarray:
@@ -158,21 +132,19 @@ def _check_pixel(pixel, H: int, W: int) -> Optional[Tuple[int, int]]:
     return int(pixel[0]), int(pixel[1])
 
 
-# --------------------------------------------------------------------------- #
-# figures laid out in pixels
-# --------------------------------------------------------------------------- #
-_RENDERER: List[RendererAgg] = []
+# ---- figures laid out in pixels
+@functools.lru_cache(maxsize=1)
+def _renderer() -> RendererAgg:
+    return RendererAgg(1, 1, DPI)
 
 
 def _text_px(text: str, points: float) -> Tuple[int, int]:
     """Width and height in pixels (at :data:`DPI`) of possibly multi-line ``text``."""
     if not text:
         return 0, 0
-    if not _RENDERER:
-        _RENDERER.append(RendererAgg(1, 1, DPI))
     prop = FontProperties(size=points)
     lines = text.split("\n")
-    width = max(_RENDERER[0].get_text_width_height_descent(s or " ", prop, ismath=False)[0] for s in lines)
+    width = max(_renderer().get_text_width_height_descent(s or " ", prop, ismath=False)[0] for s in lines)
     line_h = 1.2 * points * DPI / 72.0  # matplotlib's default linespacing
     return int(math.ceil(width)), int(math.ceil(line_h * len(lines)))
 
@@ -188,12 +160,9 @@ class _Canvas:
 
     def axes(self, x: float, y: float, w: float, h: float, frame: bool = False):
         ax = self.fig.add_axes((x / self.w, 1.0 - (y + h) / self.h, w / self.w, h / self.h))
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         for s in ax.spines.values():
-            s.set_visible(frame)
-            s.set_color(_FRAME)
-            s.set_linewidth(0.8)
+            s.set(visible=frame, color=_FRAME, linewidth=0.8)
         return ax
 
     def image(self, x: float, y: float, img: np.ndarray, scale: int, frame: bool = False):
@@ -271,9 +240,7 @@ def _finish(fig: Figure, path) -> Figure:
     return fig if path is None else save(fig, path)
 
 
-# --------------------------------------------------------------------------- #
-# grids of images
-# --------------------------------------------------------------------------- #
+# ---- grids of images
 def image_grid(
     rows: Sequence[ArrayLike],
     labels: Optional[Sequence[str]] = None,
@@ -305,7 +272,7 @@ def image_grid(
     for i, r in enumerate(rows):
         if np.ndim(r) != 4:
             raise ValueError(f"rows[{i}] must be [B, C, H, W], got shape {tuple(np.shape(r))}")
-        imgs.append(_rgb(to_uint8_images(r)))
+        imgs.append(_rgb(_hwc_uint8(r)))
     H, W = imgs[0].shape[1:3]
     for i, r in enumerate(imgs):
         if r.shape[1:3] != (H, W):
@@ -330,9 +297,7 @@ def image_grid(
     return _finish(c.fig, path)
 
 
-# --------------------------------------------------------------------------- #
-# sensitivity fields and locality windows
-# --------------------------------------------------------------------------- #
+# ---- sensitivity fields and locality windows
 def fields_figure(
     rows: Mapping[str, ArrayLike],
     timesteps: Sequence[int],
@@ -483,9 +448,7 @@ def locality_figure(
     return fields_figure(rows, timesteps, {"mask\nwindow": caption}, pixel=pixel, scale=scale, path=path)
 
 
-# --------------------------------------------------------------------------- #
-# agreement with a network
-# --------------------------------------------------------------------------- #
+# ---- agreement with a network
 def agreement_figure(agreement, *, size: Tuple[int, int] = (360, 260), path=None) -> Figure:
     """r2 (left) and MSE (right) against the timestep, one line per denoiser.
 

@@ -105,11 +105,11 @@ def run(args) -> int:
     x = ad.sample(den, args.num, shape, steps=args.steps, seed=args.seed, progress=progress, device=dev).cpu()
     elapsed = time.perf_counter() - t0
 
-    from ..figures import image_grid, to_uint8_images
+    from ..figures import image_grid
 
     out = mkdir(Path(args.out))
     npy_path = out / f"{args.method}_samples.npy"
-    np.save(npy_path, to_uint8_images(x).transpose(0, 3, 1, 2).copy(), allow_pickle=False)
+    np.save(npy_path, ad.data.to_uint8(x).numpy(), allow_pickle=False)
     rows = [x[i : i + args.ncols] for i in range(0, x.shape[0], args.ncols)]
     labels = [args.method] + [""] * (len(rows) - 1)
     png_path = out / f"{args.method}_samples.png"

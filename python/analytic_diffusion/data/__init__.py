@@ -18,6 +18,7 @@ Loaders for any dataset (CIFAR-10, CelebA, a folder of PNGs, ...):
 - :func:`iter_batches` - stream the same sources batch by batch.
 - :func:`image_shape` - the per-image shape a source yields.
 - :func:`to_unit_range` - uint8 -> float in [-1, 1]; float passes through.
+- :func:`to_uint8` - float in [-1, 1] -> uint8 (the inverse; clipped, rounded).
 
 Accepted sources (``source`` argument):
 
@@ -54,7 +55,8 @@ from __future__ import annotations
 
 from .bundled import PHOTOS, faces, natural_crops
 from .items import IMAGE_EXTENSIONS
-from .sources import image_shape, iter_batches, load_images, to_unit_range
+from .convert import to_uint8, to_unit_range
+from .sources import image_shape, iter_batches, load_images
 
 __all__ = [
     "PHOTOS",
@@ -65,4 +67,5 @@ __all__ = [
     "iter_batches",
     "image_shape",
     "to_unit_range",
+    "to_uint8",
 ]

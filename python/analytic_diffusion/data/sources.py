@@ -1,13 +1,13 @@
 """Sources of images - arrays, tensors, .npy/.npz files, folders, map-style and iterable
 datasets, DataLoaders - and the public loaders on top of them: :func:`iter_batches`,
-:func:`load_images`, :func:`image_shape`, :func:`to_unit_range` (see the package
+:func:`load_images`, :func:`image_shape` (see the package
 docstring for what each source accepts)."""
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,11 +18,9 @@ from .items import (
     _array_batch_shape,
     _check_int,
     _check_limit,
-    _check_torch_dtype,
     _item_image,
     _loader_batch,
     _numpy_dtype,
-    _numpy_to_tensor,
     _PathNotFoundError,
     _shape_str,
     _stack_items,
@@ -475,31 +473,3 @@ def image_shape(source) -> Tuple[int, ...]:
         return tuple(next(gen).shape[1:])
     finally:
         gen.close()
-
-
-def to_unit_range(
-    x: Union[torch.Tensor, np.ndarray], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """uint8 images -> float ``u / 127.5 - 1`` in [-1, 1]; float images pass through.
-
-    Args:
-        x: uint8 or float16/32/64 tensor (or numpy array) of any shape.
-            Float input is assumed to be in [-1, 1] already and is only cast.
-        dtype: floating result dtype (default torch.float32).
-
-    Returns:
-        A tensor of ``dtype``; a new tensor for uint8 input. Float input of
-        the same dtype is returned as is (never modified). uint8 values are
-        correctly rounded in ``dtype`` (computed as ``(u - 127.5) / 127.5``,
-        whose subtraction is exact).
-    """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if isinstance(x, np.ndarray):
-        x = _numpy_to_tensor(_numpy_dtype(x, "x"))
-    elif not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    _check_torch_dtype(x, "x")
-    if x.dtype == torch.uint8:
-        return x.to(dtype).sub_(127.5).div_(127.5)
-    return x.to(dtype)
