@@ -273,3 +273,12 @@ def test_bad_data_found_while_streaming_is_a_user_error(tmp_path, capsys):
     np.save(tmp_path / "x.npy", x)
     rc, _, err = _run(capsys, "stats", tmp_path / "x.npy", "--out", tmp_path / "m.safetensors", "--batch-size", "8", "--no-progress")
     assert rc == 2 and err.startswith("analytic-diffusion: error:") and "NaN" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF-"), ("svg", b"<?xml")])
+def test_sample_figure_format(tmp_path, capsys, train_npy, fmt, magic):
+    rc, out, err = _run(capsys, "sample", "--method", "nearest", "--data", train_npy, "--steps", "2", "-n", "2", "--out", tmp_path, "--figure-format", fmt, "--no-progress")
+    assert rc == 0, err
+    path = tmp_path / f"nearest_samples.{fmt}"
+    assert str(path) in out and path.read_bytes().startswith(magic)
+    assert not (tmp_path / "nearest_samples.png").exists()

@@ -88,6 +88,10 @@ def add_common_args(sp: argparse.ArgumentParser, backend_help: str) -> None:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_figure_format(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--figure-format", choices=("png", "pdf", "svg"), default="png", help="file format of the figures (default: png)")
+
+
 def check_device(dev: torch.device) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {dev} was requested but CUDA is not available (torch {torch.__version__})")

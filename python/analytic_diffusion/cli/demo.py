@@ -12,6 +12,7 @@ import torch
 from .common import (
     CLIError,
     add_common_args,
+    add_figure_format,
     args_dict,
     backend_arg,
     check_device,
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
         "demo",
         help="sample bundled natural crops with all four denoisers; write a grid, locality maps and a JSON summary",
         description="Estimate moments of bundled natural-image crops, build locality masks, sample the same seeds "
-        "with the Wiener, optimal, nearest and locality denoisers, and write grid.png, locality.png and summary.json.",
+        "with the Wiener, optimal, nearest and locality denoisers, and write grid.png, locality.png (or --figure-format) and summary.json.",
     )
     demo.add_argument("--size", type=positive_int, default=d["size"], help=f"crop side in pixels (default: {d['size']})")
     demo.add_argument("-N", "--num-train", type=positive_int, default=d["num_train"], help=f"training crops (default: {d['num_train']}; keep it above 3*size^2 for local masks)")
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
     demo.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the crops and of the initial noise (default: {d['seed']})")
     demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, SPEC 4 (default: {d['threshold']})")
     demo.add_argument("--out", default=d["out"], help=f"output folder (default: {d['out']})")
+    add_figure_format(demo)
     add_common_args(demo, "backend of the denoiser and moment ops")
     demo.set_defaults(func=run)
 
@@ -132,7 +134,7 @@ def run(args) -> int:
             nearest_rmse[name] = [float(v) / math.sqrt(n) for v in dist]
         rows = [samples[k] for k in METHODS] + [train[torch.tensor(nearest_idx["locality"])]]
         labels = list(METHODS) + ["nearest train\nimage to\nlocality"]
-        grid_path, fig_path = out / "grid.png", out / "locality.png"
+        grid_path, fig_path = out / f"grid.{args.figure_format}", out / f"locality.{args.figure_format}"
         grid = image_grid(rows, labels, path=grid_path)
         fig = locality_figure(torch.stack(fields), torch.stack(windows), ts, [d["density"] for d in mask_info], pixel=pix, path=fig_path)
     timings["total"] = time.perf_counter() - t_start

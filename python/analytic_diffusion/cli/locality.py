@@ -18,6 +18,7 @@ import torch
 from .common import (
     CLIError,
     add_common_args,
+    add_figure_format,
     args_dict,
     backend_arg,
     check_device,
@@ -336,7 +337,7 @@ def run(args) -> int:
 
         figs = []
         for i, p in enumerate(pixels):
-            path = out / f"locality_r{p[0]}_c{p[1]}.png"
+            path = out / f"locality_r{p[0]}_c{p[1]}.{args.figure_format}"
             mf = None if model_fields is None else model_fields[i]
             fig = locality_figure(fields[i], windows[i], ts, densities, pixel=p, model_fields=mf, path=path)
             figs.append({"path": path.name, "pixel": list(p), "size": figure_size(fig)})
@@ -382,9 +383,9 @@ def add_parser(sub) -> None:
     d = DEFAULTS
     lo = sub.add_parser(
         "locality",
-        help="sensitivity fields and locality windows of chosen pixels across timesteps (PNGs, JSON/markdown table)",
+        help="sensitivity fields and locality windows of chosen pixels across timesteps (figures, JSON/markdown table)",
         description="Build the Wiener filter of a dataset (full covariance, or the windowed filter from K x K patch "
-        "moments with --window), and write, for each chosen pixel, a PNG of its sensitivity field (Jacobian row) "
+        "moments with --window), and write, for each chosen pixel, a figure of its sensitivity field (Jacobian row) "
         "and locality-mask window at every timestep, plus locality.md / locality.json with the window sizes and "
         "the whole mask's density per timestep and fields.npz with the raw fields. With --model/--checkpoint, "
         "a trained network's own sensitivity fields (autograd, averaged over noisy data images) are added, with "
@@ -406,6 +407,7 @@ def add_parser(sub) -> None:
     lo.add_argument("--prediction", choices=("epsilon", "x0"), default=None, help="what the model predicts (default: epsilon)")
     lo.add_argument("--model-kwargs", default=None, metavar="JSON", help="keyword arguments of the model class, as a JSON object")
     lo.add_argument("--model-inputs", type=positive_int, default=d["model_inputs"], help=f"noisy data images the model's fields are averaged over (default: {d['model_inputs']})")
+    add_figure_format(lo)
     add_common_args(lo, "moments backend")
     lo.set_defaults(func=run)
 

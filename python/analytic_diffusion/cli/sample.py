@@ -7,6 +7,7 @@ from pathlib import Path
 from .common import (
     CLIError,
     add_common_args,
+    add_figure_format,
     backend_arg,
     check_device,
     finite_float,
@@ -25,7 +26,7 @@ _DENOISE_OPS = {"locality": "locality_denoise", "optimal": "optimal_denoise", "n
 def add_parser(sub) -> None:
     sa = sub.add_parser(
         "sample",
-        help="sample one denoiser on your data; write a PNG grid and a uint8 .npy",
+        help="sample one denoiser on your data; write a grid figure (PNG, PDF or SVG) and a uint8 .npy",
         description="Load a dataset, build a denoiser from it and draw DDIM samples. Writes METHOD_samples.png "
         "and METHOD_samples.npy (uint8 [N, C, H, W]) to --out.",
     )
@@ -41,7 +42,8 @@ def add_parser(sub) -> None:
     sa.add_argument("--softmax", choices=("exact", "wssm"), default="exact", help="locality softmax: exact, or the published code's WSSM (default: exact)")
     sa.add_argument("--chunk-size", type=positive_int, default=256, help="training images per chunk (memory; the WSSM chunks) (default: 256)")
     sa.add_argument("--limit", type=positive_int, default=None, help="use only the first LIMIT training images")
-    sa.add_argument("--ncols", type=positive_int, default=8, help="images per row of the PNG grid (default: 8)")
+    sa.add_argument("--ncols", type=positive_int, default=8, help="images per row of the grid figure (default: 8)")
+    add_figure_format(sa)
     add_common_args(sa, "backend of the denoiser op")
     sa.set_defaults(func=run)
 
@@ -84,7 +86,7 @@ def run(args) -> int:
         raise CLIError(f"sample needs images [N, C, H, W]; {args.data} holds flat vectors of shape {tuple(data.shape)}")
     shape = tuple(data.shape[1:])
     if shape[0] not in (1, 3):
-        raise CLIError(f"sample writes PNGs and needs 1 or 3 channels; the data has shape {shape}")
+        raise CLIError(f"sample draws its samples as images and needs 1 or 3 channels; the data has shape {shape}")
     N, n = data.shape[0], data[0].numel()
 
     moments = None
@@ -112,9 +114,9 @@ def run(args) -> int:
     np.save(npy_path, ad.data.to_uint8(x).numpy(), allow_pickle=False)
     rows = [x[i : i + args.ncols] for i in range(0, x.shape[0], args.ncols)]
     labels = [args.method] + [""] * (len(rows) - 1)
-    png_path = out / f"{args.method}_samples.png"
-    image_grid(rows, labels, path=png_path)
+    fig_path = out / f"{args.method}_samples.{args.figure_format}"
+    image_grid(rows, labels, path=fig_path)
     say(f"{args.num} {args.method} samples of shape {shape} in {args.steps} steps ({elapsed:.2f} s). Wrote:")
-    say(f"  {png_path}")
+    say(f"  {fig_path}")
     say(f"  {npy_path}  (uint8 [{args.num}, {', '.join(map(str, shape))}])")
     return 0
