@@ -50,6 +50,10 @@ Accepted dtypes: uint8, float16, float32, float64 (bool and integer types
 other than uint8 are refused). Float data must be finite (checked batch by
 batch). Nothing here writes into the caller's data; results may share memory
 with an in-memory ``source`` (tensor or array) when no conversion is needed.
+
+Modules: ``bundled`` (the built-in sets), ``sources`` (one class per kind of
+source, and the loaders), ``items`` (one batch or item to a tensor, with the dtype
+and layout checks), ``convert`` (uint8 <-> [-1, 1]).
 """
 from __future__ import annotations
 
