@@ -7,6 +7,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from .._validate import to_unit
 from .items import _check_torch_dtype, _numpy_dtype, _numpy_to_tensor
 
 __all__ = ["to_uint8", "to_unit_range"]
@@ -40,9 +41,7 @@ def to_unit_range(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     x = _tensor(x, "x")
-    if x.dtype == torch.uint8:
-        return x.to(dtype).sub_(127.5).div_(127.5)
-    return x.to(dtype)
+    return to_unit(x, dtype)
 
 
 def to_uint8(x: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
