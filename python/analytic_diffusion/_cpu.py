@@ -335,3 +335,58 @@ locality_denoise_cpu.prepare = _prepare
 
 _registry.register("locality_denoise", "cpu", locality_denoise_cpu, devices=("cpu",), priority=10, is_available=locality_available)
 _registry.register("optimal_denoise", "cpu", optimal_denoise_cpu, devices=("cpu",), priority=10, is_available=locality_available)
+
+
+# ============================================================================ nearest
+_NEAREST_SYMBOLS = ("nearest_denoise_run",)
+
+
+def nearest_available() -> bool:
+    """``_C`` loads and has the nearest kernel."""
+    mod = _ext.cpu_module()
+    return mod is not None and all(hasattr(mod, s) for s in _NEAREST_SYMBOLS)
+
+
+def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force_portable: bool = False):
+    """``(out [B, n] in x's dtype, index [B] int64, dist [B] float64)``: the nearest training
+    image of each query, its index (lowest on ties) and its float64 distance
+    ``||x - a y||^2``. ``x``: float32/float64 ``[B, n]``; ``train``: uint8 or float ``[N, n]``;
+    any strides. ``force_portable`` uses the plain C++ distances instead of AVX-512."""
+    mod = _ext.cpu_module()
+    if mod is None or not all(hasattr(mod, s) for s in _NEAREST_SYMBOLS):
+        reason = _ext.build_info()["cpu"].get("error") or "it was built without the nearest kernel"
+        raise RuntimeError(
+            f"the CPU nearest backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
+            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
+        )
+    # Not input validation (the public op did that): the kernel reads and writes through raw
+    # pointers, so anything it would misread is fixed here.
+    if x.device.type != "cpu" or train.device.type != "cpu":
+        raise ValueError("the cpu nearest backend needs CPU tensors")
+    if x.dtype not in (torch.float32, torch.float64) or x.dim() != 2 or train.dim() != 2 or train.shape[1] != x.shape[1]:
+        raise ValueError(f"need x float32/float64 [B, n] and train [N, n], got {x.dtype} {tuple(x.shape)} and {tuple(train.shape)}")
+    if train.dtype not in _TRAIN_KIND:
+        train = train.float()  # float16 / bfloat16 images: exact in float32
+    B, n = x.shape
+    N = train.shape[0]
+    # outputs start as NaN / -1 so that anything the kernel failed to write is visible
+    out = torch.full((B, n), float("nan"), dtype=x.dtype)
+    index = torch.full((B,), -1, dtype=torch.int64)
+    dist = torch.full((B,), float("nan"), dtype=torch.float64)
+    mod.nearest_denoise_run(
+        x.data_ptr(), B, n, x.stride(0), x.stride(1), x.dtype == torch.float64,
+        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        math.sqrt(alpha_bar), out.data_ptr(), x.dtype == torch.float64, index.data_ptr(), dist.data_ptr(),
+        bool(force_portable),
+    )
+    return out, index, dist
+
+
+def nearest_denoise_cpu(x, train, alpha_bar, chunk_size=256):
+    """Backend of ``ops.nearest_denoise`` (reference signature; inputs validated): the
+    optimal denoiser's float64 distances with an argmin, O(N n), lowest index on ties.
+    ``chunk_size`` is a memory knob of the reference only."""
+    return nearest_run(x, train, alpha_bar)[0]
+
+
+_registry.register("nearest_denoise", "cpu", nearest_denoise_cpu, devices=("cpu",), priority=10, is_available=nearest_available)
