@@ -75,6 +75,15 @@ def test_metrics_against_hand_computation():
         ad.r2(pred[:1], target)
 
 
+@pytest.mark.parametrize("fn", [ad.r2, ad.mse])
+@pytest.mark.parametrize("reduction", ["sum", "Mean", "", None, 1])
+def test_metrics_reject_unknown_reduction(fn, reduction):
+    """Review: an unknown reduction returned the per-sample tensor silently."""
+    x = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(x, x + 0.1, reduction=reduction)
+
+
 def test_registry_selection_order(monkeypatch):
     calls = []
     _registry.register("toy_op", "slow", lambda: calls.append("slow"), priority=0)
