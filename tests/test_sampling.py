@@ -79,3 +79,32 @@ def test_sampler_seed_and_validation():
         ad.OptimalDenoiser(torch.zeros(3, 4, dtype=torch.uint8))(torch.zeros(1, 4), 1000)
     with pytest.raises(TypeError, match="t must be an int"):
         ad.OptimalDenoiser(torch.zeros(3, 4, dtype=torch.uint8))(torch.zeros(1, 4), 1.5)
+
+
+@pytest.mark.parametrize(
+    "schedule, error, match",
+    [
+        (torch.full((10, 2), 0.5), ValueError, "1-D"),
+        (torch.empty(0), ValueError, "1-D and non-empty"),
+        (torch.tensor([0.9, float("nan"), 0.5]), ValueError, "NaN"),
+        (torch.tensor([0.9, 0.5, 0.0]), ValueError, r"\(0, 1\].*t = 2"),
+        (torch.tensor([1.5, 0.5, 0.1]), ValueError, r"\(0, 1\].*t = 0"),
+        (torch.tensor([0.9, 0.5, 0.7, 0.1]), ValueError, r"non-increasing.*alpha_bar\[2\]"),
+        (torch.tensor([9, 5, 1]), TypeError, "float"),
+        ("linear", TypeError, "1-D float tensor"),
+    ],
+)
+def test_sample_validates_alphas_cumprod(schedule, error, match):
+    """Review: a malformed schedule was used as given (NaN samples, or an index error)."""
+    with pytest.raises(error, match=match):
+        ad.sample(Shrink(), 1, (1, 2, 2), steps=2, alphas_cumprod=schedule)
+
+
+def test_sample_accepts_a_custom_schedule():
+    ab = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+    ab[0] = 1.0  # (0, 1]: alpha_bar = 1 (no noise) is a valid schedule value
+    seen = []
+    ad.sample(Shrink(), 1, (1, 2, 2), steps=5, alphas_cumprod=ab, callback=lambda t, x, x0: seen.append(t))
+    assert seen == [40, 30, 20, 10, 0]
+    out = ad.sample(Shrink(), 1, (1, 2, 2), steps=5, alphas_cumprod=ab.tolist())  # a sequence works too
+    assert torch.isfinite(out).all()

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedule import ddim_timesteps, default_alphas_cumprod
+from .schedule import check_alphas_cumprod, ddim_timesteps
 
 
 def ddim_step(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ def sample(
         raise ValueError(f"shape must be a non-empty image shape such as (C, H, W), got {shape}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    ab = default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+    ab = check_alphas_cumprod(alphas_cumprod)
     T = ab.shape[0]
     ts = ddim_timesteps(steps, T)
     ratio = T // int(steps)
