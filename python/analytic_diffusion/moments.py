@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _registry
-from ._validate import IMAGE_DTYPES, as_tensor, check_finite, to_unit
+from ._validate import IMAGE_DTYPES, as_tensor, check_pixels, to_unit
 
 FORMAT = "analytic-diffusion-moments/1"
 CONVENTION = "[-1,1]"  # uint8 u maps to u/127.5 - 1
@@ -245,7 +245,7 @@ class MomentAccumulator:
             raise ValueError(f"{name} has image shape {tuple(batch.shape[1:])}, but this accumulator holds {self.image_shape} (mixed image shapes)")
         if batch.shape[1:].numel() != self.n:
             raise ValueError(f"{name} has {batch.shape[1:].numel()} values per image, expected n = {self.n}")
-        check_finite(name, batch)
+        check_pixels(name, batch)
         if batch.dim() == 4 and self.image_shape is None:
             self.image_shape = tuple(batch.shape[1:])
         return batch.reshape(batch.shape[0], self.n)
@@ -630,7 +630,7 @@ class PatchMomentAccumulator:
         H, W, k = images.shape[2], images.shape[3], self.k
         if H < k or W < k:
             raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch")
-        check_finite("images", images)
+        check_pixels("images", images)
         if images.shape[0] == 0:
             return self
         acc = self.inner
