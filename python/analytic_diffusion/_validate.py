@@ -122,6 +122,21 @@ def check_positive(name: str, value) -> float:
     return v
 
 
+def check_threshold(threshold, name: str = "threshold") -> float:
+    """A locality threshold (SPEC 4): a finite real number (``<= 0`` selects real-valued
+    weights). NaN would compare False everywhere and silently empty every window."""
+    bad_type = isinstance(threshold, (bool, str, bytes)) or (isinstance(threshold, torch.Tensor) and threshold.dtype == torch.bool)
+    try:
+        v = None if bad_type else float(threshold)
+    except (TypeError, ValueError, RuntimeError):
+        v = None
+    if v is None:
+        raise TypeError(f"{name} must be a real number (e.g. 0.02), got {type(threshold).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number (e.g. 0.02; <= 0 gives real-valued weights), got {v}")
+    return v
+
+
 def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
     mask = as_tensor(name, mask)
     if mask.shape != (n, n):

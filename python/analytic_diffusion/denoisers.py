@@ -12,7 +12,7 @@ import torch
 
 from . import ops as _ops
 from . import _registry
-from ._validate import check_chunk_size, check_positive, check_queries, check_train
+from ._validate import check_chunk_size, check_positive, check_queries, check_threshold, check_train
 from .moments import MomentAccumulator, Moments, estimate_moments
 from .schedule import alpha_bar_at, default_alphas_cumprod, timestep_to_int
 from .wiener import WienerFilter
@@ -190,12 +190,13 @@ class LocalityDenoiser(_TrainSetDenoiser):
         alphas_cumprod=None,
         process_group=None,
     ):
+        threshold = check_threshold(threshold)  # before the training set and moments
         super().__init__(train, backend, alphas_cumprod, process_group)
         if softmax not in ("exact", "wssm"):
             raise ValueError(f"softmax must be 'exact' or 'wssm', got {softmax!r}")
         if softmax == "wssm" and self.sharded:
             raise ValueError("softmax='wssm' cannot be sharded across processes (its per-chunk softmaxes do not merge); use softmax='exact'")
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.temperature = check_positive("temperature", temperature)
         self.softmax = softmax
         self.chunk_size = check_chunk_size(chunk_size)

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._validate import check_alpha_bar, check_queries
+from ._validate import check_alpha_bar, check_queries, check_threshold
 from .denoisers import Denoiser
 from .moments import Moments, check_fits
 from .wiener import DIAG_EPS
@@ -287,14 +287,15 @@ class WindowedWiener:
         ``Mt`` of that shape.
         """
         ab = check_alpha_bar(alpha_bar)
+        threshold = check_threshold(threshold)
         weight = self.kernel(ab)[0]
         a = math.sqrt(ab)
         centre = weight[torch.arange(self.channels), torch.arange(self.channels), self.r, self.r] * a
         centre = torch.where(centre.abs() < DIAG_EPS, torch.ones_like(centre), centre)
         Mt = (weight * a) / centre[None, :, None, None]
-        if float(threshold) <= 0:
+        if threshold <= 0:
             return Mt
-        return Mt.abs() >= float(threshold) * Mt.abs().max()
+        return Mt.abs() >= threshold * Mt.abs().max()
 
     def window(self, alpha_bar: float, threshold: float, pixels, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The windows of output pixels ``pixels`` (flat indices) in image coordinates: the
