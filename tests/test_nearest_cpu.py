@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _cpu, _ext, _registry
+from analytic_diffusion import _ext, registry
+from analytic_diffusion.ops.nearest import cpu as nearest_cpu
 
 from spec_dense import noisy_queries, unit
 
-pytestmark = pytest.mark.skipif(not _cpu.nearest_available(), reason="_C built without the nearest kernel")
+pytestmark = pytest.mark.skipif(not nearest_cpu.available(), reason="_C built without the nearest kernel")
 
 C = _ext.cpu_module()
 KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
@@ -245,7 +246,7 @@ def test_kernel_rejects_bad_arguments():
 
 
 def test_registered_first_for_cpu_and_used_by_the_denoiser(crops):
-    assert _registry.available_backends("nearest_denoise", "cpu")[0] == "cpu"
+    assert registry.available_backends("nearest_denoise", "cpu")[0] == "cpu"
     den = ad.NearestDenoiser(crops[:100])
     x = noisy_queries(crops[200:202], ad.alpha_bar_at(50)).float()
     out = den(x, 50)

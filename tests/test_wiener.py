@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion.wiener import mask_from_wiener_matrix
+from analytic_diffusion.filters import mask_from_wiener_matrix
 
 
 def dense_wiener(cov, ab):
@@ -82,7 +82,7 @@ def test_mask_shrinks_as_noise_falls(crop_filter):
 
 def test_tiny_diagonal_replaced_by_one():
     A = torch.tensor([[1e-9, 0.5], [0.5, 2.0]], dtype=torch.float64)
-    Mt = ad.wiener.mask_from_wiener_matrix(A, 0.0)
+    Mt = mask_from_wiener_matrix(A, 0.0)
     assert Mt[0, 1].item() == 0.5 and Mt[1, 0].item() == 0.25
 
 
@@ -115,7 +115,10 @@ def test_bad_threshold_is_refused_everywhere(crops, crop_moments, threshold, err
     with pytest.raises(error, match=match):
         ad.WindowedWiener(pm).mask(0.5, threshold)
     with pytest.raises(error, match=match):
-        ad.WindowedWienerDenoiser(pm).mask(500, threshold)
+        ad.WindowedWienerDenoiser(pm).mask(500, threshold=threshold)
+    if threshold is not None:  # None: the denoiser's own threshold
+        with pytest.raises(error, match=match):
+            ad.LocalityDenoiser(crops[:20], moments=crop_moments).mask(500, threshold=threshold)
     with pytest.raises(error, match=match):
         ad.LocalityDenoiser(crops[:20], moments=pm, threshold=threshold)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -92,6 +93,15 @@ def check_train(train, n: Optional[int] = None, image_shape: Optional[Tuple[int,
     return train
 
 
+def check_queries_and_train(x, train):
+    """Validate queries and training set together (the ops that softmax over training
+    images): returns ``x``, ``train`` and their flat ``[B, n]``, ``[N, n]`` views."""
+    x = check_queries(x)
+    train = check_train(train, x[0].numel(), tuple(x.shape[1:]) if x.dim() == 4 else None)
+    n = x[0].numel()
+    return x, train, x.reshape(x.shape[0], n), train.reshape(train.shape[0], n)
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devs = {k: v.device for k, v in tensors.items() if v is not None}
     first = next(iter(devs.values()))
@@ -122,9 +132,20 @@ def check_positive(name: str, value) -> float:
     return v
 
 
+def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
+    mask = as_tensor(name, mask)
+    if mask.shape != (n, n):
+        raise ValueError(f"{name} must be [n, n] = [{n}, {n}] (column m is the window of output pixel m), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (binary windows) or float (weights), got {mask.dtype}")
+    check_finite(name, mask)
+    return mask
+
+
 def check_threshold(threshold, name: str = "threshold") -> float:
-    """A locality threshold (SPEC 4): a finite real number (``<= 0`` selects real-valued
-    weights). NaN would compare False everywhere and silently empty every window."""
+    """A finite float: > 0 gives binary windows, <= 0 real-valued weights (docs/algorithms.md §4).
+    NaN would compare False everywhere and silently empty every window; bools and strings
+    are refused rather than read as 1.0 / parsed."""
     bad_type = isinstance(threshold, (bool, str, bytes)) or (isinstance(threshold, torch.Tensor) and threshold.dtype == torch.bool)
     try:
         v = None if bad_type else float(threshold)
@@ -135,16 +156,6 @@ def check_threshold(threshold, name: str = "threshold") -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number (e.g. 0.02; <= 0 gives real-valued weights), got {v}")
     return v
-
-
-def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
-    mask = as_tensor(name, mask)
-    if mask.shape != (n, n):
-        raise ValueError(f"{name} must be [n, n] = [{n}, {n}] (column m is the window of output pixel m), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool (binary windows) or float (weights), got {mask.dtype}")
-    check_finite(name, mask)
-    return mask
 
 
 def check_chunk_size(chunk_size) -> int:
@@ -166,3 +177,22 @@ def to_unit(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if y.dtype == torch.uint8:
         return (y.to(dtype) - 127.5) / 127.5
     return y.to(dtype)
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, anything that would not fit in the device's free memory."""
+    avail = _available_bytes(device)
+    if avail is not None and nbytes > 0.9 * avail:
+        raise MemoryError(
+            f"{what} needs about {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB is free on {device}. {hint}".strip()
+        )

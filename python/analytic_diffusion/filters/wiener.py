@@ -10,8 +10,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._validate import check_alpha_bar, check_positive, check_threshold
-from .moments import Moments
+from .._validate import check_alpha_bar, check_positive, check_threshold
+from ..ops.moments import Moments
 
 DIAG_EPS = 1e-6  # |A_ii| below this is replaced by 1 in the mask normalisation (SPEC 4)
 
