@@ -252,3 +252,18 @@ def test_registered_first_for_cpu_and_used_by_the_denoiser(crops):
     out = den(x, 50)
     ref = ad.ops.nearest_denoise(x, crops[:100], ad.alpha_bar_at(50), backend="reference")
     assert torch.equal(out, ref)
+
+
+def test_return_state_matches_the_reference(crops):
+    ab = ad.alpha_bar_at(100)
+    train = crops[:120]
+    x = noisy_queries(crops[200:204], ab, seed=2)
+    for xx in (x, x.float()):
+        c = ad.ops.nearest_denoise(xx, train, ab, backend="cpu", return_state=True)
+        r = ad.ops.nearest_denoise(xx.double(), train, ab, backend="reference", return_state=True)
+        assert isinstance(c, ad.ops.NearestState)
+        assert c.dist.dtype == torch.float64 and c.index.dtype == torch.int64 and c.image.dtype == xx.dtype
+        assert torch.equal(c.index, r.index)
+        assert torch.equal(c.image, r.image.to(xx.dtype))
+        assert torch.allclose(c.dist, r.dist, rtol=1e-12)
+        assert torch.equal(c.result().reshape(xx.shape), ad.ops.nearest_denoise(xx, train, ab, backend="cpu"))

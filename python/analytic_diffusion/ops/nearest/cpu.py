@@ -17,6 +17,7 @@ import torch
 
 from ... import _ext, registry
 from ...schedule import noise_level
+from .state import NearestState
 
 _NAME = "analytic_diffusion._C"
 _SYMBOLS = ("nearest_denoise_run",)
@@ -70,10 +71,11 @@ def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force
     return out, index, dist
 
 
-def nearest_denoise_cpu(x, train, alpha_bar, chunk_size=256):
+def nearest_denoise_cpu(x, train, alpha_bar, chunk_size=256, return_state=False):
     """Backend of ``ops.nearest_denoise`` (reference signature; inputs validated).
     ``chunk_size`` is a memory knob of the reference only."""
-    return nearest_run(x, train, alpha_bar)[0]
+    out, index, dist = nearest_run(x, train, alpha_bar)
+    return NearestState(dist, index, out) if return_state else out
 
 
 registry.register("nearest_denoise", "cpu", nearest_denoise_cpu, devices=("cpu",), priority=10, is_available=available)
