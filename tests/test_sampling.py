@@ -108,3 +108,13 @@ def test_sample_accepts_a_custom_schedule():
     assert seen == [40, 30, 20, 10, 0]
     out = ad.sample(Shrink(), 1, (1, 2, 2), steps=5, alphas_cumprod=ab.tolist())  # a sequence works too
     assert torch.isfinite(out).all()
+
+
+def test_denoisers_validate_alphas_cumprod():
+    train = torch.zeros(3, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="non-increasing"):
+        ad.OptimalDenoiser(train, alphas_cumprod=torch.tensor([0.5, 0.9]))
+    with pytest.raises(ValueError, match="NaN"):
+        ad.NearestDenoiser(train, alphas_cumprod=torch.tensor([0.9, float("nan")]))
+    den = ad.OptimalDenoiser(train).with_schedule(torch.tensor([0.9, 0.5], dtype=torch.float64))
+    assert den.alpha_bar(1) == 0.5

@@ -93,6 +93,11 @@ class LocalityDenoiser(TrainSetDenoiser):
                 self._filter = WienerFilter(self.moments)
         return self._filter
 
+    def _reset_timestep_caches(self) -> None:
+        # masks are cached by timestep, so a copy on another schedule starts without them
+        self._masks = {}
+        self._dense = None
+
     def mask(self, t, *, threshold: Optional[float] = None, device=None) -> torch.Tensor:
         """The mask for timestep ``t``: bool ``[n, n]`` (float64 if threshold <= 0), on
         ``device`` (default CPU); column m is the window of output pixel m. With this
