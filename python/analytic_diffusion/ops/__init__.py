@@ -1,5 +1,5 @@
-"""The ops: one folder per op (``locality`` with ``optimal``, ``nearest``, ``moments``,
-``patch_moments``), each with its validated public entry, a pure-torch ``reference.py``
+"""The ops: one folder per op (``locality`` with ``optimal``, ``windowed_locality``, ``nearest``,
+``moments``, ``patch_moments``), each with its validated public entry, a pure-torch ``reference.py``
 and its compiled backends, registered where they are defined.
 
 Denoiser ops take ``x`` float32/float64 ``[B, n]`` or ``[B, C, H, W]`` (outputs have x's
@@ -13,6 +13,7 @@ from .moments import MomentAccumulator, Moments, estimate_moments
 from .nearest import NearestState, all_reduce_nearest, merge_nearest, nearest_denoise, nearest_denoise_reference
 from .patch_moments import PatchMomentAccumulator, estimate_patch_moments, patch_sums
 from .softmax_state import SoftmaxState, all_reduce_state, merge_states
+from .windowed_locality import windowed_locality_denoise, windowed_locality_denoise_reference
 
 __all__ = [
     "MomentAccumulator",
@@ -33,4 +34,6 @@ __all__ = [
     "optimal_denoise",
     "optimal_denoise_reference",
     "patch_sums",
+    "windowed_locality_denoise",
+    "windowed_locality_denoise_reference",
 ]
