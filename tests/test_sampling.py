@@ -118,3 +118,27 @@ def test_denoisers_validate_alphas_cumprod():
         ad.NearestDenoiser(train, alphas_cumprod=torch.tensor([0.9, float("nan")]))
     den = ad.OptimalDenoiser(train).with_schedule(torch.tensor([0.9, 0.5], dtype=torch.float64))
     assert den.alpha_bar(1) == 0.5
+
+
+def test_progress_covers_prepare(crops, crop_moments, capsys):
+    """Review: the first seconds of ad.sample (eigendecomposition, masks, plans in prepare)
+    showed no progress; with progress=True they get their own bar."""
+    den = ad.LocalityDenoiser(crops[:50], moments=crop_moments)
+    ad.sample(den, 1, (3, 16, 16), steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "preparing (locality)" in err and "sampling (locality)" in err
+    assert err.index("preparing") < err.index("sampling")
+    assert "4/4" in err  # the eigendecomposition and the 3 steps' masks
+    ad.sample(den, 1, (3, 16, 16), steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_with_a_prepare_that_takes_no_progress(capsys):
+    seen = []
+
+    class Own(Shrink):
+        def prepare(self, timesteps, device):
+            seen.append(list(timesteps))
+
+    ad.sample(Own(), 1, (1, 2, 2), steps=2, progress=True)
+    assert seen == [[500, 0]] and "sampling" in capsys.readouterr().err
