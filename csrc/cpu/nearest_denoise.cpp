@@ -41,9 +41,14 @@ constexpr int64_t kUnitsPerThread = 4;
 // y_k as the output dtype: uint8 goes through the SPEC conversion in that precision (what
 // the reference's to_unit(train[k], x.dtype) computes), floats are converted by rounding.
 template <typename O>
-void write_row(O* out,               // [n] out
-               uintptr_t train_ptr,  // see nearest_denoise_run
-               int train_kind, int64_t k, int64_t n, int64_t ts0, int64_t ts1) {
+void write_row(O* out,               // [n] out: image k in [-1, 1], float32 or float64
+               uintptr_t train_ptr,  // training images [N, n], element (k, j) at k*ts0 + j*ts1
+               int train_kind,       // 0: uint8, 1: float32, 2: float64
+               int64_t k,            // the image to copy, 0 <= k < N
+               int64_t n,            // pixels per image
+               int64_t ts0,          // train row stride in elements
+               int64_t ts1           // train column stride in elements
+) {
     if (train_kind == 0) {
         const auto* r = reinterpret_cast<const uint8_t*>(train_ptr) + k * ts0;
         for (int64_t j = 0; j < n; ++j) out[j] = dequantize_u8_value<O>(r[j * ts1]);
