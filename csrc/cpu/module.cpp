@@ -20,6 +20,7 @@
 #include "els.h"
 #include "locality_denoise.h"
 #include "moments.h"
+#include "nearest_denoise.h"
 
 namespace py = pybind11;
 
@@ -251,6 +252,17 @@ PYBIND11_MODULE(_C, m) {
     m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
     m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
           "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");
+    // nearest_denoise (nearest_denoise.cpp): the optimal denoiser's distances, an argmin
+    m.def("nearest_denoise_run", &analytic_diffusion::nearest_denoise_run, py::arg("x_ptr"),
+          py::arg("B"), py::arg("n"), py::arg("x_stride0"), py::arg("x_stride1"),
+          py::arg("x_is_double"), py::arg("train_ptr"), py::arg("N"), py::arg("train_stride0"),
+          py::arg("train_stride1"), py::arg("train_kind"), py::arg("a"), py::arg("out_ptr"),
+          py::arg("out_is_double"), py::arg("index_ptr"), py::arg("dist_ptr"),
+          py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
+          "Nearest training image of each query x [B, n] (float32/float64) among train [N, n] "
+          "(uint8/float32/float64), float64 distances ||x - a y||^2, lowest index on ties: "
+          "writes out [B, n] (float32/float64), index [B] int64 and/or dist [B] float64 "
+          "(a zero address skips an output).");
     m.def("els_denoise_run", &analytic_diffusion::els_denoise_run,
           // x: float64 [B, C, H, W] contiguous; train [N, C, H, W] with element strides
           // (ts0..ts3), kind 0 uint8 / 1 float32 / 2 float64; outputs float64 contiguous
