@@ -2,7 +2,6 @@
 bbELS) and the LS / ELS denoisers against dense float64 transcriptions of SPEC 10
 (tests/spec_dense.py: per pixel, the explicit list of candidate patches, by loops) on real
 crops, at DDIM steps down to t = 0; patch-size schedules and their mapping."""
-import math
 
 import pytest
 import torch

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
