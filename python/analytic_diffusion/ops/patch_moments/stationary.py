@@ -373,16 +373,21 @@ class StationaryMomentAccumulator:
 
     def result(self, patch_size: Optional[int] = None, *, estimator: str = "pairs") -> Moments:
         """k x k patch moments of the stationary model: :class:`Moments` of kind "patch",
-        ``image_shape (C, k, k)``; ``patch_size`` odd, default ``2 * max(lag) + 1`` (the whole
-        image's lags). Lags beyond the image are 0; lags beyond ``max_lag`` (inside the image)
-        cannot be asked for. ``count`` = pixels per channel (N*H*W); ``extra`` records the model,
+        ``image_shape (C, k, k)``; ``patch_size`` odd, default ``2 max(H, W) - 1`` (windows that
+        see the whole image from any pixel), or with ``max_lag`` the largest odd k with
+        ``k - 1 <= max_lag``. A k x k window holds lags up to k - 1: lags beyond the image are 0,
+        lags beyond ``max_lag`` inside the image were not accumulated and cannot be asked for. ``count`` = pixels per channel (N*H*W); ``extra`` records the model,
         estimator, method(s), backend(s), image size and the FFT bound and residual."""
         from . import _check_patch_size
 
         mean_c, cov_lags = self.lag_covariance(estimator)
         H, W = self.size
         Li, Lj = self.lags
-        k = 2 * max(Li, Lj) + 1 if patch_size is None else _check_patch_size(patch_size)
+        if patch_size is None:
+            # every lag that was accumulated: the whole image's (k = 2 max(H, W) - 1), or up to max_lag
+            k = 2 * max(H, W) - 1 if self.max_lag is None else self.max_lag + 1 - self.max_lag % 2
+        else:
+            k = _check_patch_size(patch_size)
         r = k - 1
         if (r > Li and Li < H - 1) or (r > Lj and Lj < W - 1):
             raise ValueError(f"patch_size {k} needs lags up to {r}, but only lags up to max_lag={self.max_lag} were accumulated")
@@ -470,8 +475,9 @@ def estimate_stationary_moments(
     ``data``: images ``[N, C, H, W]`` of one size (uint8 or float in [-1, 1]; any source
     :func:`analytic_diffusion.data.iter_batches` takes). ``max_lag``: largest lag per axis
     (None: everything inside the image). ``patch_size``: odd k of the result (default
-    ``2 * max_lag + 1``, or ``2 * max(H, W) - 1`` - windows that see the whole image from any
-    pixel); may exceed the image, lags outside it are 0. ``estimator``: ``"pairs"`` (per-lag
+    ``2 * max(H, W) - 1``: windows that see the whole image from any pixel; with ``max_lag``
+    the largest odd k <= max_lag + 1, since a k x k window holds lags up to k - 1); may exceed
+    the image, lags outside it are 0. ``estimator``: ``"pairs"`` (per-lag
     average over the pixel pairs at that lag) or ``"psd"`` (tapered, positive semidefinite);
     see :mod:`.stationary`. ``method``: ``"auto"`` (FFT; exact for uint8 under a checked error
     bound, direct sums otherwise) or ``"direct"``. ``backend``: the ``patch_moments`` backend
