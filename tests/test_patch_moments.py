@@ -402,3 +402,11 @@ def test_all_reduce_two_ranks(tmp_path):
         for key in ("stat_mixed", "stat_empty"):
             mean, cov, count, _ = got[key]
             assert (cov - one[key].cov).abs().max() < 1e-14 and (mean - one[key].mean).abs().max() < 1e-15 and count == one[key].count
+
+
+def test_stationary_result_too_large_is_a_clean_error():
+    acc = ad.StationaryMomentAccumulator(3).update(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(MemoryError, match="patch_size"):
+        acc.result(2001)  # a 12 million square covariance
+    mean, lags = acc.lag_covariance()  # the per-lag values are always small
+    assert mean.shape == (3,) and lags.shape == (8, 15, 3, 3)

@@ -1,57 +1,56 @@
 """Index maps shared by the patch-moments backends: from per-lag sums to the patch vector's
-(channel, row, column) order (docs/patch_moments.md)."""
+(channel, row, column) order (docs/patch_moments.md). Only ``k^4``-sized index grids are
+built; the ``[d, d]`` results (d = C*k*k) are the only d^2 allocations."""
 from __future__ import annotations
 
 import functools
+from typing import Tuple
 
 import torch
 
 
-def _offsets(C: int, k: int):
-    c = torch.arange(C).repeat_interleave(k * k)
-    i = torch.arange(k).repeat_interleave(k).repeat(C)
-    j = torch.arange(k).repeat(C * k)
-    return c, i, j
+@functools.lru_cache(maxsize=8)
+def _window_pairs(k: int) -> Tuple[torch.Tensor, ...]:
+    """For every pair of window offsets (i, j), (i', j'), as ``[k, k, k, k]`` int64 grids: the
+    lag e = (i'-i, j'-j) oriented so that e >= 0 lexicographically (di > 0, or di == 0 and
+    dj >= 0) -> ``(Di, Dj)``, the top-left offset of the pair in that orientation ``(pi, pj)``,
+    and whether the orientation swapped the pair (then the channel pair is transposed)."""
+    I = torch.arange(k)
+    i, j = I.view(k, 1, 1, 1), I.view(1, k, 1, 1)
+    i2, j2 = I.view(1, 1, k, 1), I.view(1, 1, 1, k)
+    di, dj = (i2 - i).expand(k, k, k, k), (j2 - j).expand(k, k, k, k)
+    swap = (di < 0) | ((di == 0) & (dj < 0))
+    Di = di.abs()
+    Dj = torch.where(swap, -dj, dj)
+    pi = torch.where(swap, i2.expand(k, k, k, k), i.expand(k, k, k, k))
+    pj = torch.where(swap, j2.expand(k, k, k, k), j.expand(k, k, k, k))
+    return Di, Dj, pi, pj, swap
 
 
-def _pair_lags(C: int, k: int):
-    """For every pair (a, b) of patch entries: the lag e = pos(b) - pos(a) oriented so that
-    e >= 0 lexicographically (di > 0, or di == 0 and dj >= 0), the channel pair in that
-    orientation, and the top-left position of the first entry. ``[d, d]`` each, d = C*k*k."""
-    c, i, j = _offsets(C, k)
-    di = i[None, :] - i[:, None]
-    dj = j[None, :] - j[:, None]
-    neg = (di < 0) | ((di == 0) & (dj < 0))
-    first = torch.where(neg, c[None, :], c[:, None])
-    second = torch.where(neg, c[:, None], c[None, :])
-    pi = torch.where(neg, i[None, :], i[:, None])
-    pj = torch.where(neg, j[None, :], j[:, None])
-    return di.abs(), torch.where(neg, -dj, dj), first, second, pi, pj
-
-
-@functools.lru_cache(maxsize=4)
-def patch_gather_index(C: int, k: int) -> torch.Tensor:
-    """int64 ``[d, d]``: ``s2 = T.reshape(-1)[index]`` for lag-rectangle sums
-    ``T [k, 2k-1, C, C, k, k]`` (lag di, dj + k - 1, channel, channel', corner i, j)."""
-    Di, Dj, first, second, pi, pj = _pair_lags(C, k)
-    L = k - 1
-    return ((((Di * (2 * L + 1) + Dj + L) * C + first) * C + second) * k + pi) * k + pj
-
-
-@functools.lru_cache(maxsize=4)
-def stationary_gather_index(C: int, k: int, Li: int, Lj: int):
-    """``(index, valid)`` int64/bool ``[d, d]``: ``cov = G.reshape(-1)[index] * valid`` for per-lag
-    values ``G [Li+1, 2Lj+1, C, C]`` (lags beyond ``Li``/``Lj`` are not valid)."""
-    Di, Dj, first, second, _, _ = _pair_lags(C, k)
-    valid = (Di <= Li) & (Dj.abs() <= Lj)
-    index = ((Di.clamp(max=Li) * (2 * Lj + 1) + Dj.clamp(-Lj, Lj) + Lj) * C + first) * C + second
-    return index, valid
+def _to_patch_matrix(G: torch.Tensor, swap: torch.Tensor, C: int, k: int) -> torch.Tensor:
+    """``G [k, k, k, k, C, C]`` (offsets i, j, i', j', channels of the oriented pair) -> the
+    ``[C*k*k, C*k*k]`` matrix in (channel, row, column) order."""
+    G = torch.where(swap.to(G.device)[..., None, None], G.transpose(-1, -2), G)
+    return G.permute(4, 0, 1, 5, 2, 3).reshape(C * k * k, C * k * k)
 
 
 def patch_s2(T: torch.Tensor, C: int, k: int) -> torch.Tensor:
-    """Full symmetric ``s2 [d, d]`` from lag-rectangle sums ``T [k, 2k-1, C, C, k, k]``."""
-    index = patch_gather_index(C, k).to(T.device)
-    return T.reshape(-1)[index]
+    """Full symmetric ``s2 [d, d]`` from lag-rectangle sums ``T [k, 2k-1, C, C, k, k]``
+    (lag di, dj + k - 1, channel, channel', rectangle corner i, j)."""
+    Di, Dj, pi, pj, swap = (t.to(T.device) for t in _window_pairs(k))
+    Tp = T.permute(0, 1, 4, 5, 2, 3)  # [di, dj, i, j, c, c']
+    return _to_patch_matrix(Tp[Di, Dj + k - 1, pi, pj], swap, C, k)
+
+
+def stationary_cov(cov_lags: torch.Tensor, C: int, k: int) -> torch.Tensor:
+    """``[d, d]`` patch covariance of a k x k window from per-lag values ``cov_lags [Li+1,
+    2Lj+1, C, C]`` (di in [0, Li], dj in [-Lj, Lj], every entry filled); lags beyond Li / Lj
+    are 0."""
+    Li, Lj = cov_lags.shape[0] - 1, (cov_lags.shape[1] - 1) // 2
+    Di, Dj, _, _, swap = (t.to(cov_lags.device) for t in _window_pairs(k))
+    valid = (Di <= Li) & (Dj.abs() <= Lj)
+    G = cov_lags[Di.clamp(max=Li), Dj.clamp(-Lj, Lj) + Lj] * valid[..., None, None]
+    return _to_patch_matrix(G, swap, C, k)
 
 
 def window_sums(S1: torch.Tensor, k: int) -> torch.Tensor:

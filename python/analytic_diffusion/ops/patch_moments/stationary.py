@@ -45,11 +45,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ... import registry
-from ..._validate import to_unit
+from ..._validate import check_fits, to_unit
 from ..moments import Moments
 from ..moments.stats import FORMAT, U8_SCALE, save_safetensors
 from . import _stream
-from .layout import stationary_gather_index
+from .layout import stationary_cov
 
 __all__ = ["StationaryMomentAccumulator", "estimate_stationary_moments", "fft_error_bound"]
 
@@ -404,8 +404,10 @@ class StationaryMomentAccumulator:
         if (r > Li and Li < H - 1) or (r > Lj and Lj < W - 1):
             raise ValueError(f"patch_size {k} needs lags up to {r}, but only lags up to max_lag={self.max_lag} were accumulated")
         C = self.channels
-        index, valid = stationary_gather_index(C, k, Li, Lj)
-        cov = cov_lags.reshape(-1)[index.to(cov_lags.device)] * valid.to(cov_lags.device)
+        d = C * k * k
+        check_fits(8 * d * d * 3, cov_lags.device, f"a {d} x {d} patch covariance (k = {k})",
+                   "Pass a smaller patch_size (or max_lag), or use lag_covariance() for the per-lag values.")
+        cov = stationary_cov(cov_lags, C, k)
         cov = 0.5 * (cov + cov.T)
         mean = mean_c.repeat_interleave(k * k)
         extra = {
