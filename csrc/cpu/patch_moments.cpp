@@ -36,32 +36,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define AD_PM_X86_DISPATCH 1
-#define AD_PM_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define AD_PM_TARGET_AVX512 __attribute__((target("avx512f")))
-#define AD_PM_HAVE_VNNI 1
-#define AD_PM_HAVE_AVX512F 1
-#else
-#define AD_PM_X86_DISPATCH 0
-#define AD_PM_TARGET_VNNI
-#define AD_PM_TARGET_AVX512
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define AD_PM_HAVE_VNNI 1
-#else
-#define AD_PM_HAVE_VNNI 0
-#endif
-#if defined(__AVX512F__)
-#define AD_PM_HAVE_AVX512F 1
-#else
-#define AD_PM_HAVE_AVX512F 0
-#endif
-#endif
-
+#include "../common/cpu_isa.h"  // AD_HAVE_VNNI, AD_TARGET_VNNI, ... and run-time CPUID checks
 #include "../common/cpu_runtime.h"
 
 namespace analytic_diffusion {
@@ -73,24 +48,8 @@ using cpu_runtime::thread_index;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool cpu_has_vnni() {
-#if AD_PM_X86_DISPATCH
-    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vnni");
-    return yes;
-#else
-    return AD_PM_HAVE_VNNI != 0;
-#endif
-}
-
-bool cpu_has_avx512f() {
-#if AD_PM_X86_DISPATCH
-    static const bool yes = __builtin_cpu_supports("avx512f");
-    return yes;
-#else
-    return AD_PM_HAVE_AVX512F != 0;
-#endif
-}
+using cpu_isa::has_avx512f;
+using cpu_isa::has_vnni;
 
 // Packed-element traits: uint8 (groups of four images, int32 row sums, int64 totals) and
 // float64 (groups of one image, float64 throughout).
@@ -156,11 +115,11 @@ void f64_kernel_portable(const double* S, const double* U, int64_t ng, int64_t s
 #define AD_PM_L2(F) F(0) F(1)
 #define AD_PM_L1(F) F(0)
 
-#if AD_PM_HAVE_VNNI
+#if AD_HAVE_VNNI
 // One load of S (unsigned) per group feeds N vpdpbusd whose signed operand is an unaligned load
 // of U straight from memory (a column lag is a 4-byte shift): N <= 16 accumulators + 1 operand.
 #define AD_PM_U8_DECL(d) __m512i a##d = _mm512_setzero_si512();
-#if AD_PM_X86_DISPATCH
+#if AD_X86_DISPATCH
 // GCC 12 keeps renaming the accumulators of the intrinsic form (a register copy per
 // vpdpbusd and a spill at N = 16, ~2x slower); the asm form accumulates in place.
 #define AD_PM_U8_STEP(d)                                                                         \
@@ -173,7 +132,7 @@ void f64_kernel_portable(const double* S, const double* U, int64_t ng, int64_t s
 #define AD_PM_U8_STORE(d) \
     _mm512_storeu_si512(out + (d) * ldo, _mm512_add_epi32(a##d, _mm512_loadu_si512(out + (d) * ldo)));
 #define AD_PM_U8_KERNEL(N)                                                                                  \
-    AD_PM_TARGET_VNNI void u8_kernel_vnni_##N(const uint8_t* S, const uint8_t* U, int64_t ng, int64_t sS,   \
+    AD_TARGET_VNNI void u8_kernel_vnni_##N(const uint8_t* S, const uint8_t* U, int64_t ng, int64_t sS,   \
                                               int64_t sU, int32_t* out, int64_t ldo) {                      \
         AD_PM_L##N(AD_PM_U8_DECL) for (int64_t g = 0; g < ng; ++g) {                                        \
             const __m512i s = _mm512_loadu_si512(S + g * sS);                                               \
@@ -189,9 +148,9 @@ AD_PM_U8_KERNEL(2)
 AD_PM_U8_KERNEL(1)
 #endif
 
-#if AD_PM_HAVE_AVX512F
+#if AD_HAVE_AVX512F
 #define AD_PM_F64_DECL(d) __m512d a##d = _mm512_setzero_pd();
-#if AD_PM_X86_DISPATCH
+#if AD_X86_DISPATCH
 #define AD_PM_F64_STEP(d)                                                                        \
     asm("vfmadd231pd %[m], %[s], %[a]"                                                           \
         : [a] "+v"(a##d)                                                                         \
@@ -201,7 +160,7 @@ AD_PM_U8_KERNEL(1)
 #endif
 #define AD_PM_F64_STORE(d) _mm512_storeu_pd(out + (d) * ldo, _mm512_add_pd(a##d, _mm512_loadu_pd(out + (d) * ldo)));
 #define AD_PM_F64_KERNEL(N)                                                                                  \
-    AD_PM_TARGET_AVX512 void f64_kernel_avx512_##N(const double* S, const double* U, int64_t ng, int64_t sS, \
+    AD_TARGET_AVX512 void f64_kernel_avx512_##N(const double* S, const double* U, int64_t ng, int64_t sS, \
                                                    int64_t sU, double* out, int64_t ldo) {                   \
         AD_PM_L##N(AD_PM_F64_DECL) for (int64_t g = 0; g < ng; ++g) {                                        \
             const __m512d s = _mm512_loadu_pd(S + g * sS);                                                   \
@@ -224,8 +183,8 @@ struct KernelSet {
 };
 
 KernelSet<U8Tr> u8_kernels(bool portable) {
-#if AD_PM_HAVE_VNNI
-    if (!portable && cpu_has_vnni())
+#if AD_HAVE_VNNI
+    if (!portable && has_vnni())
         return {{u8_kernel_vnni_16, u8_kernel_vnni_8, u8_kernel_vnni_4, u8_kernel_vnni_2, u8_kernel_vnni_1}};
 #endif
     (void)portable;
@@ -234,8 +193,8 @@ KernelSet<U8Tr> u8_kernels(bool portable) {
 }
 
 KernelSet<F64Tr> f64_kernels(bool portable) {
-#if AD_PM_HAVE_AVX512F
-    if (!portable && cpu_has_avx512f())
+#if AD_HAVE_AVX512F
+    if (!portable && has_avx512f())
         return {{f64_kernel_avx512_16, f64_kernel_avx512_8, f64_kernel_avx512_4, f64_kernel_avx512_2, f64_kernel_avx512_1}};
 #endif
     (void)portable;
@@ -428,7 +387,7 @@ void run(const XT* x, const int64_t* st, const double* shift, const Geometry& g,
 
 }  // namespace
 
-bool lag_sums_has_vnni() { return cpu_has_vnni(); }
+bool lag_sums_has_vnni() { return has_vnni(); }
 
 void lag_rect_sums(uintptr_t x_ptr, int dtype, int64_t B, int64_t C, int64_t H, int64_t W, int64_t st0,
                    int64_t st1, int64_t st2, int64_t st3, uintptr_t shift_ptr, int64_t Li, int64_t Lj, int64_t nh,
