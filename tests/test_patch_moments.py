@@ -85,6 +85,23 @@ def test_cpu_patch_sums_float(dtype):
 
 
 @needs_cpu
+def test_cpu_sums_independent_of_thread_count():
+    x = _u8((9, 3, 20, 20), 8)
+    xf = (x.double() - 127.5) / 127.5
+    shift = torch.zeros(3, dtype=torch.float64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pm_cpu.patch_sums(x, 5), pm_cpu.patch_sums(xf, 5, shift)
+        torch.set_num_threads(max(2, old))
+        many = pm_cpu.patch_sums(x, 5), pm_cpu.patch_sums(xf, 5, shift)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, many):  # float64 too: every sum runs in a fixed order
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_cpu
 def test_cpu_lag_sums_match_reference():
     x = _u8((4, 2, 7, 9), 5)
     A, S1 = pm_cpu.lag_sums(x, 6, 8)
