@@ -157,6 +157,24 @@ class LocalityDenoiser(TrainSetDenoiser):
         self._dense = (t, device, m)
         return m
 
+    def window_of(self, t, pixel: int) -> torch.Tensor:
+        """The window of one output pixel (flat index ``pixel``) at step ``t`` as bool
+        ``[C, H, W]``: the input pixels its distance compares, on both paths (column
+        ``pixel`` of the dense mask, or the step's [C, C, k, k] window placed at the pixel
+        and cut at the border)."""
+        C, H, W = self.image_shape
+        n = C * H * W
+        if not 0 <= int(pixel) < n:
+            raise ValueError(f"pixel must be a flat index in [0, {n}), got {pixel}")
+        c, h, w = int(pixel) // (H * W), (int(pixel) // W) % H, int(pixel) % W
+        if self._windowed is None:
+            return (self.mask(t)[:, int(pixel)] != 0).reshape(C, H, W)
+        win = self.mask(t)[c]  # [C_in, k, k]
+        r = win.shape[-1] // 2
+        out = torch.zeros(C, H + 2 * r, W + 2 * r, dtype=torch.bool)
+        out[:, h : h + 2 * r + 1, w : w + 2 * r + 1] = win
+        return out[:, r : r + H, r : r + W].clone()
+
     def _build_mask(self, t: int, threshold: float) -> torch.Tensor:
         return self.filter.mask(self.alpha_bar(t), threshold)
 
