@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     demo.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the crops and of the initial noise (default: {d['seed']})")
     demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, SPEC 4 (default: {d['threshold']})")
     demo.add_argument(
-        "--patch-sizes", type=patch_sizes_arg, default=patch_sizes_arg(d["patch_sizes"]),
+        "--patch-sizes", type=patch_sizes_arg, default=DEFAULT_PATCH_SIZES,
         help=f"odd patch sizes of the stationary statistics of the windowed locality denoiser; a step whose window reaches "
         f"the edge of a smaller patch uses the next larger one (default: {d['patch_sizes']})",
     )
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     add_figure_format(demo)
     add_common_args(demo, "backend of the denoiser and moment ops")
     demo.set_defaults(func=run)
+
+
+DEFAULT_PATCH_SIZES = [5, 9, 15]
 
 
 def patch_sizes_arg(s: str) -> List[int]:
@@ -136,7 +139,10 @@ def run(args) -> int:
             fields.append(wf.sensitivity(loc.alpha_bar(t), m, image_shape=shape)[0])
     say(f"  masks ({len(ts)} steps): {timings['masks']:.2f} s; density " + ", ".join(f"t={d['t']}: {d['density']:.1%}" for d in mask_info))
 
-    if max(args.patch_sizes) > min(H, W):
+    # the default sizes adapt to small crops; sizes the user chose must fit
+    if args.patch_sizes == DEFAULT_PATCH_SIZES:
+        args.patch_sizes = [k for k in args.patch_sizes if k <= min(H, W)] or [min(H, W) - 1 + min(H, W) % 2]
+    elif max(args.patch_sizes) > min(H, W):
         raise CLIError(f"--patch-sizes must not exceed the crop size {min(H, W)}, got {max(args.patch_sizes)}")
     with timed(timings, "patch_moments"):
         patch_moments = [ad.estimate_patch_moments(train, k, device=dev, progress=progress).to("cpu") for k in args.patch_sizes]

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from ... import registry
-from ..._validate import IMAGE_DTYPES, as_tensor, check_finite, to_unit
+from ..._validate import IMAGE_DTYPES, as_tensor, check_pixels, to_unit
 from ..moments import MomentAccumulator, Moments
 from ..moments.stats import FORMAT, save_safetensors
 from . import _stream
@@ -48,8 +48,8 @@ def _check_channels(channels) -> int:
 
 
 def check_images(images, channels: int, name: str = "images") -> torch.Tensor:
-    """uint8 or float ``[B, C, H, W]`` with ``channels`` channels, finite (the checks every
-    patch accumulator makes before touching its sums)."""
+    """uint8 or float ``[B, C, H, W]`` with ``channels`` channels, finite, float values in
+    [-1, 1] (the checks every patch accumulator makes before touching its sums)."""
     images = as_tensor(name, images)
     if images.dim() != 4:
         raise ValueError(f"{name} must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -57,7 +57,7 @@ def check_images(images, channels: int, name: str = "images") -> torch.Tensor:
         raise ValueError(f"{name} have {images.shape[1]} channels, but this accumulator holds {channels}-channel moments (shape {tuple(images.shape)})")
     if images.dtype not in IMAGE_DTYPES:
         raise TypeError(f"{name} must be uint8 or float, got {images.dtype}")
-    check_finite(name, images)
+    check_pixels(name, images)
     return images
 
 
@@ -98,7 +98,8 @@ class PatchMomentAccumulator:
         images = check_images(images, self.channels)
         H, W, k = images.shape[2], images.shape[3], self.k
         if H < k or W < k:
-            raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch (patch_size={k})")
+from ... import registry
+from ..._validate import IMAGE_DTYPES, as_tensor, check_pixels, to_unit
         if images.shape[0] == 0:
             return self
         acc = self.inner
