@@ -226,6 +226,10 @@ def test_bad_input():
         ad.estimate_stationary_moments(bad)
     with pytest.raises(TypeError, match="uint8 or float"):
         acc.update(torch.zeros(2, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
+        acc.update(torch.full((1, 3, 8, 8), 200.0))
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
+        ad.StationaryMomentAccumulator(3).update(torch.full((1, 3, 8, 8), 1.5))
     with pytest.raises(ValueError, match="empty"):
         ad.estimate_patch_moments(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="empty"):

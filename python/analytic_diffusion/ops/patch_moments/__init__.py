@@ -98,8 +98,7 @@ class PatchMomentAccumulator:
         images = check_images(images, self.channels)
         H, W, k = images.shape[2], images.shape[3], self.k
         if H < k or W < k:
-from ... import registry
-from ..._validate import IMAGE_DTYPES, as_tensor, check_pixels, to_unit
+            raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch (patch_size={k})")
         if images.shape[0] == 0:
             return self
         acc = self.inner
