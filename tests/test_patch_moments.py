@@ -431,3 +431,14 @@ def test_stationary_result_too_large_is_a_clean_error():
         acc.result(2001)  # a 12 million square covariance
     mean, lags = acc.lag_covariance()  # the per-lag values are always small
     assert mean.shape == (3,) and lags.shape == (8, 15, 3, 3)
+
+
+def test_patch_matrix_layouts_agree(monkeypatch):
+    """The cached flat gather (small d) and the k^4 grid path (any d) build the same matrix."""
+    from analytic_diffusion.ops.patch_moments import layout
+
+    x = _u8((3, 2, 9, 9), 6)
+    flat = pm_ref.BACKEND.patch_sums(x, 5) if not pm_cpu.available() else pm_cpu.patch_sums(x, 5)
+    monkeypatch.setattr(layout, "_FLAT_INDEX_MAX_D", 0)
+    grid = pm_ref.BACKEND.patch_sums(x, 5) if not pm_cpu.available() else pm_cpu.patch_sums(x, 5)
+    assert torch.equal(flat[1], grid[1]) and torch.equal(flat[1], _unfold_sums(x, 5)[1].to(torch.int64))

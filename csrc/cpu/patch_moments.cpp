@@ -308,13 +308,27 @@ void compute_block(const Geometry& g, int64_t G, const typename Tr::Elem* S, con
                         }
                     }
                 }
-                // row r of every lag's products -> its nw column-window sums
+                // row r of every lag's products -> its nw column-window sums, as the row total
+                // (a vectorised reduction) minus the columns left and right of each window
                 for (int64_t d = 0; d < ndj; ++d) {
                     const Acc* p = prow + d * g.Wq;
-                    pre[0] = 0;
-                    for (int64_t col = 0; col < g.W; ++col) pre[col + 1] = pre[col] + Sum(p[col]);
+                    Sum total = 0;
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : total)
+#endif
+                    for (int64_t col = 0; col < g.W; ++col) total += Sum(p[col]);
                     Sum* v = V + (d * g.H + r) * g.nw;
-                    for (int64_t j = 0; j < g.nw; ++j) v[j] = pre[j + g.ow] - pre[j];
+                    Sum left = 0;
+                    for (int64_t j = 0; j < g.nw; ++j) {
+                        v[j] = total - left;  // minus sum_{col < j}
+                        left += Sum(p[j]);
+                    }
+                    Sum right = 0;  // sum_{col >= j + ow}, from the last window down
+                    for (int64_t col = g.nw - 1 + g.ow; col < g.W; ++col) right += Sum(p[col]);
+                    for (int64_t j = g.nw - 1; j >= 0; --j) {
+                        v[j] -= right;
+                        if (j > 0) right += Sum(p[j - 1 + g.ow]);
+                    }
                 }
             }
             // rows -> rectangles, plus the uint8 correction, into T
