@@ -76,7 +76,7 @@ def test_locality_denoise_step(benchmark, record, backend, t, size):
     b = step_inputs(size, t)
     mask, ab, x32, train = b["mask"], b["ab"], b["x32"], b["train"]
     case = f"{size}x{size}x3 N={N_TRAIN} B={BATCH} t={t} density={mask.float().mean().item():.3f}"
-    prepare = getattr(ad._registry.select("locality_denoise", "cpu", backend).fn, "prepare", None)
+    prepare = getattr(ad.registry.select("locality_denoise", "cpu", backend).fn, "prepare", None)
     if prepare is not None:  # the per-mask plan: built once per timestep and cached, timed on its own
         t0 = time.perf_counter()
         prepare(mask)

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _triton
+from analytic_diffusion.ops.locality import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
     from conftest import QUICK

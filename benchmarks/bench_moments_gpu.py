@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _cuda, _triton
+from analytic_diffusion.ops.moments import cuda as _cuda
+from analytic_diffusion.ops.moments import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
     from conftest import QUICK

@@ -70,7 +70,7 @@ tail -n 3 "$OUT/pytest.txt" | tee -a "$SUMMARY"
 # ---- compute-sanitizer on small updates (uninitialised / out-of-bounds / shared-memory races)
 cat >/tmp/ad_sanitize.py <<'EOF'
 import torch
-from analytic_diffusion import _cuda
+from analytic_diffusion.ops.moments import cuda as _cuda
 for B, n, kb in ((37, 33, 0), (300, 200, 64), (130, 257, 0)):
     x = torch.randint(0, 256, (B, n), dtype=torch.uint8, device="cuda")
     s1 = torch.zeros(n, dtype=torch.int64, device="cuda"); s2 = torch.zeros(n, n, dtype=torch.int64, device="cuda")

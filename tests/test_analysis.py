@@ -122,11 +122,28 @@ def test_autograd_sensitivity_equals_brute_force_loop():
     J = per_sample_jacobian(lambda z: net(z, torch.full((z.shape[0],), 250)), x)
     pixels = [0, 5, 11, 16, 31, 47]
     for bp in (1, 4, 100):
-        S = ad.sensitivity(net, x, 250, pixels, batch_pixels=bp)
+        S = ad.sensitivity(net, x, 250, pixels, batch_pixels=bp, prediction="x0")
         assert S.shape == (3, 6, 3, 4, 4)
         torch.testing.assert_close(S, J[:, pixels], rtol=1e-10, atol=1e-12)
     assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
     assert net.seen_t[-1].dtype == torch.long and net.seen_t[-1].tolist() == [250, 250, 250]
+
+
+def test_prediction_default_is_one_rule_everywhere(tiny):
+    # a plain network predicts epsilon unless told otherwise, in sensitivity, ModelDenoiser and compare
+    net = TinyNet()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    default = ad.sensitivity(net, x, 600, [3, 20])
+    torch.testing.assert_close(default, ad.sensitivity(net, x, 600, [3, 20], prediction="epsilon"), rtol=0, atol=0)
+    torch.testing.assert_close(default, ad.sensitivity(ad.ModelDenoiser(net), x, 600, [3, 20]), rtol=0, atol=0)
+    assert not torch.allclose(default, ad.sensitivity(net, x, 600, [3, 20], prediction="x0"))
+    # a library denoiser knows it returns x0_hat: a contradicting prediction is refused, not ignored
+    w = ad.WienerDenoiser(tiny[1])
+    with pytest.raises(ValueError, match="prediction='epsilon'.*Denoiser"):
+        ad.sensitivity(w, x, 600, [3], prediction="epsilon")
+    with pytest.raises(ValueError, match="prediction='epsilon'.*Denoiser"):
+        ad.compare({"w": w}, w, shape=(3, 4, 4), protocol="trajectory", num_samples=1, steps=2, prediction="epsilon")
+    torch.testing.assert_close(ad.sensitivity(w, x, 600, [3], prediction="x0"), ad.sensitivity(w, x, 600, [3]))
 
 
 def test_sensitivity_epsilon_adapter_is_the_x0_jacobian():
@@ -166,7 +183,7 @@ def test_sensitivity_falls_back_to_a_loop_without_batching_rules():
     with pytest.raises(RuntimeError):  # the batched path really fails for this model
         xg = x.clone().requires_grad_(True)
         torch.autograd.grad(model(xg, torch.full((2,), 9)).reshape(2, 48), xg, cot, is_grads_batched=True)
-    S = ad.sensitivity(model, x, 9, [0, 7, 33], batch_pixels=2)
+    S = ad.sensitivity(model, x, 9, [0, 7, 33], batch_pixels=2, prediction="x0")
     J = per_sample_jacobian(lambda z: model(z, torch.full((z.shape[0],), 9)), x)
     torch.testing.assert_close(S, J[:, [0, 7, 33]], rtol=1e-10, atol=1e-12)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _registry
+from analytic_diffusion import registry as _registry
 
 from spec_dense import noisy_queries, unit
 
@@ -28,8 +28,7 @@ def test_masks_stored_packed_and_prepared_once(crops, crop_moments, monkeypatch)
     def fake(x, train, mask, *args):
         return torch.zeros_like(x)
 
-    fake.prepare = lambda mask: seen.append(mask.clone())
-    _registry.register("locality_denoise", "fake", fake, priority=-1)
+    _registry.register("locality_denoise", "fake", fake, priority=-1, prepare=lambda mask: seen.append(mask.clone()))
     try:
         den.backend = "fake"
         den.prepare(ts)

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _cpu, _ext
+from analytic_diffusion import _ext
+from analytic_diffusion.ops.locality import cpu as _cpu
 from analytic_diffusion.ops import locality_denoise_reference, merge_states, optimal_denoise_reference
 
 from spec_dense import noisy_queries, unit
 
-pytestmark = pytest.mark.skipif(not _cpu.locality_available(), reason="_C built without the locality kernels")
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason="_C built without the locality kernels")
 
 C = _ext.cpu_module()
 
@@ -139,10 +140,11 @@ def test_plan_cache_by_content():
 def test_registered_first_for_cpu_with_prepare():
     assert ad.available_backends("locality_denoise", "cpu")[0] == "cpu"
     assert ad.available_backends("optimal_denoise", "cpu")[0] == "cpu"
-    fn = ad._registry.select("locality_denoise", "cpu").fn
+    b = ad.registry.select("locality_denoise", "cpu")
     M = mask_cases()["band"]
     _cpu.clear_plan_cache()
-    fn.prepare(M)
+    b.prepare(M)
+    assert len(_cpu._plans) == 1
     assert _cpu.locality_plan(M.clone()) is _cpu.locality_plan(M)
 
 
@@ -225,7 +227,7 @@ def test_states_merge_with_reference_states(real):
     for states in ((a, b), (b, a)):
         assert (merge_states(*states).result() - full).abs().max().item() < 1e-10
     a32 = loc(x.float(), tr[:83], M, ab, return_state=True)
-    assert a32.mx.dtype == torch.float32
+    assert a32.mx.dtype == a32.l.dtype == a32.acc.dtype == torch.float64  # float64 whatever the query dtype
     assert rel(merge_states(a32, b).result(), full) < 2e-5
     o = ad.ops.optimal_denoise(x, tr[:50], ab, backend="cpu", return_state=True)
     assert o.mx.shape == o.l.shape == (4, 1) and o.acc.shape == (4, x.shape[1])

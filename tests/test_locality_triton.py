@@ -27,7 +27,9 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _registry, _triton
+from analytic_diffusion import registry as _registry
+from analytic_diffusion.ops.locality import triton as _triton
+from analytic_diffusion.ops.locality.plan_cache import mask_key
 from analytic_diffusion.ops import SoftmaxState, merge_states
 
 HERE = Path(__file__).resolve().parent
@@ -125,22 +127,36 @@ def test_mask_plan_block_lists_are_the_nonzero_blocks():
 
 
 def test_mask_key_is_content_and_cache_is_bounded():
-    _triton._PLAN_CACHE.clear()
+    _triton._PLANS.clear()
     g = torch.Generator().manual_seed(0)
     M = torch.rand(33, 33, generator=g) < 0.5
-    k1 = _triton._mask_key(M)
-    assert _triton._mask_key(M.clone()) == k1  # same content, another tensor
+    k1 = mask_key(M)
+    assert mask_key(M.clone()) == k1  # same content, another tensor
     M2 = M.clone()
     M2[32, 32] = not M2[32, 32]
-    assert _triton._mask_key(M2) != k1  # the last bit counts
+    assert mask_key(M2) != k1  # the last bit counts
     M2[32, 32] = not M2[32, 32]
-    assert _triton._mask_key(M2) == k1  # in-place edits are seen (version counter)
+    assert mask_key(M2) == k1  # in-place edits are seen (version counter)
+    assert mask_key(M.double()) == k1  # a float 0/1 mask is the same pattern
     p = _triton._plan(M, 16, (16,))
     assert _triton._plan(M.clone(), 16, (16,)) is p
-    for i in range(_triton._PLAN_CACHE_MAX + 3):
+    for i in range(_triton._PLANS.max_entries + 3):
         _triton._plan(torch.rand(20, 20, generator=g) < 0.5, 16, (16,))
-    assert len(_triton._PLAN_CACHE) == _triton._PLAN_CACHE_MAX
-    assert all(q is not p for q in _triton._PLAN_CACHE.values())  # least recently used went first
+    assert len(_triton._PLANS) == _triton._PLANS.max_entries
+    assert all(q is not p for q in _triton._PLANS.values())  # least recently used went first
+
+
+def test_plan_of_an_inference_mode_mask():
+    # Regression: the Triton plan cache read mask._version unguarded, and tensors made under
+    # inference_mode have no version counter, so GPU sampling under inference_mode crashed.
+    _triton._PLANS.clear()
+    with torch.inference_mode():
+        M = torch.rand(40, 40, generator=torch.Generator().manual_seed(1)) < 0.3
+        p = _triton._plan(M, 16, (16,))
+        assert _triton._plan(M, 16, (16,)) is p  # hashed again (no version), same content
+        M[0, 0] = not bool(M[0, 0])
+        assert _triton._plan(M, 16, (16,)) is not p  # an in-place edit is never missed
+    assert len(_triton._PLANS) == 2
 
 
 @pytest.mark.parametrize("N,unit_,splits", [(100, 16, 3), (100, 7, 4), (5, 16, 8), (1000, 256, 2), (64, 16, 4)])
@@ -420,13 +436,13 @@ def test_interp_public_ops_and_fallbacks():
 def test_interp_locality_denoiser_prepare_builds_plans():
     train = ad.data.natural_crops(30, size=4, seed=3)
     den = ad.LocalityDenoiser(train, backend="triton")
-    _triton._PLAN_CACHE.clear()
+    _triton._PLANS.clear()
     den.prepare([500, 0])
-    assert len(_triton._PLAN_CACHE) == 2
+    assert len(_triton._PLANS) == 2
     x = torch.randn(2, 3, 4, 4)
     out = den(x, 500)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert len(_triton._PLAN_CACHE) == 2  # the prepared plan was used
+    assert len(_triton._PLANS) == 2  # the prepared plan was used
 
 
 # --------------------------------------------------------------------------- Triton on the GPU

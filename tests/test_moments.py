@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
+from analytic_diffusion.ops.patch_moments import reference as patch_reference
 
 
 def numpy_int64_moments(u):
@@ -192,7 +193,7 @@ def test_patch_moments_float_merge_and_mixed():
 
 @pytest.mark.parametrize("k", [7, 9])
 def test_patch_moments_large_windows_match_unfold(k, monkeypatch):
-    monkeypatch.setattr(ad.moments, "_PATCH_GEMM_BUDGET", 2000)  # several row blocks per lag
+    monkeypatch.setattr(patch_reference, "_PATCH_GEMM_BUDGET", 2000)  # several row blocks per lag
     u = torch.randint(0, 256, (3, 2, 12, 11), generator=torch.Generator().manual_seed(k), dtype=torch.uint8)
     P = u.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 2 * k * k)
     ref = ad.MomentAccumulator(2 * k * k).update(P).result()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _cpu, _ext
+from analytic_diffusion import _ext
+from analytic_diffusion.ops.moments import cpu as _cpu
 
 pytestmark = pytest.mark.skipif(_ext.cpu_module() is None, reason="analytic_diffusion._C is not built")
 

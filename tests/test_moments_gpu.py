@@ -27,7 +27,10 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion import _cuda, _ext, _registry, _triton
+from analytic_diffusion import _ext
+from analytic_diffusion import registry as _registry
+from analytic_diffusion.ops.moments import cuda as _cuda
+from analytic_diffusion.ops.moments import triton as _triton
 
 HERE = Path(__file__).resolve().parent
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion.wiener import mask_from_wiener_matrix
+from analytic_diffusion.filters import mask_from_wiener_matrix
 
 
 def smooth_images(N, C, H, W, seed=0):

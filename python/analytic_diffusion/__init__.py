@@ -1,46 +1,44 @@
 """analytic-diffusion: fast, exact analytical (training-free) diffusion denoisers.
 
 The locality denoiser of Lukoianov et al. (2025), the Wiener, optimal and
-nearest baselines, streaming dataset moments and a DDIM sampler. The maths
-is specified in SPEC.md; ``*_reference`` functions are its executable form.
+nearest baselines, streaming dataset moments and a DDIM sampler. The maths the
+code computes is written down in docs/algorithms.md; the ``*_reference`` functions
+are its executable form. The layout: docs/architecture.md.
 """
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from . import ops
 from ._ext import build_info
-from ._registry import available_backends
-from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser
-from .analysis import ModelDenoiser, compare, field_similarity, sensitivity
+from .registry import available_backends
+from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
+from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
+from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
-from .moments import (
-    MomentAccumulator,
-    Moments,
-    PatchMomentAccumulator,
-    estimate_moments,
-    estimate_patch_moments,
-)
 from .sampling import ddim_step, sample
 from .schedule import alpha_bar_at, ddim_timesteps, linear_alphas_cumprod
-from .wiener import WienerFilter, locality_mask, wiener_matrix
-from .windowed import WindowedWiener, WindowedWienerDenoiser
-from . import _cpu  # registers the compiled CPU backends
-from . import _cuda  # registers the CUDA backends
-from . import _triton  # registers the Triton backends
 
-__version__ = "0.1.0"
+try:  # one version source: the installed package's metadata (pyproject.toml)
+    __version__ = _metadata.version("analytic-diffusion")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
+
+_LAZY = ("data", "figures")  # scikit-image, Pillow, matplotlib: loaded on first use, not at import
 
 
 def __getattr__(name):
-    # data pulls in scikit-image and Pillow: load it on first use, not at import
-    if name == "data":
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".data", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
     "LocalityDenoiser",
@@ -58,11 +56,13 @@ __all__ = [
     "available_backends",
     "build_info",
     "compare",
+    "data",
     "ddim_step",
     "ddim_timesteps",
     "estimate_moments",
     "estimate_patch_moments",
     "field_similarity",
+    "figures",
     "linear_alphas_cumprod",
     "locality_mask",
     "mse",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -64,6 +65,15 @@ def check_train(train, n: Optional[int] = None, image_shape: Optional[Tuple[int,
     return train
 
 
+def check_queries_and_train(x, train):
+    """Validate queries and training set together (the ops that softmax over training
+    images): returns ``x``, ``train`` and their flat ``[B, n]``, ``[N, n]`` views."""
+    x = check_queries(x)
+    train = check_train(train, x[0].numel(), tuple(x.shape[1:]) if x.dim() == 4 else None)
+    n = x[0].numel()
+    return x, train, x.reshape(x.shape[0], n), train.reshape(train.shape[0], n)
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devs = {k: v.device for k, v in tensors.items() if v is not None}
     first = next(iter(devs.values()))
@@ -104,6 +114,17 @@ def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
     return mask
 
 
+def check_threshold(threshold, name: str = "threshold") -> float:
+    """A finite float: > 0 gives binary windows, <= 0 real-valued weights (docs/algorithms.md §4)."""
+    try:
+        v = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(threshold).__name__} {threshold!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite float (> 0 for binary windows, <= 0 for real weights), got {threshold!r}")
+    return v
+
+
 def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -123,3 +144,22 @@ def to_unit(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if y.dtype == torch.uint8:
         return (y.to(dtype) - 127.5) / 127.5
     return y.to(dtype)
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, anything that would not fit in the device's free memory."""
+    avail = _available_bytes(device)
+    if avail is not None and nbytes > 0.9 * avail:
+        raise MemoryError(
+            f"{what} needs about {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB is free on {device}. {hint}".strip()
+        )

@@ -162,13 +162,22 @@ class ModelDenoiser(Denoiser):
         return (x - math.sqrt(1.0 - alpha_bar) * out) / math.sqrt(alpha_bar)
 
 
-def _as_denoiser(obj, prediction: str, alphas_cumprod, what: str) -> Denoiser:
-    """Denoisers are used as they are (they already return x0_hat); networks get wrapped."""
+def _as_denoiser(obj, prediction: Optional[str], alphas_cumprod, what: str) -> Denoiser:
+    """Denoisers are used as they are (they know they return x0_hat); networks get wrapped.
+
+    One rule everywhere: ``prediction=None`` means ``"epsilon"`` for a network (what
+    diffusers' UNets predict) and nothing for a :class:`Denoiser`; a prediction other than
+    ``"x0"`` given with a Denoiser is refused, never silently ignored."""
     if isinstance(obj, Denoiser):
+        if prediction not in (None, "x0"):
+            raise ValueError(
+                f"prediction={prediction!r} was given with {what} = {type(obj).__name__}, an analytic_diffusion "
+                "Denoiser, which always returns x0_hat; prediction describes plain networks only (leave it unset)"
+            )
         return obj
     if not callable(obj):
         raise TypeError(f"{what} must be a denoiser, a torch.nn.Module or a callable model(x_t, t), got {type(obj).__name__}")
-    return ModelDenoiser(obj, prediction, alphas_cumprod)
+    return ModelDenoiser(obj, "epsilon" if prediction is None else prediction, alphas_cumprod)
 
 
 # --------------------------------------------------------------------------- #
@@ -181,7 +190,7 @@ def sensitivity(
     pixels: Union[int, Sequence[int], torch.Tensor],
     *,
     batch_pixels: int = 16,
-    prediction: str = "x0",
+    prediction: Optional[str] = None,
     alphas_cumprod: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sensitivity fields: Jacobian rows ``d x0_hat[b, m] / d x_t[b]`` for output pixels m.
@@ -206,7 +215,8 @@ def sensitivity(
             pass is a batched vector-Jacobian product (``torch.autograd.grad`` with
             ``is_grads_batched=True``); a model whose ops cannot be batched that way
             falls back to one backward pass per pixel, with the same result.
-        prediction: what a wrapped network returns, ``"x0"`` or ``"epsilon"``.
+        prediction: what a wrapped network returns, ``"epsilon"`` (default for networks)
+            or ``"x0"``; leave it unset for a :class:`~analytic_diffusion.Denoiser`.
             Ignored for denoisers (they return ``x0_hat``).
         alphas_cumprod: the schedule of a wrapped network (default: linear).
 
@@ -220,7 +230,7 @@ def sensitivity(
     x = check_queries(x_t, "x_t")
     if x.dim() != 4:
         raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x.shape)}")
-    prediction = _check_prediction(prediction)
+    prediction = None if prediction is None else _check_prediction(prediction)
     batch_pixels = _check_int("batch_pixels", batch_pixels, 1)
     n = x[0].numel()
     idx = _pixel_index(pixels, n)
@@ -499,7 +509,7 @@ def compare(
     seed: int = 0,
     steps: int = 10,
     batch_size: int = 64,
-    prediction: str = "epsilon",
+    prediction: Optional[str] = None,
     alphas_cumprod: Optional[torch.Tensor] = None,
     shape: Optional[Sequence[int]] = None,
     dtype: torch.dtype = torch.float32,
@@ -528,8 +538,8 @@ def compare(
         seed: seeds the image choice and noise (single_step) or ``x_T`` (trajectory).
         steps: DDIM steps (the default timesteps; the trajectory length).
         batch_size: at most this many samples per denoiser / network call.
-        prediction: ``"epsilon"`` or ``"x0"``, what ``model`` returns when it is a
-            network (ignored for a denoiser).
+        prediction: ``"epsilon"`` (default for networks) or ``"x0"``, what ``model``
+            returns when it is a network; leave it unset for a denoiser.
         alphas_cumprod: the schedule (default: SPEC 1's linear one).
         shape: image shape ``(C, H, W)`` for ``trajectory`` without data.
         dtype, device: of ``x_t`` (float32 or float64; default CPU).
@@ -547,7 +557,7 @@ def compare(
             raise TypeError(f"denoisers[{k!r}] must be callable den(x_t, t) -> x0_hat, got {type(d).__name__}")
     if protocol not in _PROTOCOLS:
         raise ValueError(f"protocol must be 'single_step' or 'trajectory', got {protocol!r}")
-    prediction = _check_prediction(prediction)
+    prediction = None if prediction is None else _check_prediction(prediction)
     ab = _check_schedule(alphas_cumprod)
     T = ab.shape[0]
     num_samples = _check_int("num_samples", num_samples, 1)

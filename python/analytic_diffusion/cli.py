@@ -87,7 +87,7 @@ def _pick_backends(requested: Optional[str], ops: Sequence[str], device: torch.d
     """The backend each op will run, resolved now so that a bad ``--backend`` fails
     before any work. A name given for all ops applies only to ops that register it
     (like the ANALYTIC_DIFFUSION_BACKEND environment variable); it must fit one."""
-    from . import _registry
+    from . import registry as _registry
 
     out: Dict[str, Optional[str]] = {}
     if requested is not None:

@@ -7,15 +7,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedule import ddim_timesteps, default_alphas_cumprod
+from .schedule import ddim_timesteps, default_alphas_cumprod, noise_level
 
 
 def ddim_step(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> torch.Tensor:
     """One deterministic DDIM update from ``x_t`` given the denoiser's ``x0_hat`` (same shape)."""
-    a = math.sqrt(alpha_bar)
-    eps = (x_t - a * x0_hat) / math.sqrt(1.0 - alpha_bar + 1e-8)
-    x0_c = ((x_t - math.sqrt(1.0 - alpha_bar) * eps) / a).clamp(-1.0, 1.0)
-    return math.sqrt(alpha_bar_prev) * x0_c + math.sqrt(1.0 - alpha_bar_prev) * eps
+    a, s2 = noise_level(alpha_bar)
+    eps = (x_t - a * x0_hat) / math.sqrt(s2 + 1e-8)
+    x0_c = ((x_t - math.sqrt(s2) * eps) / a).clamp(-1.0, 1.0)
+    a_prev, s2_prev = noise_level(alpha_bar_prev)
+    return a_prev * x0_c + math.sqrt(s2_prev) * eps
 
 
 def sample(

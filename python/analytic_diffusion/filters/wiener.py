@@ -10,8 +10,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._validate import check_alpha_bar, check_positive
-from .moments import Moments
+from .._validate import check_alpha_bar, check_positive, check_threshold
+from ..ops.moments import Moments
 
 DIAG_EPS = 1e-6  # |A_ii| below this is replaced by 1 in the mask normalisation (SPEC 4)
 
@@ -104,12 +104,13 @@ def wiener_matrix(cov: Union[Moments, torch.Tensor, WienerFilter], alpha_bar: fl
 
 def mask_from_wiener_matrix(A: torch.Tensor, threshold: float = 0.02) -> torch.Tensor:
     """SPEC 4 from a dense ``A_t``: bool ``[n, n]`` if ``threshold > 0`` else float64 weights."""
+    threshold = check_threshold(threshold)
     d = A.diagonal().clone()
     d[d.abs() < DIAG_EPS] = 1.0
     Mt = A / d[:, None]  # row i divided by A_ii
-    if float(threshold) <= 0:
+    if threshold <= 0:
         return Mt
-    return Mt.abs() >= float(threshold) * Mt.abs().max()
+    return Mt.abs() >= threshold * Mt.abs().max()
 
 
 def locality_mask(cov: Union[Moments, torch.Tensor, WienerFilter], alpha_bar: float, threshold: float = 0.02) -> torch.Tensor:

@@ -1,306 +1,69 @@
-"""Triton backends of the ``moments`` op (see the backend contract in moments.py) and of the
-``locality_denoise`` / ``optimal_denoise`` ops (second half of this file, design notes there).
+"""Triton backend of ``locality_denoise`` and ``optimal_denoise`` (docs/algorithms.md §5, §6):
+flash-attention style, exact online softmax.
 
-uint8 batches: the same exact scheme as the CUDA kernel. Bytes are shifted to int8
-(``s = u - 128``), ``tl.dot`` sums ``s_i s_j`` in int32 over at most ``k_block`` images
-(|s_i s_j| <= 2^14, so 131071 images can never overflow int32), each such K block is
-added into an int64 register accumulator, and
+Locality kernel (``loc_kernel``), one program per (query block of ``BB``, output
+tile of ``BM`` pixels, split of the training set). It streams over tiles of ``BK``
+training images and holds the online-softmax state (running max, sum, weighted sum)
+of its ``[BB, BM]`` outputs in registers. Per training tile the masked distances are
+a tensor-core GEMM over the window rows j::
 
-    sum_k u_i u_j = sum_k s_i s_j + 128 (U_i + U_j) - 128^2 B      (U = column sums)
+    D[(b, k), m] = sum_j E[(b, k), j] M[j, m],   E = (x_bj - a y_kj)^2 - c_bj
 
-restores the unsigned sums (derivation in csrc/cuda/moments_tile.cuh). One program owns
-one lower-triangle tile (ti >= tj) and loops over all images, so it adds into ``s2``
-with a plain load and store: no atomics, and the order of additions is fixed.
+with E as fp16 operands (``[BB*BK, BJ]``), the 0/1 mask tile (exact in fp16) and
+fp32 accumulation; only the j-blocks where the mask tile of the output tile has a
+nonzero entry are visited (per-mask compacted block lists, built once per mask and
+cached). Direct differences, never the expanded ``||x||^2 - 2a<x,y> + a^2||y||^2``.
 
-Float batches use torch float64 GEMM (``addmm_``), as the CUDA backend does.
+Precision. ``c_bj`` is a per-(query, pixel) shift that does not depend on the
+training image k, so it changes every logit of an output (b, m) by the same constant
+``sum_j M[j,m] c_bj`` and leaves the softmax unchanged; it is chosen as the expected
+value of ``(x_bj - a y_j)^2`` under a per-pixel Gaussian model of the data (diagonal
+Wiener posterior): at high noise, where windows are large, that cuts the fp16 error of
+the result 10-30x (measured). E is scaled by an exact power of two into fp16's range
+(no subnormals for small differences). Where one fp16 product is not accurate enough
+(the sharp softmax at low noise, logit scale ``1/(2 s2 tau) >= 2``) or the second one is
+cheap (at most 35% of the mask blocks occupied), E is split into ``hi + lo`` (two fp16
+terms, two dots: ~22 bits). Measured in the interpreter on natural crops, queries =
+noisy held-out images, relative error (norm) vs float64 over the 10 DDIM steps:
+32x32 (N = 100): one product 1.6e-5 .. 1.4e-4 for t = 900..100 but 9.4e-4 at t = 0,
+two products <= 1.1e-6, the default policy <= 1.4e-4; 8x8 (N = 300): one product
+<= 2.5e-4, two <= 4e-7, the default <= 6.6e-5 (the reference backend in float32:
+<= 4e-5). tests/test_locality_triton.py checks 1e-3 at every step.
+``return_state=True`` adds the shift's constant back (float64 ``c @ M`` on the host),
+so the states merge with the reference backend's.
 
-Triton is imported lazily: importing this module only registers the backend, and
-the package imports fine without Triton. Under ``TRITON_INTERPRET=1`` (read by Triton
-when the kernels are first built, and by the registration below at import) the
-kernels also run on CPU tensors through Triton's interpreter, which is how they are
-tested on machines without a GPU.
+Single window (all mask columns identical, e.g. high noise on natural images, and
+``optimal_denoise``): ``dist_kernel`` computes one fp32 logit per (b, k) from direct
+differences (CUDA cores, no fp16), ``wsum_kernel`` streams them with an online
+softmax and accumulates ``p @ y`` (fp32 FMA dot, never TF32) per output tile.
+
+Splits of the training set (grid axis 2) give small query batches enough programs;
+their partial states are merged on the host exactly (SPEC 5). WSSM restarts the
+softmax at every chunk of ``chunk_size`` images (tiles start at chunk starts, the
+last tile of a chunk is masked) and sums the chunk means; splits are chunk-aligned.
+
+Fallbacks (documented behaviour): float64 queries and real-valued (float) masks run
+the reference implementation (the fp16 tensor-core scheme cannot deliver float64
+accuracy, and real weights would need a split mask too).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import importlib.util
 import math
 import os
-import weakref
-from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _registry
-from ._cuda import _check_sums, float_update_f64  # the accumulator checks and float path both GPU backends share
+from ... import registry
+from .. import triton_support
+from ..softmax_state import SoftmaxState
+from .plan_cache import PlanCache
+from .reference import locality_denoise_reference, optimal_denoise_reference
+from ...schedule import noise_level
 
-MAX_K_BLOCK = 131071  # 2^31 / 2^14 - 1: int32 bound of sum s_i s_j
-DEFAULT_K_BLOCK = 65536
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # a broken install must not take the package down
-        return False
-    return True
-
-
-def available() -> bool:
-    """Triton importable, and a CUDA device present (or the interpreter switched on)."""
-    if not (torch.cuda.is_available() or _interpreting()):
-        return False
-    return _triton_importable()
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def colsum_kernel(
-        x_ptr,  # uint8 [B, n], element strides (stride0, stride1)
-        cs_ptr,  # int64 [n] in/out (zeroed by the caller): += this batch's column sums
-        s1_ptr,  # int64 [n] in/out: s1 += column sums
-        B,
-        n,
-        stride0,
-        stride1,
-        rows_per_prog,  # images per program along grid axis 1 (< 2^23: int32 partials)
-        BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-    ):
-        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = offs < n
-        col = offs.to(tl.int64) * stride1
-        r_lo = tl.program_id(1) * rows_per_prog
-        r_hi = tl.minimum(r_lo + rows_per_prog, B)
-        acc = tl.zeros((BLOCK_N,), tl.int32)
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & mask[None, :]
-            u = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride0 + col[None, :], mask=m, other=0)
-            acc += tl.sum(u.to(tl.int32), axis=0)
-        # row chunks of one column run in parallel; integer adds commute, so atomics
-        # keep the result exact and order-independent
-        tl.atomic_add(cs_ptr + offs, acc.to(tl.int64), mask=mask)
-        tl.atomic_add(s1_ptr + offs, acc.to(tl.int64), mask=mask)
-
-    @triton.jit
-    def syrk_kernel(
-        x_ptr,  # uint8 [B, n], element strides (stride0, stride1)
-        cs_ptr,  # int64 [n]: this batch's column sums (colsum_kernel)
-        s2_ptr,  # int64 [n, n] row-major in/out: lower triangle += x^T x
-        tiles_ptr,  # int32 [tiles, 2]: (ti, tj) of program i, ti >= tj
-        B,
-        n,
-        stride0,
-        stride1,
-        k_block,  # images per int32 partial sum, <= MAX_K_BLOCK
-        corr,  # -128^2 * B, exact (passed as a Python int)
-        BLOCK: tl.constexpr,
-        BK: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        ti = tl.load(tiles_ptr + 2 * pid)
-        tj = tl.load(tiles_ptr + 2 * pid + 1)
-        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-        mi = offs_i < n
-        mj = offs_j < n
-        ci = offs_i.to(tl.int64) * stride1
-        cj = offs_j.to(tl.int64) * stride1
-        kk = tl.arange(0, BK)
-        acc = tl.zeros((BLOCK, BLOCK), tl.int64)
-        for kb in range(0, B, k_block):
-            part = tl.zeros((BLOCK, BLOCK), tl.int32)
-            k_hi = tl.minimum(kb + k_block, B)
-            for k0 in range(kb, k_hi, BK):
-                ks = k0 + kk
-                mk = ks < k_hi
-                r = ks.to(tl.int64) * stride0
-                # padding is u = 128, i.e. s = 0: it adds nothing to the products
-                a = tl.load(x_ptr + ci[:, None] + r[None, :], mask=mi[:, None] & mk[None, :], other=128)
-                b = tl.load(x_ptr + r[:, None] + cj[None, :], mask=mk[:, None] & mj[None, :], other=128)
-                a = (a.to(tl.int16) - 128).to(tl.int8)
-                b = (b.to(tl.int16) - 128).to(tl.int8)
-                part = tl.dot(a, b, part, out_dtype=tl.int32)
-            acc += part.to(tl.int64)  # flush before the next K block could overflow int32
-        cs_i = tl.load(cs_ptr + offs_i, mask=mi, other=0)
-        cs_j = tl.load(cs_ptr + offs_j, mask=mj, other=0)
-        acc += 128 * (cs_i[:, None] + cs_j[None, :]) + corr
-        out = s2_ptr + offs_i.to(tl.int64)[:, None] * n + offs_j[None, :]
-        m = mi[:, None] & mj[None, :] & (offs_j[None, :] <= offs_i[:, None])
-        tl.store(out, tl.load(out, mask=m, other=0) + acc, mask=m)
-
-    return colsum_kernel, syrk_kernel
-
-
-_TILE_CACHE: Dict[Tuple[int, str], torch.Tensor] = {}
-
-
-def _tiles(nt: int, device: torch.device) -> torch.Tensor:
-    """(ti, tj) for every lower-triangle tile, row-major, as int32 [T, 2] on ``device``."""
-    key = (nt, str(device))
-    t = _TILE_CACHE.get(key)
-    if t is None:
-        ij = torch.tril_indices(nt, nt)  # row-major over ti >= tj
-        t = ij.T.contiguous().to(device=device, dtype=torch.int32)
-        if len(_TILE_CACHE) > 64:
-            _TILE_CACHE.clear()
-        _TILE_CACHE[key] = t
-    return t
-
-
-def _check_device(rows: torch.Tensor) -> None:
-    if rows.device.type == "cuda":
-        return
-    if rows.device.type == "cpu" and _interpreting():
-        return
-    raise ValueError(
-        f"the Triton moments backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got rows on {rows.device}"
-    )
-
-
-def u8_syrk_update(
-    rows: torch.Tensor,
-    s1: torch.Tensor,
-    s2: torch.Tensor,
-    *,
-    k_block: int = 0,
-    block: Optional[int] = None,
-    bk: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
-) -> None:
-    """``s1 += rows.sum(0)``, lower triangle of ``s2 += rows^T rows``, exactly, in place.
-
-    ``rows``: uint8 ``[B, n]``, any strides; ``s1``: int64 ``[n]``; ``s2``: int64
-    ``[n, n]``, both contiguous on ``rows``' device. ``k_block``: images per int32
-    partial sum (0 = 65536; 1..131071). ``block`` (output tile side, >= 16), ``bk``
-    (images per ``tl.dot``, >= 32 on GPUs), ``num_warps``, ``num_stages``: launch
-    tuning; the defaults suit Hopper (64, 64, 4, 3) and the interpreter (16, 32).
-    """
-    _check_device(rows)
-    if rows.dtype != torch.uint8:
-        raise TypeError(f"rows must be uint8, got {rows.dtype}")
-    _check_sums(rows, s1, s2, torch.int64)
-    k_block = int(k_block) or DEFAULT_K_BLOCK
-    if not 1 <= k_block <= MAX_K_BLOCK:
-        raise ValueError(f"k_block must be 0 (default) or 1..{MAX_K_BLOCK} (int32 accumulation bound), got {k_block}")
-    B, n = rows.shape
-    if B == 0 or n == 0:
-        return
-    if not _triton_importable():
-        raise RuntimeError("the Triton moments backend needs the triton package, which is not importable")
-    colsum_kernel, syrk_kernel = _kernels()
-    on_gpu = rows.device.type == "cuda"
-    block = block or (64 if on_gpu else 16)
-    bk = bk or (64 if on_gpu else 32)
-    launch = {"num_warps": num_warps or 4, "num_stages": num_stages or 3} if on_gpu else {}
-    cs = torch.zeros(n, dtype=torch.int64, device=rows.device)
-    nt = -(-n // block)
-    tiles = _tiles(nt, rows.device)
-    s0, st1 = rows.stride()
-    ctx = torch.cuda.device(rows.device) if on_gpu else contextlib.nullcontext()
-    with ctx:
-        # GPU: 1024-image chunks give thousands of programs for large batches; the
-        # interpreter prefers few, large numpy steps
-        rows_per_prog = max(1024 if on_gpu else 1 << 16, -(-B // 65535))
-        block_r = 32 if on_gpu else 1024
-        grid = (-(-n // 128), -(-B // rows_per_prog))
-        colsum_kernel[grid](rows, cs, s1, B, n, s0, st1, rows_per_prog, BLOCK_N=128, BLOCK_R=block_r)
-        syrk_kernel[(tiles.shape[0],)](
-            rows, cs, s2, tiles, B, n, s0, st1, k_block, -16384 * B, BLOCK=block, BK=bk, **launch
-        )
-
-
-def f64_syrk_update(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
-    """Float batches in float64 (torch GEMM, never TF32): ``z = rows - ref``,
-    ``s1 += z.sum(0)``, ``s2 += z^T z``."""
-    _check_device(rows)
-    float_update_f64(rows, ref, s1, s2)
-
-
-BACKEND = SimpleNamespace(update_u8=u8_syrk_update, update_float=f64_syrk_update)
-
-_registry.register(
-    "moments",
-    "triton",
-    BACKEND,
-    devices=("cuda",) + (("cpu",) if _interpreting() else ()),
-    priority=15,
-    is_available=available,
-)
-
-
-# =============================================================================
-# locality_denoise / optimal_denoise: flash-attention style, exact online softmax
-# =============================================================================
-# Triton backend of ``locality_denoise`` and ``optimal_denoise`` (SPEC 5, 6).
-#
-# Locality kernel (``loc_kernel``), one program per (query block of ``BB``, output
-# tile of ``BM`` pixels, split of the training set). It streams over tiles of ``BK``
-# training images and holds the online-softmax state (running max, sum, weighted sum)
-# of its ``[BB, BM]`` outputs in registers. Per training tile the masked distances are
-# a tensor-core GEMM over the window rows j::
-#
-#     D[(b, k), m] = sum_j E[(b, k), j] M[j, m],   E = (x_bj - a y_kj)^2 - c_bj
-#
-# with E as fp16 operands (``[BB*BK, BJ]``), the 0/1 mask tile (exact in fp16) and
-# fp32 accumulation; only the j-blocks where the mask tile of the output tile has a
-# nonzero entry are visited (per-mask compacted block lists, built once per mask and
-# cached). Direct differences, never the expanded ``||x||^2 - 2a<x,y> + a^2||y||^2``.
-#
-# Precision. ``c_bj`` is a per-(query, pixel) shift that does not depend on the
-# training image k, so it changes every logit of an output (b, m) by the same constant
-# ``sum_j M[j,m] c_bj`` and leaves the softmax unchanged; it is chosen as the expected
-# value of ``(x_bj - a y_j)^2`` under a per-pixel Gaussian model of the data (diagonal
-# Wiener posterior): at high noise, where windows are large, that cuts the fp16 error of
-# the result 10-30x (measured). E is scaled by an exact power of two into fp16's range
-# (no subnormals for small differences). Where one fp16 product is not accurate enough
-# (the sharp softmax at low noise, logit scale ``1/(2 s2 tau) >= 2``) or the second one is
-# cheap (at most 35% of the mask blocks occupied), E is split into ``hi + lo`` (two fp16
-# terms, two dots: ~22 bits). Measured in the interpreter on natural crops, queries =
-# noisy held-out images, relative error (norm) vs float64 over the 10 DDIM steps:
-# 32x32 (N = 100): one product 1.6e-5 .. 1.4e-4 for t = 900..100 but 9.4e-4 at t = 0,
-# two products <= 1.1e-6, the default policy <= 1.4e-4; 8x8 (N = 300): one product
-# <= 2.5e-4, two <= 4e-7, the default <= 6.6e-5 (the reference backend in float32:
-# <= 4e-5). tests/test_locality_triton.py checks 1e-3 at every step.
-# ``return_state=True`` adds the shift's constant back (float64 ``c @ M`` on the host),
-# so the states merge with the reference backend's.
-#
-# Single window (all mask columns identical, e.g. high noise on natural images, and
-# ``optimal_denoise``): ``dist_kernel`` computes one fp32 logit per (b, k) from direct
-# differences (CUDA cores, no fp16), ``wsum_kernel`` streams them with an online
-# softmax and accumulates ``p @ y`` (fp32 FMA dot, never TF32) per output tile.
-#
-# Splits of the training set (grid axis 2) give small query batches enough programs;
-# their partial states are merged on the host exactly (SPEC 5). WSSM restarts the
-# softmax at every chunk of ``chunk_size`` images (tiles start at chunk starts, the
-# last tile of a chunk is masked) and sums the chunk means; splits are chunk-aligned.
-#
-# Fallbacks (documented behaviour): float64 queries and real-valued (float) masks run
-# the reference implementation (the fp16 tensor-core scheme cannot deliver float64
-# accuracy, and real weights would need a split mask too).
-
-_PLAN_CACHE: "OrderedDict[tuple, _MaskPlan]" = OrderedDict()
-_PLAN_CACHE_MAX = 16
-_PLAN_CACHE_BYTES = 1 << 30
-_MASK_KEYS: "OrderedDict[int, tuple]" = OrderedDict()  # id -> (weakref, _version, content key) of recent masks
+_PLANS = PlanCache(max_entries=16, max_bytes=1 << 30)  # (mask content, device, BJ, BMs) -> _MaskPlan
 _SPLIT_DENSITY = 0.35  # hi+lo split where at most this fraction of mask blocks is occupied ...
 _SPLIT_SCALE = 2.0  # ... or where the logit scale 1/(2 s2 tau) is at least this
 _SHIFT_SAMPLE = 2048  # training images used to estimate the per-pixel mean/variance of the shift
@@ -569,7 +332,7 @@ def _denoise_kernels():
                 tl.store(out_ptr + o, acc / l[:, None], mask=om)
 
     loc_tuned = None
-    if not _interpreting():
+    if not triton_support.interpreting():
         configs = [
             triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st)
             for bb, bk, bm, w, st in _LOC_GPU_CONFIGS
@@ -646,38 +409,8 @@ class _MaskPlan:
         return self.tables[min(self.tables)][2] if self.tables else 1.0
 
 
-def _mask_key(mask: torch.Tensor) -> tuple:
-    """Content key of a bool mask: blake2b of its packed bits (packed on its device)."""
-    known = _MASK_KEYS.get(id(mask))
-    if known is not None and known[0]() is mask and known[1] == mask._version:
-        return known[2]  # the same tensor, unchanged since it was hashed
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-    digest = hashlib.blake2b(packed.cpu().numpy().tobytes(), digest_size=20).hexdigest()
-    key = (tuple(mask.shape), digest)
-    _MASK_KEYS[id(mask)] = (weakref.ref(mask), mask._version, key)
-    while len(_MASK_KEYS) > _PLAN_CACHE_MAX:
-        _MASK_KEYS.popitem(last=False)
-    return key
-
-
 def _plan(mask: torch.Tensor, bj: int, bms: Tuple[int, ...]) -> _MaskPlan:
-    key = (_mask_key(mask), str(mask.device), bj, tuple(bms))
-    plan = _PLAN_CACHE.get(key)
-    if plan is not None:
-        _PLAN_CACHE.move_to_end(key)
-        return plan
-    plan = _MaskPlan(mask, bj, tuple(bms))
-    _PLAN_CACHE[key] = plan
-    while len(_PLAN_CACHE) > 1 and (
-        len(_PLAN_CACHE) > _PLAN_CACHE_MAX or sum(p.nbytes for p in _PLAN_CACHE.values()) > _PLAN_CACHE_BYTES
-    ):
-        _PLAN_CACHE.popitem(last=False)
-    return plan
+    return _PLANS.get(mask, (str(mask.device), bj, tuple(bms)), lambda: _MaskPlan(mask, bj, tuple(bms)))
 
 
 def _loc_blocks(device: torch.device, n: int, B: int, blocks: Optional[dict]) -> Tuple[dict, Tuple[int, ...], bool]:
@@ -716,10 +449,6 @@ def _split_plan(N: int, programs: int, device: torch.device, unit: int, splits: 
     return -(-N // split_len), split_len
 
 
-def _launch_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _merge_exact(mx: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
     """Exact merge of split states along dim 0 (SPEC 5)."""
     if mx.shape[0] == 1:
@@ -742,7 +471,7 @@ def _shift(x32: torch.Tensor, train: torch.Tensor, ab: float) -> torch.Tensor:
     ys = (ys.to(torch.float32) - 127.5) / 127.5 if ys.dtype == torch.uint8 else ys.to(torch.float32)
     ybar = ys.mean(0)
     yvar = ys.var(0, unbiased=False)
-    a, s2 = math.sqrt(ab), 1.0 - ab
+    a, s2 = noise_level(ab)
     g = ab * yvar / (ab * yvar + s2)
     yhat = ybar + g * (x32 / a - ybar)
     return (x32 - a * yhat) ** 2 + ab * yvar * s2 / (ab * yvar + s2)
@@ -758,14 +487,6 @@ def _precision_split(plan: _MaskPlan, scale: float, precision: Optional[str]) ->
     if precision != "auto":
         raise ValueError(f"precision must be 'auto', 'fp16' or 'fp16x2', got {precision!r}")
     return plan.density() <= _SPLIT_DENSITY or scale >= _SPLIT_SCALE
-
-
-def _check_denoise_device(x: torch.Tensor) -> None:
-    if x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting()):
-        return
-    raise ValueError(
-        f"the Triton denoiser backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got x on {x.device}"
-    )
 
 
 def _nan(shape, device) -> torch.Tensor:
@@ -787,7 +508,7 @@ def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, s
         size = 16 if n <= 64 else 64
         blk = dict(BB=16, BK=32, BJ=size, BN=size)
     blk.update(blocks or {})
-    a, s2 = math.sqrt(ab), 1.0 - ab
+    a, s2 = noise_level(ab)
     scale = 1.0 / (2.0 * s2 * tau)
     x32 = x.to(torch.float32).contiguous()
     is_u8 = train.dtype == torch.uint8
@@ -808,7 +529,7 @@ def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, s
     out = _nan((B, n), dev)
     parts = []
     ys0, ys1 = train.stride()
-    with _launch_ctx(x):
+    with triton_support.launch_context(x):
         for k_base, Nc, S, split_len in launches:
             K.dist[(-(-Nc // blk["BK"]), nb)](
                 x32, w if w is not None else x32, train, ys0, ys1, dws, dws.stride(0), B, n, k_base, Nc,
@@ -863,13 +584,9 @@ def locality_denoise_triton(
     product, 'fp16x2': hi + lo; default from the environment variable
     ANALYTIC_DIFFUSION_TRITON_PRECISION, else 'auto').
     """
-    from .ops._reference import SoftmaxState, locality_denoise_reference
-
     if x.dtype == torch.float64 or mask.dtype != torch.bool:
         return locality_denoise_reference(x, train, mask, alpha_bar, temperature, softmax, chunk_size, return_state)
-    _check_denoise_device(x)
-    if not _triton_importable():
-        raise RuntimeError("the Triton denoiser backend needs the triton package, which is not importable")
+    triton_support.check_device(x, "denoiser", "x")
     B, n = x.shape
     N = train.shape[0]
     dev = x.device
@@ -879,11 +596,11 @@ def locality_denoise_triton(
         res = _single_window(x, train, plan.w, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
         if return_state:
             mx, l, acc = res
-            return SoftmaxState(mx.expand(B, n).contiguous(), l.expand(B, n).contiguous(), acc)
+            return SoftmaxState(mx.expand(B, n).contiguous(), l.expand(B, n).contiguous(), acc).double()
         return res.to(x.dtype)
 
     K = _denoise_kernels()
-    a, s2 = math.sqrt(alpha_bar), 1.0 - alpha_bar
+    a, s2 = noise_level(alpha_bar)
     scale = 1.0 / (2.0 * s2 * temperature)
     split = _precision_split(plan, scale, precision)
     x32 = x.to(torch.float32)
@@ -922,7 +639,7 @@ def locality_denoise_triton(
         a_mul, a_add, lscale, inv_den,
     )
     flags = dict(WSSM=wssm, STATE=not direct, SPLIT=split, IS_U8=is_u8, BJ=blk["BJ"], BM_A=bms[0])
-    with _launch_ctx(x):
+    with triton_support.launch_context(x):
         if tuned:
             grid = lambda meta: (-(-B // meta["BB"]), -(-n // meta["BM"]), n_split)  # noqa: E731
             K.loc_tuned[grid](*args, **flags)
@@ -942,8 +659,8 @@ def locality_denoise_triton(
         cd = c.to(torch.float64)
         for m0 in range(0, n, 1024):
             shift[:, m0 : m0 + 1024] = cd @ mask[:, m0 : m0 + 1024].to(torch.float64)
-        mx = (mx.to(torch.float64) - scale * shift).to(torch.float32)
-        return SoftmaxState(mx, l, acc)
+        mx = mx.to(torch.float64) - scale * shift
+        return SoftmaxState(mx, l, acc).double()
     return (acc / l).to(x.dtype)
 
 
@@ -960,36 +677,29 @@ def optimal_denoise_triton(
 ):
     """Triton ``optimal_denoise``: fp32 direct-difference distances (CUDA cores), exact
     online softmax, fp32 weighted sums. float64 queries run the reference implementation."""
-    from .ops._reference import SoftmaxState, optimal_denoise_reference
-
     if x.dtype == torch.float64:
         return optimal_denoise_reference(x, train, alpha_bar, temperature, chunk_size, return_state)
-    _check_denoise_device(x)
-    if not _triton_importable():
-        raise RuntimeError("the Triton denoiser backend needs the triton package, which is not importable")
+    triton_support.check_device(x, "denoiser", "x")
     res = _single_window(x, train, None, alpha_bar, temperature, "exact", chunk_size, return_state, splits=splits, blocks=blocks)
     if return_state:
-        return SoftmaxState(*res)
+        return SoftmaxState(*res).double()
     return res.to(x.dtype)
 
 
 def _prepare_locality(mask: torch.Tensor) -> None:
     """Build (and cache) the per-mask plan ahead of the first call (LocalityDenoiser.prepare)."""
-    if mask.dtype != torch.bool or not available():
+    if mask.dtype != torch.bool or not triton_support.available():
         return
     n = mask.shape[0]
     blk, bms, _ = _loc_blocks(mask.device, n, 1, None)
     _plan(mask, blk["BJ"], bms)
 
 
-locality_denoise_triton.prepare = _prepare_locality
-
-for _op, _fn in (("locality_denoise", locality_denoise_triton), ("optimal_denoise", optimal_denoise_triton)):
-    _registry.register(
-        _op,
-        "triton",
-        _fn,
-        devices=("cuda",) + (("cpu",) if _interpreting() else ()),
-        priority=15,
-        is_available=available,
-    )
+registry.register(
+    "locality_denoise", "triton", locality_denoise_triton,
+    devices=triton_support.devices(), priority=15, is_available=triton_support.available, prepare=_prepare_locality,
+)
+registry.register(
+    "optimal_denoise", "triton", optimal_denoise_triton,
+    devices=triton_support.devices(), priority=15, is_available=triton_support.available,
+)

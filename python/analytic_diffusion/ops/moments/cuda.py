@@ -1,4 +1,4 @@
-"""CUDA backend of the ``moments`` op (see the backend contract in moments.py).
+"""CUDA backend of the ``moments`` op (see the backend contract in ``reference.py``).
 
 uint8 batches go to ``_C_cuda.u8_syrk_update`` (int8 tensor cores, exact int64 sums).
 Float batches use torch's float64 GEMM (cuBLAS DGEMM, IEEE float64 FMAs; the TF32
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _ext, _registry
+from ... import _ext, registry
 
 _NAME = "analytic_diffusion._C_cuda"
 
@@ -38,7 +38,7 @@ def available() -> bool:
     return mod is not None and hasattr(mod, "u8_syrk_update")
 
 
-def _check_sums(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dtype: torch.dtype) -> None:
+def check_sums(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dtype: torch.dtype) -> None:
     if rows.dim() != 2:
         raise ValueError(f"rows must be [B, n], got shape {tuple(rows.shape)}")
     n = rows.shape[1]
@@ -62,7 +62,7 @@ def u8_syrk_update(rows: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, *, k_
         raise ValueError(f"the CUDA moments backend needs CUDA tensors, got rows on {rows.device}")
     if rows.dtype != torch.uint8:
         raise TypeError(f"rows must be uint8, got {rows.dtype}")
-    _check_sums(rows, s1, s2, torch.int64)
+    check_sums(rows, s1, s2, torch.int64)
     B, n = rows.shape
     if B == 0 or n == 0:
         return
@@ -92,7 +92,7 @@ def float_update_f64(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2
     rows' device, never TF32 (``z = rows - ref``, ``s1 += z.sum(0)``, ``s2 += z^T z``)."""
     if rows.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"rows must be float32 or float64, got {rows.dtype}")
-    _check_sums(rows, s1, s2, torch.float64)
+    check_sums(rows, s1, s2, torch.float64)
     if rows.shape[0] == 0:
         return
     z = rows.to(torch.float64) - ref
@@ -102,4 +102,4 @@ def float_update_f64(rows: torch.Tensor, ref: torch.Tensor, s1: torch.Tensor, s2
 
 BACKEND = SimpleNamespace(update_u8=u8_syrk_update, update_float=f64_syrk_update)
 
-_registry.register("moments", "cuda", BACKEND, devices=("cuda",), priority=20, is_available=available)
+registry.register("moments", "cuda", BACKEND, devices=("cuda",), priority=20, is_available=available)

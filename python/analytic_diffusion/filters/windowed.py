@@ -38,10 +38,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._validate import check_alpha_bar, check_queries
-from .denoisers import Denoiser
-from .moments import Moments, check_fits
+from .._validate import check_alpha_bar, check_fits, check_queries, check_threshold
+from ..ops.moments import Moments
 from .wiener import DIAG_EPS
+from ..schedule import noise_level
 
 Cuts = Tuple[int, int, int, int]  # window rows cut at the top, bottom; columns cut left, right
 _CACHE_STEPS = 32  # timesteps whose kernels are kept (a DDIM schedule has 10-100)
@@ -181,7 +181,7 @@ class WindowedWiener:
     def _solve(self, ab: float, cuts: Cuts) -> Tuple[torch.Tensor, torch.Tensor]:
         top, bottom, left, right = cuts
         C, k = self.channels, self.k
-        a, s2 = math.sqrt(ab), 1.0 - ab
+        a, s2 = noise_level(ab)
         inside = torch.zeros(C, k, k, dtype=torch.bool, device=self.device)
         inside[:, top : k - bottom, left : k - right] = True
         O = inside.reshape(-1).nonzero().squeeze(1)  # observed window offsets
@@ -286,6 +286,7 @@ class WindowedWiener:
         channel c, centred at ``(r, r)``) if ``threshold > 0``, else the float64 weights
         ``Mt`` of that shape.
         """
+        threshold = check_threshold(threshold)
         ab = check_alpha_bar(alpha_bar)
         weight = self.kernel(ab)[0]
         a = math.sqrt(ab)
@@ -347,48 +348,3 @@ class WindowedWiener:
             in_idx = ci * H * W + (h + di) * W + (w + dj)
             M[in_idx, out_idx] = pattern[c, ci, i, j]
         return M
-
-
-class WindowedWienerDenoiser(Denoiser):
-    """``den(x_t, t) -> x0_hat`` with the windowed Wiener filter (see :class:`WindowedWiener`).
-
-    Args:
-        patch_moments: patch :class:`Moments` (``kind == "patch"``), or a
-            :class:`WindowedWiener` built from them (shared kernel cache).
-        image_shape: optional default ``(C, H, W)`` (needed only for flat ``[B, n]``
-            input and for :meth:`sensitivity` without an explicit shape); ``x_t`` of any
-            ``H, W`` works.
-        alphas_cumprod: the schedule (default: SPEC 1's linear schedule).
-
-    ``x_t``: float32/float64 ``[B, C, H, W]``; the output has its shape and dtype.
-    """
-
-    name = "windowed-wiener"
-
-    def __init__(self, patch_moments: Union[Moments, WindowedWiener], image_shape: Optional[Sequence[int]] = None, alphas_cumprod: Optional[torch.Tensor] = None):
-        super().__init__(alphas_cumprod)
-        if isinstance(patch_moments, WindowedWiener):
-            self.filter = patch_moments
-        elif isinstance(patch_moments, Moments):
-            self.filter = WindowedWiener(patch_moments)
-        else:
-            raise TypeError(f"patch_moments must be analytic_diffusion.Moments (kind 'patch') or WindowedWiener, got {type(patch_moments).__name__}")
-        self.image_shape = None if image_shape is None else self.filter._shape(image_shape)
-
-    def denoise(self, x, t, alpha_bar):
-        if x.dim() == 2:
-            shape = self.image_shape or self.filter.image_shape
-            if shape is None:
-                raise ValueError("x_t is flat [B, n]: give the denoiser an image_shape, or pass x_t as [B, C, H, W]")
-            if x.shape[1] != shape[0] * shape[1] * shape[2]:
-                raise ValueError(f"x_t has {x.shape[1]} values per image, but image_shape {tuple(shape)} has {shape[0] * shape[1] * shape[2]}")
-            return self.filter.apply(x.reshape(x.shape[0], *shape), alpha_bar).reshape(x.shape)
-        return self.filter.apply(x, alpha_bar)
-
-    def sensitivity(self, t, pixels, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Jacobian rows (sensitivity fields) for flat output pixels: float64 ``[P, C, H, W]``."""
-        return self.filter.sensitivity(self.alpha_bar(t), pixels, image_shape or self.image_shape)
-
-    def mask(self, t, threshold: float = 0.02) -> torch.Tensor:
-        """The compact window pattern at timestep ``t`` (see :meth:`WindowedWiener.mask`)."""
-        return self.filter.mask(self.alpha_bar(t), threshold)

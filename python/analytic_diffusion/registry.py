@@ -30,6 +30,9 @@ class Backend:
     devices: Sequence[str]  # device types it can run on: "cpu", "cuda", ...
     priority: int  # higher wins when nothing is requested
     is_available: Callable[[], bool]  # e.g. "was the extension built?"
+    # Work a backend can do ahead of time for one argument it will be called with (the CPU and
+    # Triton locality backends build a plan per mask): denoisers call it from ``prepare``.
+    prepare: Optional[Callable] = None
 
     def runs_on(self, device_type: Optional[str]) -> bool:
         return device_type is None or "any" in self.devices or device_type in self.devices
@@ -46,9 +49,17 @@ def register(
     devices: Sequence[str] = ("any",),
     priority: int = 0,
     is_available: Callable[[], bool] = lambda: True,
-) -> None:
-    """Register ``fn`` as backend ``name`` of ``op`` (later registrations replace earlier ones)."""
-    _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, tuple(devices), priority, is_available)
+    prepare: Optional[Callable] = None,
+) -> Backend:
+    """Register ``fn`` as backend ``name`` of ``op`` (later registrations replace earlier ones).
+
+    Backends register in the module that defines them (``ops/<op>/<backend>.py``).
+    ``prepare(arg)``: optional ahead-of-time work for an argument the backend will see
+    (e.g. a per-mask plan). Returns the registered :class:`Backend`.
+    """
+    b = Backend(op, name, fn, tuple(devices), priority, is_available, prepare)
+    _REGISTRY.setdefault(op, {})[name] = b
+    return b
 
 
 def registered_backends(op: str) -> List[str]:

@@ -1,0 +1,23 @@
+"""``nearest_denoise``: the validated public entry dispatching to the registered backends
+(``reference.py`` and the compiled ``cpu.py`` in this folder)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ... import registry
+from ..._validate import check_alpha_bar, check_chunk_size, check_queries_and_train, check_same_device
+from .reference import nearest_denoise_reference
+
+__all__ = ["nearest_denoise", "nearest_denoise_reference"]
+
+registry.register("nearest_denoise", "reference", nearest_denoise_reference, priority=0)
+
+
+def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backend: Optional[str] = None):
+    """The nearest training image to ``x / a`` (docs/algorithms.md §6), as x's shape and dtype."""
+    x, train, x2, t2 = check_queries_and_train(x, train)
+    ab = check_alpha_bar(alpha_bar)
+    chunk_size = check_chunk_size(chunk_size)
+    check_same_device(x=x, train=train)
+    impl = registry.select("nearest_denoise", x.device, backend).fn
+    return impl(x2, t2, ab, chunk_size).reshape(x.shape)

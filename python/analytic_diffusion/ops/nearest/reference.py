@@ -1,0 +1,33 @@
+"""Reference implementation of ``nearest_denoise``: pure PyTorch, float64-capable.
+
+Backend signature (inputs validated by the public op): ``x [B, n]`` float32/float64,
+``train [N, n]`` uint8 or float in [-1, 1], ``alpha_bar`` in (0, 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..._validate import compute_dtype, to_unit
+from ...schedule import noise_level
+
+_BLOCK_VALUES = 1 << 24  # bound on the [B, chunk, n] temporaries, in elements
+
+
+def nearest_denoise_reference(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, chunk_size: int = 256) -> torch.Tensor:
+    """SPEC 6: ``y_{k*}``, ``k* = argmin_k ||x - a y_k||^2`` (the first index on ties)."""
+    dt = compute_dtype(x)
+    B, n = x.shape
+    a, _ = noise_level(alpha_bar)
+    xf = x.to(dt)
+    best = torch.full((B,), math.inf, dtype=dt, device=x.device)
+    arg = torch.zeros(B, dtype=torch.long, device=x.device)
+    chunk = max(1, min(chunk_size, _BLOCK_VALUES // (B * n)))
+    for k0 in range(0, train.shape[0], chunk):
+        d = ((xf[:, None, :] - a * to_unit(train[k0 : k0 + chunk], dt)) ** 2).sum(-1)  # [B, c]
+        dmin, kmin = d.min(1)
+        better = dmin < best  # strict: an earlier chunk keeps its tie
+        best = torch.where(better, dmin, best)
+        arg = torch.where(better, kmin + k0, arg)
+    return to_unit(train[arg], x.dtype)
