@@ -185,11 +185,7 @@ U8, I32, I64, F16, F32 = Ptr("uint8"), Ptr("int32"), Ptr("int64"), Ptr("float16"
 TRAIN_DTYPES = ("uint8", "float16", "float32", "float64")  # _validate.IMAGE_DTYPES
 
 
-def _syrk_defaults(mod) -> dict:
-    return dict(getattr(mod, "_SYRK_GPU_DEFAULT", dict(block=64, bk=64, num_warps=4, num_stages=3)))
-
-
-def v_colsum(kid, mod, tuners) -> Iterator[Variant]:
+def v_colsum(kid, mod, tuners, target) -> Iterator[Variant]:
     B, n = 20000, 3072
     contig = (U8, I64, I64, B, n, n, 1, 1024)
     strided = (Ptr("uint8", False), I64, I64, B, 3071, 6143, 2, 1024)  # every other column of a slice
@@ -197,33 +193,29 @@ def v_colsum(kid, mod, tuners) -> Iterator[Variant]:
         yield Variant(kid, label, args, dict(BLOCK_N=128, BLOCK_R=32), 4, 3, {"default"}, False)
 
 
-def v_syrk(kid, mod, tuners) -> Iterator[Variant]:
+def v_syrk(kid, mod, tuners, target) -> Iterator[Variant]:
     B, n = 20000, 3072
 
-    def args(contig=True, nn=n):
+    def args(contig=True):
         if contig:
-            return (U8, I64, I64, I32, B, nn, nn, 1, 65536, -16384 * B)
-        return (Ptr("uint8", False), I64, I64, I32, B, nn - 1, 2 * nn - 1, 2, 65536, -16384 * B)
+            return (U8, I64, I64, I32, B, n, n, 1, 65536, -16384 * B)
+        return (Ptr("uint8", False), I64, I64, I32, B, n - 1, 2 * n - 1, 2, 65536, -16384 * B)  # every other column
 
-    d = _syrk_defaults(mod)
-    cfgs = [(d, {"default"})]
-    try:
-        import bench_moments_gpu
+    d = dict(mod._SYRK_GPU_DEFAULT)
+    cfgs = [(d, True, {"default"}), (dict(mod._SYRK_GPU_STRIDED), False, {"default"})]
+    import bench_moments_gpu  # the launch shapes the GPU benchmark times
 
-        cfgs += [(dict(d, **c), {"benchmark"}) for c in bench_moments_gpu.TRITON_CONFIGS if c]
-    except Exception as e:  # noqa: BLE001 - the benchmark must import; report why not
-        raise RuntimeError(f"benchmarks/bench_moments_gpu.py does not import: {e}") from e
-    # the extremes of what u8_syrk_update accepts (it refuses anything else)
-    lim = getattr(mod, "SYRK_LIMITS", None)
-    if lim:
-        for blk in (min(lim["block"]), max(lim["block"])):
-            for bk in (min(lim["bk"]), max(lim["bk"])):
-                cfgs.append((dict(block=blk, bk=bk, num_warps=4 if blk <= 64 else 8, num_stages=lim["max_stages"]), {"option"}))
-    for c, who in cfgs:
-        label = f"block={c['block']} bk={c['bk']}"
-        yield Variant(kid, label + " contiguous", args(True), dict(BLOCK=c["block"], BK=c["bk"]), c["num_warps"], c["num_stages"], who, True)
-    yield Variant(kid, f"block={d['block']} bk={d['bk']} strided", args(False), dict(BLOCK=d["block"], BK=d["bk"]),
-                  d["num_warps"], d["num_stages"], {"default"}, True)
+    cfgs += [(dict(d, **c), True, {"benchmark"}) for c in bench_moments_gpu.TRITON_CONFIGS if c]
+    # the extremes of what u8_syrk_update accepts (it refuses anything else): smallest and
+    # largest tiles at the most pipeline stages the staged-bytes bound allows
+    lim = mod.SYRK_LIMITS
+    for blk, bk in itertools.product((min(lim["block"]), max(lim["block"])), (min(lim["bk"]), max(lim["bk"]))):
+        st = min(lim["max_stages"], lim["max_stage_bytes"] // (2 * blk * bk))
+        for contig in (True, False):
+            cfgs.append((dict(block=blk, bk=bk, num_warps=4 if blk <= 64 else 8, num_stages=st), contig, {"option"}))
+    for c, contig, who in cfgs:
+        label = f"block={c['block']} bk={c['bk']} {'contiguous' if contig else 'strided'}"
+        yield Variant(kid, label, args(contig), dict(BLOCK=c["block"], BK=c["bk"]), c["num_warps"], c["num_stages"], who, True)
 
 
 def _loc_args(train: Ptr, B=128, n=3072, N=50000, chunk=None, syj=1, ld=48):
@@ -233,47 +225,55 @@ def _loc_args(train: Ptr, B=128, n=3072, N=50000, chunk=None, syj=1, ld=48):
             F32, F32, F32, F32, B, n, N, split, chunk or split, 0.0052, -0.66, -0.0123, 0.005)
 
 
-def v_loc(kid, mod, tuners) -> Iterator[Variant]:
+def v_loc(kid, mod, tuners, target) -> Iterator[Variant]:
+    """Autotuning: every config offered on this target in every mode for uint8 training
+    sets (the main path); for float32 every offered config with state output; float16 and
+    float64 (rare) the first offered config. Plus the GPU tests' fixed shapes and strided,
+    misaligned odd-sized inputs."""
     tuner = tuners.get(kid)
-    bj, bms = mod._LOC_GPU_BJ, tuple(mod._LOC_GPU_BMS)
     if tuner is None:
         raise RuntimeError(f"{kid}: no Autotuner wraps it (is ANALYTIC_DIFFUSION_TRITON_AUTOTUNE=0 set?)")
-    names = [p.name for p in tuner.fn.params]
-    first = tuner.configs[0]
-    for wssm, state, split, ydt in itertools.product((False, True), (False, True), (False, True), TRAIN_DTYPES):
+    bj, bms = mod._LOC_GPU_BJ, tuple(mod._LOC_GPU_BMS)
+
+    def cfg_key(c):
+        return (c.kwargs["BB"], c.kwargs["BK"], c.kwargs["BM"], c.num_warps, c.num_stages)
+
+    def offered(wssm, split):
+        keep = mod._loc_gpu_configs(target // 10, wssm, split)
+        return [c for c in tuner.configs if cfg_key(c) in keep]
+
+    for wssm, split, state, ydt in itertools.product((False, True), (False, True), (False, True), TRAIN_DTYPES):
+        if ydt != "uint8" and not state:
+            continue
         flags = dict(WSSM=wssm, STATE=state, SPLIT=split, IS_U8=ydt == "uint8", BJ=bj, BM_A=bms[0])
-        args = _loc_args(Ptr(ydt), chunk=256 if wssm else None)
-        offered = tuner.configs
-        if getattr(tuner, "early_config_prune", None):
-            named = dict(zip(names, args))
-            offered = tuner.early_config_prune(tuner.configs, named, **flags)
         mode = ("wssm" if wssm else "exact") + ("+state" if state else "") + ("+hi/lo" if split else "")
-        for cfg in offered:
-            if ydt in ("float16", "float64") and cfg is not first:
-                continue  # rare training-set dtypes: the default config only (the others: uint8, float32)
+        configs = offered(wssm, split)
+        for i, cfg in enumerate(configs):
+            if ydt in ("float16", "float64") and i:
+                continue
             kw = cfg.kwargs
-            who = {"autotune", "default"} if cfg is first else {"autotune"}
-            yield Variant(kid, f"{mode} {ydt} BB={kw['BB']} BK={kw['BK']} BM={kw['BM']}", args,
-                          dict(flags, **kw), cfg.num_warps, cfg.num_stages, who, True)
-    # fixed launch shapes (blocks=...): the GPU tests' and the default filled in from the first config
+            yield Variant(kid, f"{mode} {ydt} BB={kw['BB']} BK={kw['BK']} BM={kw['BM']}", _loc_args(Ptr(ydt), chunk=256 if wssm else None),
+                          dict(flags, **kw), cfg.num_warps, cfg.num_stages, {"autotune", "default"} if i == 0 else {"autotune"}, True)
+        # strided, misaligned training set, n not a multiple of 16, few queries
+        kw = configs[0].kwargs
+        if ydt == "uint8" and state:
+            args = _loc_args(Ptr("uint8", False), B=5, n=3071, N=1001, chunk=37 if wssm else None, syj=2, ld=7)
+            yield Variant(kid, f"{mode} uint8 strided n=3071 BB={kw['BB']} BK={kw['BK']} BM={kw['BM']}", args, dict(flags, **kw),
+                          configs[0].num_warps, configs[0].num_stages, {"autotune", "default"}, True)
+    # fixed launch shapes (blocks=...): the GPU tests'; unset sizes come from the first config
+    first = mod._LOC_GPU_CONFIGS[0]
     for bb, bk, bm in ((8, 16, 64), (4, 16, 64), (4, 16, 128)):
-        for state, split in itertools.product((False, True), (False, True)):
-            flags = dict(WSSM=False, STATE=state, SPLIT=split, IS_U8=True, BJ=bj, BM_A=bm, BB=bb, BK=bk, BM=bm)
-            mode = "exact" + ("+state" if state else "") + ("+hi/lo" if split else "")
-            yield Variant(kid, f"{mode} uint8 blocks=BB{bb}/BK{bk}/BM{bm}", _loc_args(U8), flags,
-                          first.num_warps, first.num_stages, {"test"}, True)
-    # odd shapes: strided, misaligned training set, n not a multiple of 16
-    kw = first.kwargs
-    for wssm, split in itertools.product((False, True), (False, True)):
-        flags = dict(WSSM=wssm, STATE=True, SPLIT=split, IS_U8=True, BJ=bj, BM_A=bms[0], **kw)
-        args = list(_loc_args(Ptr("uint8", False), B=5, n=3071, N=1001, chunk=37 if wssm else None, syj=2, ld=7))
-        yield Variant(kid, f"{'wssm' if wssm else 'exact'}+state{'+hi/lo' if split else ''} uint8 strided n=3071",
-                      tuple(args), flags, first.num_warps, first.num_stages, {"default"}, True)
+        for split in (False, True):
+            flags = dict(WSSM=False, STATE=False, SPLIT=split, IS_U8=True, BJ=bj, BM_A=bm, BB=bb, BK=bk, BM=bm)
+            yield Variant(kid, f"exact{'+hi/lo' if split else ''} uint8 blocks=BB{bb}/BK{bk}/BM{bm}", _loc_args(U8), flags,
+                          first[3], first[4], {"test"}, True)
 
 
-def v_dist(kid, mod, tuners) -> Iterator[Variant]:
+def v_dist(kid, mod, tuners, target) -> Iterator[Variant]:
     o = mod._OPT_GPU
     for has_w, ydt in itertools.product((False, True), TRAIN_DTYPES):
+        if ydt in ("float16", "float64") and not has_w:
+            continue
         args = (F32, F32, Ptr(ydt), 3072, 1, F32, 4194304 // 128, 128, 3072, 0, 32768, 0.0052, -0.66, -0.0123)
         yield Variant(kid, f"{'window' if has_w else 'optimal'} {ydt}", args,
                       dict(HAS_W=has_w, BB=o["BB"], BK=o["BK"], BJ=o["BJ"]), o["dist_warps"], 3, {"default"}, False)
@@ -282,9 +282,11 @@ def v_dist(kid, mod, tuners) -> Iterator[Variant]:
                   o["dist_warps"], 3, {"default"}, False)
 
 
-def v_wsum(kid, mod, tuners) -> Iterator[Variant]:
+def v_wsum(kid, mod, tuners, target) -> Iterator[Variant]:
     o = mod._OPT_GPU
     for wssm, state, ydt in itertools.product((False, True), (False, True), TRAIN_DTYPES):
+        if ydt in ("float16", "float64") and not state:
+            continue
         args = (F32, 32768, Ptr(ydt), 3072, 1, F32, F32, F32, F32, 128, 3072, 0, 32768, 32768, 256 if wssm else 32768, 0.005)
         mode = ("wssm" if wssm else "exact") + ("+state" if state else "")
         yield Variant(kid, f"{mode} {ydt}", args, dict(WSSM=wssm, STATE=state, IS_U8=ydt == "uint8", BB=o["BB"], BK=o["BK"], BN=o["BN"]),
@@ -322,7 +324,7 @@ def triton_variants(targets, only: Optional[str]) -> Tuple[List[Variant], List[s
         for target in targets:
             backend = make_backend(GPUTarget("cuda", target, 32))
             binder = create_function_from_signature(kern.signature, kern.params, backend)
-            for v in spec(kid, mod, tuners):
+            for v in spec(kid, mod, tuners, target):
                 _, specialization, options = binder(*_real_args(v.args), **v.constexprs, num_warps=v.num_warps, num_stages=v.num_stages)
                 key = f"{kid}|{target}|{specialization}|{sorted(options.items())}"
                 if key in out:
@@ -442,7 +444,8 @@ def compile_cuda(job: Tuple[str, int]) -> List[dict]:
         fig = _ptxas_figures(body)
         smem = re.search(r"(\d+) bytes smem", body)
         code = sass_by_fn.get(name, "")
-        pretty = re.sub(r"\(.*\)$", "", dem[name]).replace("analytic_diffusion::", "").replace("(anonymous namespace)::", "")
+        pretty = dem[name].replace("analytic_diffusion::", "").replace("(anonymous namespace)::", "").replace("u8syrk::", "")
+        pretty = re.sub(r"^void ", "", re.sub(r"\(.*\)$", "", pretty))  # drop the return type and parameters
         rows.append(dict(kernel=f"{src}:{pretty}", variant="", target=target, **fig, smem=int(smem.group(1)) if smem else 0,
                          tc=len(TC_OPS.findall(code)), local_ops=len(LOCAL_OPS.findall(code)), warps="128 thr" if "mma" in pretty else "",
                          launched="default", tensor_cores="mma" in pretty, seconds=secs / max(1, len(names)), error=None))
@@ -519,6 +522,7 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="ad-static-triton-")
     os.environ["TRITON_CACHE_DIR"] = cache  # nothing reused across runs (workers inherit it)
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (silences its warning)
     os.environ.pop("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", None)  # the full autotuning list
     problems: List[str] = []
     rows: List[dict] = []
