@@ -309,6 +309,7 @@ def test_interp_random_data(t, B, N, u8):
 
 
 @interp
+@pytest.mark.slow
 @pytest.mark.parametrize("t", TIMESTEPS)
 def test_interp_real_crops_every_precision(t):
     """8x8 natural crops, queries = noisy held-out images; the three precision settings."""
@@ -317,6 +318,7 @@ def test_interp_real_crops_every_precision(t):
 
 
 @interp
+@pytest.mark.slow
 def test_interp_block_skipping_and_empty_windows():
     n = 48
     M = block_diagonal_mask(n, 16, 16)
@@ -413,6 +415,7 @@ def test_interp_non_contiguous_inputs():
 
 
 @interp
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_interp_float16_and_float64_training_sets(dtype):
     """Training sets of the other accepted dtypes, read in place by every kernel: the

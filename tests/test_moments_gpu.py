@@ -203,6 +203,7 @@ def test_interp_k_block_flushes():
 
 
 @interp
+@pytest.mark.slow
 def test_interp_int32_overflow_is_flushed():
     # u = 0 is s = -128: each image adds 2^14 to sum s_i s_j, so 131200 images sum to
     # 2149580800 > 2^31 - 1. One int32 accumulator would wrap; K blocks of 65536 do not.
