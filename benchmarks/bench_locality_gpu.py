@@ -31,6 +31,7 @@ import torch
 
 import analytic_diffusion as ad
 import gpu_bench
+from analytic_diffusion.ops import triton_support
 from analytic_diffusion.ops.locality import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
@@ -141,7 +142,7 @@ def run(N: int = 50000, B: int = 128, timesteps=None, n_base: int = 5000, b_acc:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_locality_gpu_cifar_shape(benchmark, record):
-    if not _triton.available():
+    if not triton_support.available():
         pytest.skip("the Triton backend is not available")
     kw = dict(N=2000, B=16, timesteps=[900, 300, 0], n_base=500) if QUICK else {}
     rows = run(**kw)

@@ -21,6 +21,7 @@ import torch
 import analytic_diffusion as ad
 import gpu_bench
 from analytic_diffusion.ops.moments import cuda as _cuda
+from analytic_diffusion.ops import triton_support
 from analytic_diffusion.ops.moments import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
@@ -88,7 +89,7 @@ def _baselines(x: torch.Tensor, N: int, n: int, seed: int, dev: str = "cuda") ->
 
 
 def _available(impl: str) -> bool:
-    return {"cuda": _cuda.available, "triton": _triton.available}[impl]()
+    return {"cuda": _cuda.available, "triton": triton_support.available}[impl]()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

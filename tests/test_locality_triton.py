@@ -198,6 +198,23 @@ def test_blocks_that_cannot_compile_are_refused_on_every_device(blocks, match):
         TRI_L(x, train, M, 0.5, blocks=blocks)
 
 
+def test_autotune_configs_offered_per_gpu_generation(monkeypatch):
+    """Launch shapes that spill registers on a GPU generation (benchmarks/gpu_static_check.py)
+    are never offered to the autotuner there; every mode keeps at least one."""
+    monkeypatch.delenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", raising=False)
+    every = _triton._LOC_GPU_CONFIGS
+    for wssm in (False, True):
+        for split in (False, True):
+            assert _triton._loc_gpu_configs(9, wssm, split) == every  # Hopper: none spills
+            got = _triton._loc_gpu_configs(8, wssm, split)
+            assert got and got == [c for c in every if c in got]
+            for cfg, below, w, sp in _triton._LOC_GPU_SPILLS:
+                if 8 < below and w in (None, wssm) and sp in (None, split):
+                    assert cfg not in got
+    monkeypatch.setenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "0")  # one config: the first offered
+    assert _triton._loc_gpu_configs(8, True, True) == [c for c in every if c not in [e[0] for e in _triton._LOC_GPU_SPILLS]][:1]
+
+
 @pytest.mark.parametrize("blocks", [dict(BN=8), dict(BB=8), dict(BK=4), dict(BJ=24)])
 def test_optimal_blocks_that_cannot_compile_are_refused(blocks):
     x, train, _ = random_case(2, 10, 48, 0)
