@@ -215,6 +215,21 @@ def test_autotune_configs_offered_per_gpu_generation(monkeypatch):
     assert _triton._loc_gpu_configs(8, True, True) == [c for c in every if c not in [e[0] for e in _triton._LOC_GPU_SPILLS]][:1]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_autotuner_prune_hook_keeps_the_offered_configs(monkeypatch):
+    import triton
+
+    monkeypatch.delenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", raising=False)
+    configs = [triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st) for bb, bk, bm, w, st in _triton._LOC_GPU_CONFIGS]
+    for major in (8, 9):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        for wssm in (False, True):
+            for split in (False, True):
+                kept = _triton._loc_prune(configs, {"x_ptr": torch.zeros(1)}, WSSM=wssm, STATE=False, SPLIT=split, IS_U8=True)
+                got = [(c.kwargs["BB"], c.kwargs["BK"], c.kwargs["BM"], c.num_warps, c.num_stages) for c in kept]
+                assert got == _triton._loc_gpu_configs(major, wssm, split)
+
+
 @pytest.mark.parametrize("blocks", [dict(BN=8), dict(BB=8), dict(BK=4), dict(BJ=24)])
 def test_optimal_blocks_that_cannot_compile_are_refused(blocks):
     x, train, _ = random_case(2, 10, 48, 0)
