@@ -17,9 +17,9 @@
 #   locality     benchmarks/bench_locality_gpu.py: CIFAR shape (N = 50000, n = 3072,
 #                B = 128), the 10 DDIM steps, and optimal_denoise; target 60 ms/step
 #   sanitizer    compute-sanitizer memcheck and racecheck on small moments updates
-# Everything lands in $OUT (default ./gpu_check_out): summary.txt (read first), build.log,
-# sass.txt.gz, pytest.txt, moments.json, locality.json, sanitizer.txt, and one .log per
-# step. The exit status is non-zero if any step failed or was skipped for lack of time.
+# Everything lands in $OUT (default ./gpu_check_out), eight files at most (the device
+# tool brings back 8): summary.txt (read first), build.log, sass.txt.gz, pytest.txt,
+# moments.json, locality.json, sanitizer.txt, steps.log (the benchmark scripts' output). The exit status is non-zero if any step failed or was skipped for lack of time.
 # No network is needed (the image has torch, triton, scikit-build-core, pybind11).
 #
 # --dry-run: no build, no GPU. Runs under TRITON_INTERPRET=1 on the CPU with the package
@@ -70,8 +70,8 @@ if [ $DRY = 1 ]; then
     step tests 120 "$OUT/pytest.txt" "$PY" -m pytest -q -p no:cacheprovider --collect-only \
         tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_build.py
     tail -n 1 "$OUT/pytest.txt" | tee -a "$SUMMARY"
-    step moments 120 "$OUT/moments.log" "$PY" benchmarks/bench_moments_gpu.py --dry-run --json "$OUT/moments.json"
-    step locality 180 "$OUT/locality.log" "$PY" benchmarks/bench_locality_gpu.py --dry-run --json "$OUT/locality.json"
+    step moments 120 "$OUT/steps.log" "$PY" benchmarks/bench_moments_gpu.py --dry-run --json "$OUT/moments.json"
+    step locality 180 "$OUT/steps.log" "$PY" benchmarks/bench_locality_gpu.py --dry-run --json "$OUT/locality.json"
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
     nvcc --version 2>&1 | tail -2 | tee -a "$SUMMARY"
@@ -101,10 +101,11 @@ EOF
         tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_build.py
     tail -n 3 "$OUT/pytest.txt" | tee -a "$SUMMARY"
     # ---- timings
-    step moments 90 "$OUT/moments.log" "$PY" benchmarks/bench_moments_gpu.py --json "$OUT/moments.json"
-    step locality 150 "$OUT/locality.log" "$PY" benchmarks/bench_locality_gpu.py --json "$OUT/locality.json"
+    step moments 90 "$OUT/steps.log" "$PY" benchmarks/bench_moments_gpu.py --json "$OUT/moments.json"
+    step locality 150 "$OUT/steps.log" "$PY" benchmarks/bench_locality_gpu.py --json "$OUT/locality.json"
     # ---- compute-sanitizer on small updates (out-of-bounds, uninitialised, shared-memory races)
-    cat >"$OUT/sanitize.py" <<'EOF'
+    SANITIZE="$(mktemp --suffix=.py)"
+    cat >"$SANITIZE" <<'EOF'
 import torch
 from analytic_diffusion.ops.moments import cuda as _cuda
 for B, n, kb in ((37, 33, 0), (300, 200, 64), (130, 257, 0)):
@@ -117,7 +118,7 @@ print("sanitize run done")
 EOF
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
-            step "sanitizer-$tool" 60 "$OUT/sanitizer.txt" compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$OUT/sanitize.py"
+            step "sanitizer-$tool" 60 "$OUT/sanitizer.txt" compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$SANITIZE"
             grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.txt" | tail -1 | tee -a "$SUMMARY"
         done
     else
