@@ -207,12 +207,14 @@ def test_autotune_configs_offered_per_gpu_generation(monkeypatch):
         for split in (False, True):
             assert _triton._loc_gpu_configs(9, wssm, split) == every  # Hopper: none spills
             got = _triton._loc_gpu_configs(8, wssm, split)
-            assert got and got == [c for c in every if c in got]
+            extra = _triton._LOC_GPU_SM8X_WSSM_SPLIT if wssm and split else []
+            assert got and got == [c for c in every if c in got] + extra
             for cfg, below, w, sp in _triton._LOC_GPU_SPILLS:
                 if 8 < below and w in (None, wssm) and sp in (None, split):
                     assert cfg not in got
     monkeypatch.setenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "0")  # one config: the first offered
-    assert _triton._loc_gpu_configs(8, True, True) == [c for c in every if c not in [e[0] for e in _triton._LOC_GPU_SPILLS]][:1]
+    assert _triton._loc_gpu_configs(9, True, True) == every[:1]
+    assert _triton._loc_gpu_configs(8, True, True) == _triton._LOC_GPU_SM8X_WSSM_SPLIT[:1]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -220,7 +222,8 @@ def test_autotuner_prune_hook_keeps_the_offered_configs(monkeypatch):
     import triton
 
     monkeypatch.delenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", raising=False)
-    configs = [triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st) for bb, bk, bm, w, st in _triton._LOC_GPU_CONFIGS]
+    every = _triton._LOC_GPU_CONFIGS + _triton._LOC_GPU_SM8X_WSSM_SPLIT
+    configs = [triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st) for bb, bk, bm, w, st in every]
     for major in (8, 9):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
         for wssm in (False, True):

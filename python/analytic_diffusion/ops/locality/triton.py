@@ -335,7 +335,7 @@ def _denoise_kernels():
     if not triton_support.interpreting():
         configs = [
             triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st)
-            for bb, bk, bm, w, st in _LOC_GPU_CONFIGS
+            for bb, bk, bm, w, st in _LOC_GPU_CONFIGS + _LOC_GPU_SM8X_WSSM_SPLIT  # pruned per GPU and mode
         ]
         loc_tuned = triton.autotune(
             configs=configs,
@@ -366,12 +366,18 @@ _LOC_GPU_CONFIGS = [
 _LOC_GPU_SPILLS = [
     ((4, 16, 128, 8, 3), 9, None, True),  # 180-788 B
     ((4, 32, 64, 8, 3), 9, True, True),  # 4-32 B
-    ((8, 16, 64, 8, 3), 9, True, True),  # 16 B
+    ((8, 16, 64, 8, 3), 9, True, True),  # 16 B (136 B for strided training sets)
+    ((8, 16, 64, 8, 4), 9, True, True),  # 16 B
+    ((4, 16, 64, 4, 3), 9, True, True),  # 328 B for strided training sets
 ]
+# Offered only on sm_8x in WSSM mode with the hi+lo split, where every config above spills:
+# 32-row distance GEMM tiles (217-226 registers, no spill, strided training sets included).
+_LOC_GPU_SM8X_WSSM_SPLIT = [(2, 16, 64, 4, 3)]
 _LOC_GPU_BJ = 64
 _LOC_GPU_BMS = (64, 128)
-# single-window path (dist_kernel, wsum_kernel); wsum with 4 warps spilled 8-16 B
-_OPT_GPU = dict(BB=16, BK=32, BJ=32, BN=128, dist_warps=4, wsum_warps=8)
+# single-window path (dist_kernel, wsum_kernel): wsum with 4 or 8 warps spilled 4-16 B
+# (WSSM, float16 or strided training sets); with 16 none does
+_OPT_GPU = dict(BB=16, BK=32, BJ=32, BN=128, dist_warps=4, wsum_warps=16)
 
 
 def _loc_gpu_configs(major: int, wssm: bool, split: bool) -> list:
@@ -381,6 +387,8 @@ def _loc_gpu_configs(major: int, wssm: bool, split: bool) -> list:
         c for c in _LOC_GPU_CONFIGS
         if not any(c == cfg and major < below and w in (None, wssm) and sp in (None, split) for cfg, below, w, sp in _LOC_GPU_SPILLS)
     ]
+    if major < 9 and wssm and split:
+        out += _LOC_GPU_SM8X_WSSM_SPLIT
     if os.environ.get("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "1") == "0":
         out = out[:1]
     return out
