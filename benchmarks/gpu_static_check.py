@@ -22,7 +22,9 @@ SASS), who launches it. Exit status 1 on:
   * shared memory above the target's per-block limit (any variant: it could not launch);
   * a tensor-core kernel whose SASS has no tensor-core instruction.
 The table goes to benchmarks/results/gpu-static.md (``--out``). Nothing is cached across
-runs (a fresh Triton cache directory, removed at exit). What it cannot see: run time,
+runs (a fresh Triton cache directory, removed at exit). Cost: about 1-1.5 s of one core
+per Triton variant (~210 of them) plus ~5 s per nvcc compile: 2-3 minutes on 2 idle
+cores (``--jobs`` processes, default min(4, cores)); ``--only`` and ``--targets`` narrow it. What it cannot see: run time,
 numerical results (compiled Triton fuses multiply-adds and uses ex2.approx), anything
 that depends on the data; those need a GPU (benchmarks/gpu_check.sh).
 """
