@@ -371,8 +371,8 @@ _LOC_GPU_SPILLS = [
     ((4, 16, 64, 4, 3), 9, True, True),  # 328 B for strided training sets
 ]
 # Offered only on sm_8x in WSSM mode with the hi+lo split, where every config above spills:
-# 32-row distance GEMM tiles (217-226 registers, no spill, strided training sets included).
-_LOC_GPU_SM8X_WSSM_SPLIT = [(2, 16, 64, 4, 3)]
+# 32-row distance GEMM tiles on 8 warps (at most 160 registers; with 4 warps float32 spilled 8 B).
+_LOC_GPU_SM8X_WSSM_SPLIT = [(2, 16, 64, 8, 3)]
 _LOC_GPU_BJ = 64
 _LOC_GPU_BMS = (64, 128)
 # single-window path (dist_kernel, wsum_kernel): wsum with 4 or 8 warps spilled 4-16 B
