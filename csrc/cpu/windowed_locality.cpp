@@ -158,9 +158,11 @@ class Planner {
         // precision of prefix-sum planes (see kWlMaxLogitError), for the worst channel set
         const double u = std::ldexp(1.0, -53);
         const double vmax = static_cast<double>(H) * emax * static_cast<double>(C);
-        allow_v_ = std::sqrt(static_cast<double>(H * k)) * vmax * u * scale <= kWlMaxLogitError;
+        // V: a read carries the rounding of up to H adds (~sqrt(H) ulp of max|V|), a window up
+        // to 2k reads; I: each of its 4 reads also carries a row prefix (~sqrt(W) ulp of max|I|)
+        allow_v_ = std::sqrt(static_cast<double>(H) * 2.0 * static_cast<double>(k)) * vmax * u * scale <= kWlMaxLogitError;
         allow_i_ = allow_integral && allow_v_ &&
-                   std::sqrt(static_cast<double>(H * W)) * vmax * static_cast<double>(W) * u * scale * 4.0 <= kWlMaxLogitError;
+                   2.0 * std::sqrt(static_cast<double>(H + W)) * vmax * static_cast<double>(W) * u * scale <= kWlMaxLogitError;
     }
 
     int64_t Wv() const { return Wv_; }
