@@ -682,11 +682,25 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     for (int64_t g = 0; g < G; ++g) max_terms = std::max(max_terms, P.term_off[g + 1] - P.term_off[g]);
     const int64_t nplanes = std::max<int64_t>(1, P.nplanes);
     const int64_t scratch_len = nplanes * P.plane_size + kWlChunk * G * HW + kWlChunk * C * HW + 2 * max_terms;
-    const int team = static_cast<int>(std::min<int64_t>(nt, nunits));
+    // Small calls run on one thread: on a busy machine waking an OpenMP team can cost a
+    // scheduler time slice (tens of ms), far more than the work itself.
+    const double work = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(C * HW);
+    const int team = work < 4.0e6 ? 1 : static_cast<int>(std::min<int64_t>(nt, nunits));
     std::vector<std::unique_ptr<double[], FreeDeleter>> scratch;
     for (int t = 0; t < team; ++t) scratch.push_back(aligned_array<double>(scratch_len));
     const double ninf = -std::numeric_limits<double>::infinity();
 
+    // Merge the blocks of each query in block order and write the outputs in the caller's
+    // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
+    auto* out_d = reinterpret_cast<double*>(out_ptr);
+    auto* out_f = reinterpret_cast<float*>(out_ptr);
+    auto* mx_out = reinterpret_cast<double*>(mx_ptr);
+    auto* l_out = reinterpret_cast<double*>(l_ptr);
+    auto* acc_out = reinterpret_cast<double*>(acc_ptr);
+    const double den = static_cast<double>(nseg) + 1e-8;  // every chunk's weights sum to 1
+    const int64_t merge_len = (2 * G + C) * HW + 8 * nblk;
+    std::vector<std::unique_ptr<double[], FreeDeleter>> mscratch;
+    for (int t = 0; t < team; ++t) mscratch.push_back(aligned_array<double>(merge_len));
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(team) if (team > 1)
 #endif
@@ -747,23 +761,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 }
             }
         }
-    }
-
-    // Merge the blocks of each query in block order and write the outputs in the caller's
-    // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
-    auto* out_d = reinterpret_cast<double*>(out_ptr);
-    auto* out_f = reinterpret_cast<float*>(out_ptr);
-    auto* mx_out = reinterpret_cast<double*>(mx_ptr);
-    auto* l_out = reinterpret_cast<double*>(l_ptr);
-    auto* acc_out = reinterpret_cast<double*>(acc_ptr);
-    const double den = static_cast<double>(nseg) + 1e-8;  // every chunk's weights sum to 1
-    const int64_t merge_len = (2 * G + C) * HW + 8 * nblk;
-    std::vector<std::unique_ptr<double[], FreeDeleter>> mscratch;
-    for (int t = 0; t < team; ++t) mscratch.push_back(aligned_array<double>(merge_len));
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(team) if (team > 1)
-#endif
-    {
+        // SPEC 5 merge of each query's blocks, in block order (after the implicit barrier)
+        {
         double* M = mscratch[thread_index()].get();
         double* L = M + G * HW;
         double* A = L + G * HW;
@@ -803,6 +802,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     }
             }
         }
+            }
     }
     return stats;
 }
