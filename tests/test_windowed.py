@@ -181,21 +181,46 @@ def test_windows_match_spec4_masks_at_low_noise(crops16, crop_filter):
     assert iou > 0.75, iou  # measured 0.85; the full covariance from 3000 images is the noisier one
 
 
-def test_locality_denoiser_with_patch_moments():
+def test_locality_denoiser_with_patch_moments_takes_the_windowed_path():
     train = ad.data.natural_crops(120, size=6, seed=8)
     pm = ad.estimate_patch_moments(train, 3)
     den = ad.LocalityDenoiser(train, moments=pm, threshold=0.05)
-    assert isinstance(den.filter, ad.WindowedWiener)
+    assert den.windowed and isinstance(den.filter, ad.WindowedWiener)
     ab = ad.alpha_bar_at(100)
-    M = den.mask(100)
-    assert torch.equal(M, ad.WindowedWiener(pm, (3, 6, 6)).dense_mask(ab, 0.05))
+    W = den.mask(100)  # the window itself, [C, C, k, k]: nothing n x n
+    assert W.shape == (3, 3, 3, 3) and torch.equal(W, ad.WindowedWiener(pm).mask(ab, 0.05))
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    ref = ad.ops.locality_denoise(x, train, M, ab)
-    assert torch.equal(den(x, 100), ref)
+    dense = ad.WindowedWiener(pm, (3, 6, 6)).dense_mask(ab, 0.05)  # the same windows placed densely
+    ref = ad.ops.locality_denoise(x.double(), train, dense, ab, backend="reference")
+    assert ((den(x.double(), 100) - ref).abs().max()) < 1e-12
+    info = den.window_info(100)
+    assert info["patch_size"] == 3 and 0 <= info["radius"] <= 1 and isinstance(info["touches_edge"], bool)
     s = ad.sample(den, 2, (3, 6, 6), steps=2)
     assert s.shape == (2, 3, 6, 6) and torch.isfinite(s).all()
     with pytest.raises(ValueError, match="channels"):
         ad.LocalityDenoiser(train[:, :1], moments=pm)
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        ad.LocalityDenoiser(train, moments=pm, threshold=0.0)
+
+
+def test_windowed_path_takes_a_larger_patch_where_the_window_reaches_the_edge():
+    train = ad.data.natural_crops(200, size=8, seed=8)
+    small, large = ad.estimate_patch_moments(train, 3), ad.estimate_patch_moments(train, 7)
+    den = ad.LocalityDenoiser(train, moments=[large, small], threshold=0.02)  # any order
+    steps = ad.ddim_timesteps(10)
+    infos = [den.window_info(t) for t in steps]
+    for t, info in zip(steps, infos):
+        alone = ad.WindowedWiener(small).mask(ad.alpha_bar_at(t), 0.02)
+        reaches = bool(alone[:, :, 0].any() or alone[:, :, -1].any() or alone[:, :, :, 0].any() or alone[:, :, :, -1].any())
+        assert info["patch_size"] == (7 if reaches else 3), (t, info)
+        assert den.mask(t).shape[-1] == info["patch_size"]
+    assert infos[0]["patch_size"] == 7  # high noise: the 3x3 statistics are too small
+    radii = [i["radius"] for i in infos]
+    assert radii[0] >= radii[-1]  # windows shrink as the noise falls
+    with pytest.raises(ValueError, match="different patch sizes"):
+        ad.LocalityDenoiser(train, moments=[small, small])
+    with pytest.raises(ValueError, match="window_info is for the windowed path"):
+        ad.LocalityDenoiser(train[:20]).window_info(100)
 
 
 def test_bad_inputs_are_clear_errors(small_patch_moments, crop_moments):
@@ -219,3 +244,16 @@ def test_bad_inputs_are_clear_errors(small_patch_moments, crop_moments):
     mean_before, cov_before = small_patch_moments.mean.clone(), small_patch_moments.cov.clone()
     f.apply(torch.zeros(1, 2, 5, 5), 0.5)
     assert torch.equal(small_patch_moments.mean, mean_before) and torch.equal(small_patch_moments.cov, cov_before)
+
+
+def test_window_of_a_pixel_is_the_dense_mask_column_on_both_paths():
+    train = ad.data.natural_crops(200, size=8, seed=8)
+    pm = ad.estimate_patch_moments(train, 5)
+    den = ad.LocalityDenoiser(train, moments=pm)
+    dense = ad.WindowedWiener(pm, (3, 8, 8)).dense_mask(ad.alpha_bar_at(100), 0.02)
+    for m in (0, 7, 37, 100, 191):  # corners, edges, interior, every channel
+        assert torch.equal(den.window_of(100, m), dense[:, m].reshape(3, 8, 8)), m
+    full = ad.LocalityDenoiser(train[:50])
+    assert torch.equal(full.window_of(100, 37), full.mask(100)[:, 37].reshape(3, 8, 8))
+    with pytest.raises(ValueError, match="pixel"):
+        den.window_of(100, 192)

@@ -12,7 +12,15 @@ from importlib import metadata as _metadata
 from . import ops
 from ._ext import build_info
 from .registry import available_backends
-from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
+from .ops import (
+    MomentAccumulator,
+    Moments,
+    PatchMomentAccumulator,
+    StationaryMomentAccumulator,
+    estimate_moments,
+    estimate_patch_moments,
+    estimate_stationary_moments,
+)
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
 from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
@@ -48,6 +56,7 @@ __all__ = [
     "NearestDenoiser",
     "OptimalDenoiser",
     "PatchMomentAccumulator",
+    "StationaryMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
     "WindowedWiener",
@@ -61,6 +70,7 @@ __all__ = [
     "ddim_timesteps",
     "estimate_moments",
     "estimate_patch_moments",
+    "estimate_stationary_moments",
     "field_similarity",
     "figures",
     "linear_alphas_cumprod",
