@@ -17,6 +17,7 @@
 
 #include "../common/convert.h"
 #include "../common/macros.h"
+#include "els.h"
 #include "locality_denoise.h"
 #include "moments.h"
 #include "nearest_denoise.h"
@@ -340,6 +341,18 @@ PYBIND11_MODULE(_C, m) {
           "(uint8/float32/float64), float64 distances ||x - a y||^2, lowest index on ties: "
           "writes out [B, n] (float32/float64), index [B] int64 and/or dist [B] float64 "
           "(a zero address skips an output).");
+    m.def("els_denoise_run", &analytic_diffusion::els_denoise_run,
+          // x: float64 [B, C, H, W] contiguous; train [N, C, H, W] with element strides
+          // (ts0..ts3), kind 0 uint8 / 1 float32 / 2 float64; outputs float64 contiguous
+          // mx, l [B, H, W] and acc [B, C, H, W] (the exact online-softmax state per pixel).
+          py::arg("x_ptr"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"),
+          py::arg("train_ptr"), py::arg("N"), py::arg("ts0"), py::arg("ts1"), py::arg("ts2"),
+          py::arg("ts3"), py::arg("train_kind"), py::arg("P"), py::arg("circular"), py::arg("a"),
+          py::arg("scale"), py::arg("mx_ptr"), py::arg("l_ptr"), py::arg("acc_ptr"),
+          py::call_guard<py::gil_scoped_release>(),
+          "ELS / bbELS machine (SPEC 10): writes the float64 softmax state per query pixel "
+          "over every candidate patch of every training image; the result is acc / l.");
+    m.attr("ELS_SKIP_LOGIT") = analytic_diffusion::kElsSkipLogit;
     // windowed_locality_denoise (windowed_locality.cpp)
     m.def("windowed_locality_run", &analytic_diffusion::windowed_locality_run_py, py::arg("x_ptr"), py::arg("B"),
           py::arg("C"), py::arg("H"), py::arg("W"), py::arg("xs0"), py::arg("xs1"), py::arg("xs2"), py::arg("xs3"),
