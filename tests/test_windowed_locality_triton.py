@@ -117,6 +117,18 @@ def test_run_tables_are_cached_by_content():
     assert wtri._tables(win, 9, 8) is not t1  # the image size prunes rows
 
 
+def test_whole_image_windows_are_recognised():
+    full = torch.ones(2, 2, 13, 13, dtype=torch.bool)
+    assert wtri._whole_image(full, 5, 7) and wtri._whole_image(full, 7, 7)
+    assert not wtri._whole_image(full, 8, 7)  # offsets up to 6 do not reach across 8 rows
+    w = full.clone()
+    w[1, 0, 6 + 4, 6 - 6] = False  # offset (4, -6): needed for 5 x 7 images
+    assert not wtri._whole_image(w, 5, 7)
+    w = full.clone()
+    w[1, 0, 12, 0] = False  # offset (6, -6): outside every 5 x 7 image, irrelevant
+    assert wtri._whole_image(w, 5, 7)
+
+
 def test_gpu_configs_cover_every_width():
     widths = sorted(c[0] for c in wtri._WLOC_GPU_CONFIGS)
     assert widths == [16, 32, 64, 128, 256] and widths[-1] == wtri._WLOC_MAX_WIDTH
@@ -158,8 +170,8 @@ def test_interp_real_crops_every_ddim_step(t):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("t", [500, 10, 0])
-def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(t):
+@pytest.mark.parametrize("t,blocks,splits", [(10, dict(BK=16, BB=4, TH=4), 2), (0, None, None)])
+def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(t, blocks, splits):
     # 3 x 7 x 9, float32 train, non-contiguous x and train, several training tiles and splits
     pool = crops(16, 40)[:, :, 3:10, 2:11]
     train_u8, held = pool[:37], pool[37:]
@@ -170,7 +182,7 @@ def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(t):
     x = noisy_queries(held, ab, seed=t).float().transpose(2, 3).contiguous().transpose(2, 3)
     assert not x.is_contiguous()
     want = dense_locality(x.double().reshape(3, -1), unit(train_u8).reshape(37, -1), dense_window_mask(win, 7, 9), ab)
-    out = TRI(x, train, win, ab, splits=3, blocks=dict(BK=16, BB=2, TH=2))
+    out = TRI(x, train, win, ab, splits=splits, blocks=blocks)
     assert out.shape == x.shape and torch.isfinite(out).all()  # every pixel written (outputs start as NaN)
     assert rel(out, want) < TOL, rel(out, want)
 
@@ -178,7 +190,7 @@ def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(t):
 @needs_interpreter
 def test_interp_one_channel_and_windows_past_the_border():
     # C = 1, H != W, k = 2*max(H, W) - 1 (most of every window outside the image); the full
-    # window at that size is the optimal denoiser
+    # window at that size is the optimal denoiser (and runs the single-window kernels)
     pool = crops(8, 33)[:, :1, :5, :7]
     train, held = pool[:31], pool[31:]
     ab = ad.alpha_bar_at(200)
@@ -188,6 +200,8 @@ def test_interp_one_channel_and_windows_past_the_border():
         assert rel(TRI(x, train, win, ab), want) < TOL
     opt = ad.ops.optimal_denoise(x.double(), train, ab, backend="reference")
     assert rel(TRI(x, train, torch.ones(1, 1, 13, 13, dtype=torch.bool), ab), opt) < TOL
+    st = TRI(x, train, torch.ones(1, 1, 13, 13, dtype=torch.bool), ab, return_state=True)
+    assert st.mx.shape == (2, 35) and rel(st.result(), opt.reshape(2, -1)) < TOL
 
 
 @needs_interpreter

@@ -18,7 +18,10 @@ So a row of the window costs O(1) per pixel per run boundary, whatever its lengt
 ``E`` of one row is shared by every run of that row. The window is passed as two small
 tables built once per window content (``_RunTables``): rows per output channel and
 signed run boundaries per row. Because the strips are full-width, any window size (up
-to ``k = 2W - 1``) needs no column halo; rows outside the image are simply skipped.
+to ``k = 2W - 1``) needs no column halo; rows outside the image are simply skipped. A window
+that is the whole image for every pixel (high noise) makes every distance of a (query,
+training image) pair the same: that case runs the optimal denoiser's single-window
+kernels of ops/locality/triton.py (one fp32 distance per pair, O(B*N*n) work).
 
 Precision: direct differences only (never ``||x||^2 - 2a<x,y> + a^2||y||^2``). ``E`` is
 taken relative to a per-(query, pixel) shift ``c_b(p)`` (the expected squared difference
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 from ... import registry
 from ...schedule import noise_level
 from .. import triton_support
-from ..locality.triton import _merge_exact, _shift, _split_plan
+from ..locality.triton import _merge_exact, _shift, _single_window, _split_plan
 from ..softmax_state import SoftmaxState
 from .reference import windowed_locality_denoise_reference
 
@@ -283,6 +286,15 @@ def _tables(window: torch.Tensor, H: int, W: int) -> _RunTables:
     return t
 
 
+def _whole_image(window: torch.Tensor, H: int, W: int) -> bool:
+    """Every output pixel's window is the whole image (all channels): every offset
+    ``(di, dj)`` with ``|di| < H``, ``|dj| < W`` is in the window of every channel pair."""
+    r = window.shape[-1] // 2
+    if r < H - 1 or r < W - 1:
+        return False
+    return bool(window[:, :, r - (H - 1) : r + H, r - (W - 1) : r + W].all())
+
+
 def _pow2_at_least(v: int, lo: int) -> int:
     p = lo
     while p < v:
@@ -341,6 +353,13 @@ def windowed_locality_denoise_triton(
     N = train.shape[0]
     n = C * H * W
     dev = x.device
+    if _whole_image(window, H, W):
+        # one distance per (query, training image): the optimal denoiser's kernels, O(B*N*n)
+        res = _single_window(x.reshape(B, n), train.reshape(N, n), None, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
+        if return_state:
+            mx, l, acc = res
+            return SoftmaxState(mx.expand(B, n).contiguous(), l.expand(B, n).contiguous(), acc).double()
+        return res.to(x.dtype).reshape(B, C, H, W)
     blk = _blocks(dev, B, N, H, W, blocks)
     tabs = _tables(window, H, W)
     rows, counts, offs, sgns = tabs.on(dev)
