@@ -133,7 +133,7 @@ def test_gpu_configs_cover_every_width():
     widths = sorted(c[0] for c in wtri._WLOC_GPU_CONFIGS)
     assert widths == [16, 32, 64, 128, 256] and widths[-1] == wtri._WLOC_MAX_WIDTH
     for twp, bb, bk, th, warps, stages in wtri._WLOC_GPU_CONFIGS:
-        assert bb * bk * th * twp == 2048 and warps == 4  # the register budget the configs were compiled for
+        assert bb * bk * th * twp == 2048 and warps in (4, 8)  # the register budget the configs were compiled for
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter registers Triton for CPU tensors")
@@ -243,8 +243,8 @@ def test_interp_public_op_dispatch_and_float64_fallback():
     ab = ad.alpha_bar_at(400)
     win = random_window(3, 3, 0.5, seed=1)
     x = noisy_queries(held, ab, seed=1)
-    got = ad.ops.windowed_locality_denoise(x.float(), train, win, ab, backend="triton")
-    assert got.dtype == torch.float32 and rel(got, REF(x, train, win, ab)) < TOL
+    got = ad.ops.windowed_locality_denoise(x.float(), train, win, ab, temperature=0.5, backend="triton")
+    assert got.dtype == torch.float32 and rel(got, REF(x, train, win, ab, 0.5)) < TOL
     # float64 queries run the float64 reference (documented fallback)
     got64 = ad.ops.windowed_locality_denoise(x, train, win, ab, backend="triton")
     assert got64.dtype == torch.float64 and rel(got64, REF(x, train, win, ab)) < 1e-12

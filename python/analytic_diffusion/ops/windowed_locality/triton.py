@@ -56,13 +56,16 @@ from .reference import windowed_locality_denoise_reference
 
 # GPU launch shapes, by padded image width TWP (the width rounded up to a power of two):
 # (TWP, BB, BK, TH, num_warps, num_stages). D [BB, BK, TH, TWP] holds 2048 fp32 values
-# (16 per thread at 4 warps). Untuned (no GPU was available while writing them); each
-# compiles for sm_80 and sm_90 without register spills and with shared memory far below
-# the per-block limits (checked offline with Triton's ptxas, see the report in the commit
-# log). gpu_static_check.py enumerates this list.
+# (16 per thread at 4 warps, 8 at 8). Untuned (no GPU was available while writing them).
+# Each compiles for sm_80 and sm_90 in every mode (uint8/float32 train, exact/WSSM,
+# state or not) without register spills and with 2-4 KB of shared memory (checked offline
+# with Triton's ptxas; benchmarks/results/windowed-locality-triton.md). Beware: ptxas
+# spilled at 56-80 registers for several TWP = 32 shapes at 4 warps (and for one mode
+# only), so a change here needs the whole check again. gpu_static_check.py enumerates
+# this list.
 _WLOC_GPU_CONFIGS = [
     (16, 4, 8, 4, 4, 2),
-    (32, 4, 4, 4, 4, 2),
+    (32, 8, 4, 2, 8, 2),
     (64, 4, 8, 1, 4, 2),
     (128, 2, 8, 1, 4, 2),
     (256, 2, 4, 1, 4, 2),
