@@ -101,7 +101,11 @@ def test_run_tables_replay_the_window_sums(C, H, W, k, density):
     x = torch.randn(2, C, H, W, generator=g, dtype=torch.float64)
     y = torch.rand(3, C, H, W, generator=g, dtype=torch.float64) * 2 - 1
     tabs = wtri._RunTables(win, H, W)
-    assert tabs.rows.dtype == torch.int32 and tabs.offs.dtype == torch.int32 and tabs.sgns.dtype == torch.float32
+    assert tabs.offs.dtype == torch.int32 and tabs.sgns.dtype == torch.float32
+    rx, ry, rd, q0, nq, cnt = tabs.on(torch.device("cpu"), 1000, 10)[:6]
+    assert rx.dtype == torch.int32 and ry.dtype == torch.int64 and rx.shape == (C, tabs.ld) and cnt.shape == (C,)
+    ci, di = tabs.rows[..., 0], tabs.rows[..., 1]
+    assert torch.equal(ry, ci * 1000 + di * 10) and torch.equal(rx.long(), ci * H * W + di * W)
     assert bool((tabs.sgns.abs() == 1).all()) and tabs.boundaries % 2 == 0
     want = window_distances(x, y, win, 0.7)
     assert torch.allclose(replay(x, y, win, 0.7, tabs), want, rtol=1e-12, atol=1e-12)
@@ -178,7 +182,7 @@ def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(t, blocks, 
     train = unit(train_u8).float().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     assert not train.is_contiguous()
     ab = ad.alpha_bar_at(t)
-    win = random_window(3, 5, 0.5, seed=t)
+    win = random_window(3, 5, 0.5, seed=t) if blocks is None else random_window(3, 3, 0.5, seed=t)
     x = noisy_queries(held, ab, seed=t).float().transpose(2, 3).contiguous().transpose(2, 3)
     assert not x.is_contiguous()
     want = dense_locality(x.double().reshape(3, -1), unit(train_u8).reshape(37, -1), dense_window_mask(win, 7, 9), ab)

@@ -89,7 +89,11 @@ def _kernels():
         syc,
         syh,
         syw,
-        row_tab,  # int32 [C, ld_rows, 4]: (input channel, row offset di, first boundary, boundaries)
+        row_x,  # int32 [C, ld_rows]: offset of window row (c', di) in a query, c'*H*W + di*W
+        row_y,  # int64 [C, ld_rows]: its offset in a training image, c'*syc + di*syh
+        row_d,  # int32 [C, ld_rows]: di
+        row_q0,  # int32 [C, ld_rows]: its first run boundary
+        row_nq,  # int32 [C, ld_rows]: its number of run boundaries
         row_cnt,  # int32 [C]: rows of each output channel's window
         ld_rows,
         bnd_off,  # int32 [*]: column offset b of a run boundary (contributes sign * P[w + b])
@@ -132,10 +136,13 @@ def _kernels():
         rw = tl.arange(0, TWP)  # columns [TWP]
         w_ok = rw < W
         o_ok = (oh < H)[:, None] & w_ok[None, :]  # [TH, TWP]
-        opix = c * HW + oh[:, None] * W + rw[None, :]  # [TH, TWP] output pixel index
+        rel = oh[:, None] * W + rw[None, :]  # [TH, TWP] pixel index within a channel
+        yrel = oh[:, None].to(tl.int64) * syh + rw[None, :].to(tl.int64) * syw  # [TH, TWP]
+        opix = c * HW + rel  # output pixel index
+        yout = c * syc + yrel
         rk = tl.arange(0, BK)
         nrows = tl.load(row_cnt + c)
-        rbase = row_tab + c * ld_rows * 4
+        rbase = c * ld_rows
         k_lo = pid_s * split_len
         k_hi = tl.minimum(k_lo + split_len, N)
         mx = tl.full([BB, TH, TWP], float("-inf"), tl.float32)
@@ -149,19 +156,17 @@ def _kernels():
                 k_ok = offs_k < c1
                 yrow = offs_k.to(tl.int64) * syk  # [BK]
                 D = tl.zeros([BB, BK, TH, TWP], tl.float32)
-                for r in range(0, nrows):
-                    ci = tl.load(rbase + 4 * r)
-                    di = tl.load(rbase + 4 * r + 1)
-                    q0 = tl.load(rbase + 4 * r + 2)
-                    nq = tl.load(rbase + 4 * r + 3)
+                for r in range(rbase, rbase + nrows):
+                    di = tl.load(row_d + r)
+                    q0 = tl.load(row_q0 + r)
+                    nq = tl.load(row_nq + r)
                     ih = oh + di  # input rows [TH]
                     in_ok = ((ih >= 0) & (ih < H))[:, None] & w_ok[None, :]  # [TH, TWP]
-                    ihc = tl.minimum(tl.maximum(ih, 0), H - 1)
-                    xo = ci * HW + ihc[:, None] * W + rw[None, :]  # [TH, TWP]
+                    xo = tl.load(row_x + r) + rel  # [TH, TWP]; addresses outside the image are masked
                     xm = b_ok[:, None, None] & in_ok[None, :, :]
                     xv = tl.load(x_ptr + xrow[:, None, None] + xo[None, :, :], mask=xm, other=0.0)
                     cv = tl.load(c_ptr + xrow[:, None, None] + xo[None, :, :], mask=xm, other=0.0)
-                    yo = ci * syc + ihc[:, None].to(tl.int64) * syh + rw[None, :].to(tl.int64) * syw
+                    yo = tl.load(row_y + r) + yrel
                     yv = tl.load(
                         y_ptr + yrow[:, None, None] + yo[None, :, :],
                         mask=k_ok[:, None, None] & in_ok[None, :, :],
@@ -186,7 +191,7 @@ def _kernels():
                 corr = tl.exp(mx - mx_new)
                 p = tl.exp(s - mx_new[:, None, :, :])
                 yv = tl.load(
-                    y_ptr + yrow[:, None, None] + (c * syc + oh[:, None].to(tl.int64) * syh + rw[None, :].to(tl.int64) * syw)[None, :, :],
+                    y_ptr + yrow[:, None, None] + yout[None, :, :],
                     mask=k_ok[:, None, None] & o_ok[None, :, :],
                     other=0,
                 )
@@ -256,11 +261,12 @@ class _RunTables:
                     if len(offs) > q0:
                         rows[c].append((ci, di, q0, len(offs) - q0))
         ld = max(1, max(len(rc) for rc in rows))
-        tab = torch.zeros(C, ld, 4, dtype=torch.int32)
+        tab = torch.zeros(C, ld, 4, dtype=torch.int64)
         for c, rc in enumerate(rows):
             if rc:
-                tab[c, : len(rc)] = torch.tensor(rc, dtype=torch.int32)
-        self.rows = tab
+                tab[c, : len(rc)] = torch.tensor(rc, dtype=torch.int64)
+        self.rows = tab  # [C, ld, 4]: (c', di, first boundary, boundaries)
+        self.H, self.W = H, W
         self.counts = torch.tensor([len(rc) for rc in rows], dtype=torch.int32)
         self.offs = torch.tensor(offs or [0], dtype=torch.int32)
         self.sgns = torch.tensor(sgns or [0.0], dtype=torch.float32)
@@ -268,10 +274,18 @@ class _RunTables:
         self.boundaries = len(offs)
         self._on = {}
 
-    def on(self, device: torch.device):
-        key = str(device)
+    def on(self, device: torch.device, syc: int, syh: int):
+        """The kernel's tables on ``device`` for training images of channel/row strides
+        (syc, syh): row_x, row_y, row_d, row_q0, row_nq, row_cnt, bnd_off, bnd_sgn."""
+        key = (str(device), syc, syh)
         if key not in self._on:
-            self._on[key] = tuple(t.to(device) for t in (self.rows, self.counts, self.offs, self.sgns))
+            ci, di, q0, nq = self.rows.unbind(-1)
+            x = (ci * (self.H * self.W) + di * self.W).to(torch.int32)
+            y = ci * syc + di * syh
+            tabs = (x, y, di.to(torch.int32), q0.to(torch.int32), nq.to(torch.int32), self.counts, self.offs, self.sgns)
+            if len(self._on) >= 4:
+                self._on.clear()
+            self._on[key] = tuple(t.contiguous().to(device) for t in tabs)
         return self._on[key]
 
 
@@ -365,7 +379,8 @@ def windowed_locality_denoise_triton(
         return res.to(x.dtype).reshape(B, C, H, W)
     blk = _blocks(dev, B, N, H, W, blocks)
     tabs = _tables(window, H, W)
-    rows, counts, offs, sgns = tabs.on(dev)
+    sk, sc, sh, sw = train.stride()
+    tables = tabs.on(dev, sc, sh)
     kern = _kernels()
 
     a, s2 = noise_level(alpha_bar)
@@ -389,11 +404,10 @@ def windowed_locality_denoise_triton(
         mxw = lw = accw = _nan((n_split, B, n), dev)
     else:
         mxw, lw, accw = (_nan((n_split, B, n), dev) for _ in range(3))
-    sk, sc, sh, sw = train.stride()
     launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]} if dev.type == "cuda" else {}
     with triton_support.launch_context(x):
         kern[(nb, C * n_th, n_split)](
-            x32, shift, train, sk, sc, sh, sw, rows, counts, tabs.ld, offs, sgns,
+            x32, shift, train, sk, sc, sh, sw, *tables[:6], tabs.ld, *tables[6:],
             out, mxw, lw, accw, B, C, H, W, N, n_th, split_len, chunk_size if wssm else split_len,
             a_mul, a_add, -scale, inv_den,
             WSSM=wssm, STATE=not direct, IS_U8=is_u8,
