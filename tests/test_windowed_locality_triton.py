@@ -212,7 +212,7 @@ def test_interp_one_channel_and_windows_past_the_border():
 @pytest.mark.parametrize("chunk,splits", [(16, 1), (7, 3)])
 def test_interp_wssm_chunks(chunk, splits):
     pool = crops(8, 42)
-    train, held = pool[:40], pool[40:]
+    train, held = pool[:26], pool[40:]
     ab = ad.alpha_bar_at(300)
     win = random_window(3, 3, 0.6, seed=chunk)
     x = noisy_queries(held, ab, seed=chunk).float()
