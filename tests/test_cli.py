@@ -14,6 +14,7 @@ import analytic_diffusion as ad
 from analytic_diffusion import cli
 
 METHODS = ("wiener", "optimal", "nearest", "locality")
+DEMO_METHODS = METHODS + ("windowed",)
 
 
 def _run(capsys, *argv):
@@ -44,12 +45,30 @@ def test_demo_writes_figures_and_summary(demo_run):
     with Image.open(fig_path) as fig:
         fig.load()
     # 8x8 crops are shown at 16x: 128-px cells, 2 px apart; a row per method plus
-    # the nearest training image to each locality sample
+    # the nearest training image to the samples of each locality denoiser
     assert grid.mode == "RGB" and list(grid.size) == summary["files"]["grid"]["size"]
-    assert grid.height == 5 * (128 + 2) + 2
+    assert grid.height == 7 * (128 + 2) + 2
     assert grid.width > 2 * (128 + 2) + 2  # images plus a label column
     assert fig.mode == "RGB" and list(fig.size) == summary["files"]["locality"]["size"]
     assert fig.width > 3 * 128 and fig.height > 2 * 128  # 3 timesteps, field and window rows
+
+
+def test_demo_reports_windows_and_novelty(demo_run):
+    _, out = demo_run
+    s = json.loads((out / "summary.json").read_text())
+    win = s["windowed"]
+    assert win["patch_sizes"] == [5]  # the default sizes that fit 8x8 crops
+    assert [st["t"] for st in win["steps"]] == s["timesteps"]
+    for st in win["steps"]:
+        assert st["patch_size"] == 5 and 0 <= st["radius"] <= 2 and 0 < st["density"] <= 1
+    radii = [st["radius"] for st in win["steps"]]
+    assert radii == sorted(radii, reverse=True)  # windows shrink as the noise falls
+    rmse = s["nearest_train"]["rmse"]
+    assert set(rmse) == set(DEMO_METHODS) and all(len(v) == 2 for v in rmse.values())
+    assert max(rmse["nearest"]) < 1e-3  # the nearest denoiser ends on training images
+    assert s["nearest_train"]["mean_rmse"]["windowed"] == sum(rmse["windowed"]) / 2
+    with Image.open(out / s["files"]["windows"]["path"]) as fig:
+        assert list(fig.size) == s["files"]["windows"]["size"]
 
 
 def test_demo_summary_values(demo_run):
@@ -58,7 +77,7 @@ def test_demo_summary_values(demo_run):
     t = s["timings_s"]
     for key in ("data", "moments", "eigendecomposition", "masks", "figures", "total"):
         assert t[key] > 0, key
-    assert set(t["sampling"]) == set(METHODS)
+    assert set(t["sampling"]) == set(DEMO_METHODS)
     assert all(v > 0 for v in t["sampling"].values())
     assert t["total"] >= t["moments"] + t["masks"] + sum(t["sampling"].values())
 
@@ -243,3 +262,42 @@ def test_module_help_subprocess():
     assert r.stdout.startswith("usage: analytic-diffusion")
     for cmd in ("demo", "stats", "sample"):
         assert cmd in r.stdout
+
+
+# --------------------------------------------------------------------------- bugs vs user errors
+def test_a_bug_keeps_its_traceback(tmp_path, capsys, train_npy, monkeypatch):
+    """A ValueError/TypeError raised outside the stages that read the user's input is a
+    bug: it must propagate (the console script then prints the traceback, exit 1), not be
+    reported as a usage error with exit status 2."""
+    def broken_sample(*args, **kwargs):
+        raise TypeError("an internal bug")
+
+    monkeypatch.setattr(ad, "sample", broken_sample)
+    with pytest.raises(TypeError, match="an internal bug"):
+        cli.main(["sample", "--method", "nearest", "--data", str(train_npy), "--out", str(tmp_path / "o"), "--no-progress"])
+    from analytic_diffusion import figures
+
+    def broken_grid(*args, **kwargs):
+        raise ValueError("a figure bug")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(figures, "image_grid", broken_grid)
+    with pytest.raises(ValueError, match="a figure bug"):
+        cli.main(["sample", "--method", "nearest", "--data", str(train_npy), "--steps", "1", "-n", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_bad_data_found_while_streaming_is_a_user_error(tmp_path, capsys):
+    x = ad.data.to_unit_range(ad.data.natural_crops(20, size=4, seed=4)).numpy()
+    x[17, 0, 0, 0] = np.nan  # in the second batch: found only while the moments stream the file
+    np.save(tmp_path / "x.npy", x)
+    rc, _, err = _run(capsys, "stats", tmp_path / "x.npy", "--out", tmp_path / "m.safetensors", "--batch-size", "8", "--no-progress")
+    assert rc == 2 and err.startswith("analytic-diffusion: error:") and "NaN" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF-"), ("svg", b"<?xml")])
+def test_sample_figure_format(tmp_path, capsys, train_npy, fmt, magic):
+    rc, out, err = _run(capsys, "sample", "--method", "nearest", "--data", train_npy, "--steps", "2", "-n", "2", "--out", tmp_path, "--figure-format", fmt, "--no-progress")
+    assert rc == 0, err
+    path = tmp_path / f"nearest_samples.{fmt}"
+    assert str(path) in out and path.read_bytes().startswith(magic)
+    assert not (tmp_path / "nearest_samples.png").exists()
