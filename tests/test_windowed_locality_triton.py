@@ -136,8 +136,11 @@ def test_whole_image_windows_are_recognised():
 def test_gpu_configs_cover_every_width():
     widths = sorted(c[0] for c in wtri._WLOC_GPU_CONFIGS)
     assert widths == [16, 32, 64, 128, 256] and widths[-1] == wtri._WLOC_MAX_WIDTH
-    for twp, bb, bk, th, warps, stages in wtri._WLOC_GPU_CONFIGS:
+    for twp, bb, bk, th, warps, stages, maxnreg in wtri._WLOC_GPU_CONFIGS:
         assert bb * bk * th * twp == 2048 and warps in (4, 8)  # the register budget the configs were compiled for
+        assert maxnreg in (128, 192)  # set: the default ptxas register target spilled
+    blk = wtri._blocks(torch.device("cuda"), 128, 1000, 64, 64, None)
+    assert (blk["TWP"], blk["BB"], blk["maxnreg"]) == (64, 4, 128)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter registers Triton for CPU tensors")

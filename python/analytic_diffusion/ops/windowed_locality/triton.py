@@ -55,20 +55,20 @@ from ..softmax_state import SoftmaxState
 from .reference import windowed_locality_denoise_reference
 
 # GPU launch shapes, by padded image width TWP (the width rounded up to a power of two):
-# (TWP, BB, BK, TH, num_warps, num_stages). D [BB, BK, TH, TWP] holds 2048 fp32 values
-# (16 per thread at 4 warps, 8 at 8). Untuned (no GPU was available while writing them).
-# Each compiles for sm_80 and sm_90 in every mode (uint8/float32 train, exact/WSSM,
-# state or not) without register spills and with 2-4 KB of shared memory (checked offline
-# with Triton's ptxas; benchmarks/results/windowed-locality-triton.md). Beware: ptxas
-# spilled at 56-80 registers for several TWP = 32 shapes at 4 warps (and for one mode
-# only), so a change here needs the whole check again. gpu_static_check.py enumerates
-# this list.
+# (TWP, BB, BK, TH, num_warps, num_stages, maxnreg). D [BB, BK, TH, TWP] holds 2048 fp32
+# values (16 per thread at 4 warps, 8 at 8). Untuned (no GPU was available while writing
+# them). Each compiles for sm_80 and sm_90 in every mode (uint8/float16/float32/float64
+# train, exact/WSSM, state or not) without register spills and with 2-4 KB of shared
+# memory (checked offline with Triton's ptxas; benchmarks/results/windowed-locality-triton.md).
+# maxnreg is needed: without it the ptxas of triton 3.9 (run with --regAllocOptLevel=2)
+# settled at 56-80 registers and spilled for some shapes and modes. gpu_static_check.py
+# enumerates this list.
 _WLOC_GPU_CONFIGS = [
-    (16, 4, 8, 4, 4, 2),
-    (32, 8, 4, 2, 8, 2),
-    (64, 4, 8, 1, 4, 2),
-    (128, 2, 8, 1, 4, 2),
-    (256, 2, 4, 1, 4, 2),
+    (16, 4, 8, 4, 4, 2, 128),
+    (32, 8, 4, 2, 8, 2, 128),
+    (64, 4, 8, 1, 4, 2, 128),
+    (128, 2, 8, 1, 4, 2, 128),
+    (256, 2, 4, 1, 4, 2, 192),
 ]
 _WLOC_MAX_WIDTH = 256  # wider images run the reference implementation
 _TABLES: "OrderedDict[tuple, _RunTables]" = OrderedDict()
@@ -327,7 +327,7 @@ def _blocks(device: torch.device, B: int, N: int, H: int, W: int, blocks: Option
     blk["TWP"] = twp
     if device.type == "cuda":
         cfg = next(c for c in _WLOC_GPU_CONFIGS if c[0] == twp)
-        for key, v in zip(("BB", "BK", "TH", "num_warps", "num_stages"), cfg[1:]):
+        for key, v in zip(("BB", "BK", "TH", "num_warps", "num_stages", "maxnreg"), cfg[1:]):
             blk.setdefault(key, v)
         return blk
     blk.setdefault("BB", _pow2_at_least(min(B, 8), 1))
@@ -361,7 +361,7 @@ def windowed_locality_denoise_triton(
     queries and images wider than 256 run the reference implementation. Beyond the contract,
     for tests and tuning: ``splits`` (training-set splits merged on the host; default:
     enough programs for the GPU, 1 in the interpreter) and ``blocks`` (any of BB, BK, TH,
-    num_warps, num_stages).
+    num_warps, num_stages, maxnreg).
     """
     B, C, H, W = x.shape
     if x.dtype == torch.float64 or W > _WLOC_MAX_WIDTH:
@@ -404,7 +404,7 @@ def windowed_locality_denoise_triton(
         mxw = lw = accw = _nan((n_split, B, n), dev)
     else:
         mxw, lw, accw = (_nan((n_split, B, n), dev) for _ in range(3))
-    launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]} if dev.type == "cuda" else {}
+    launch = {k: blk[k] for k in ("num_warps", "num_stages", "maxnreg")} if dev.type == "cuda" else {}
     with triton_support.launch_context(x):
         kern[(nb, C * n_th, n_split)](
             x32, shift, train, sk, sc, sh, sw, *tables[:6], tabs.ld, *tables[6:],
