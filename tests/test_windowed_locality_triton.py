@@ -249,6 +249,7 @@ def test_interp_public_op_dispatch_and_float64_fallback():
     train, held = pool[:20], pool[20:]
     ab = ad.alpha_bar_at(400)
     win = random_window(3, 3, 0.5, seed=1)
+    win[1] = False  # an empty window: uniform weights for that channel's pixels
     x = noisy_queries(held, ab, seed=1)
     got = ad.ops.windowed_locality_denoise(x.float(), train, win, ab, temperature=0.5, backend="triton")
     assert got.dtype == torch.float32 and rel(got, REF(x, train, win, ab, 0.5)) < TOL
