@@ -12,9 +12,18 @@ from importlib import metadata as _metadata
 from . import ops
 from ._ext import build_info
 from .registry import available_backends
-from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
+from .ops import (
+    MomentAccumulator,
+    Moments,
+    PatchMomentAccumulator,
+    StationaryMomentAccumulator,
+    estimate_moments,
+    estimate_patch_moments,
+    estimate_stationary_moments,
+)
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
-from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers import Denoiser, ELSDenoiser, LSDenoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers.schedules import calibrate as calibrate_patch_sizes
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
@@ -41,6 +50,8 @@ __all__ = [
     "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
+    "ELSDenoiser",
+    "LSDenoiser",
     "LocalityDenoiser",
     "ModelDenoiser",
     "MomentAccumulator",
@@ -48,6 +59,7 @@ __all__ = [
     "NearestDenoiser",
     "OptimalDenoiser",
     "PatchMomentAccumulator",
+    "StationaryMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
     "WindowedWiener",
@@ -55,12 +67,14 @@ __all__ = [
     "alpha_bar_at",
     "available_backends",
     "build_info",
+    "calibrate_patch_sizes",
     "compare",
     "data",
     "ddim_step",
     "ddim_timesteps",
     "estimate_moments",
     "estimate_patch_moments",
+    "estimate_stationary_moments",
     "field_similarity",
     "figures",
     "linear_alphas_cumprod",
