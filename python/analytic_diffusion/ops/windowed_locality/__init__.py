@@ -91,3 +91,4 @@ def windowed_locality_denoise(
 
 # The backends register where they are defined; importing them here makes them visible.
 from . import cpu as _cpu_backend  # noqa: E402,F401
+from . import triton as _triton_backend  # noqa: E402,F401
