@@ -14,7 +14,16 @@ from ._ext import build_info
 from .registry import available_backends
 from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
-from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers import (
+    Denoiser,
+    LocalityDenoiser,
+    NearestDenoiser,
+    OptimalDenoiser,
+    PSPCSquareDenoiser,
+    SmoothedCFDMDenoiser,
+    WienerDenoiser,
+    WindowedWienerDenoiser,
+)
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
@@ -47,7 +56,9 @@ __all__ = [
     "Moments",
     "NearestDenoiser",
     "OptimalDenoiser",
+    "PSPCSquareDenoiser",
     "PatchMomentAccumulator",
+    "SmoothedCFDMDenoiser",
     "WienerDenoiser",
     "WienerFilter",
     "WindowedWiener",

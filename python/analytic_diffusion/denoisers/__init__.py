@@ -8,6 +8,8 @@ from __future__ import annotations
 from .base import Denoiser, TrainSetDenoiser
 from .baselines import NearestDenoiser, OptimalDenoiser, WienerDenoiser
 from .locality import LocalityDenoiser
+from .pspc import PSPCSquareDenoiser, pspc_schedule
+from .scfdm import SmoothedCFDMDenoiser
 from .windowed import WindowedWienerDenoiser
 
-__all__ = ["Denoiser", "LocalityDenoiser", "NearestDenoiser", "OptimalDenoiser", "TrainSetDenoiser", "WienerDenoiser", "WindowedWienerDenoiser"]
+__all__ = ["Denoiser", "LocalityDenoiser", "NearestDenoiser", "OptimalDenoiser", "PSPCSquareDenoiser", "SmoothedCFDMDenoiser", "TrainSetDenoiser", "WienerDenoiser", "WindowedWienerDenoiser", "pspc_schedule"]

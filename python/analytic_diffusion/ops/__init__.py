@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .locality import locality_denoise, locality_denoise_reference, optimal_denoise, optimal_denoise_reference
 from .moments import MomentAccumulator, Moments, estimate_moments
-from .nearest import nearest_denoise, nearest_denoise_reference
+from .nearest import nearest_denoise, nearest_denoise_reference, nearest_topk, nearest_topk_reference
+from .patch_posterior import patch_posterior_denoise, patch_posterior_denoise_reference
 from .patch_moments import PatchMomentAccumulator, estimate_patch_moments, patch_sums
 from .softmax_state import SoftmaxState, all_reduce_state, merge_states
 from .windowed_locality import windowed_locality_denoise, windowed_locality_denoise_reference
@@ -28,8 +29,12 @@ __all__ = [
     "merge_states",
     "nearest_denoise",
     "nearest_denoise_reference",
+    "nearest_topk",
+    "nearest_topk_reference",
     "optimal_denoise",
     "optimal_denoise_reference",
+    "patch_posterior_denoise",
+    "patch_posterior_denoise_reference",
     "patch_sums",
     "windowed_locality_denoise",
     "windowed_locality_denoise_reference",
