@@ -40,8 +40,8 @@ SCFDM = {
 #   "#cifar-10 16, fashon-mnist 32, afhq 32, celeba-hq 32", which suggests low_res_dim 32
 #   (factor 2) for the 64 px sets and no pooling for 28 px (Fashion-)MNIST (GoldDiff's
 #   _choose_low_res_dim takes the largest divisor of the resolution <= low_res_dim).
-#   pool_size=None here means: SPEC's rule (the largest divisor of H <= 16... see
-#   analytic_diffusion.denoisers.screening.pool_factor).
+#   pool_size is GoldDiff's low_res_dim: the coarse factor is H / (the largest divisor of H
+#   <= pool_size), see analytic_diffusion.denoisers.screening.pool_factor.
 GOLDDIFF = {
     "cifar10": {"k_min": 2500, "k_max": 5000, "threshold": 0.03, "temperature": 1.0, "pool_size": 16},  # configs/ours/cifar10.yaml
     "celeba_hq": {"k_min": 1500, "k_max": 3000, "threshold": 0.03, "temperature": 1.0, "pool_size": 16},  # SPEC §12
