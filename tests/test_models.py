@@ -234,3 +234,22 @@ def test_golddiff_pool_factor_and_bad_options(crops16):
             ad.LocalityDenoiser(train, moments, **kw)
     with pytest.raises(ValueError, match="screening_error"):
         ad.LocalityDenoiser(train, moments).screening_error(torch.zeros(1, 3, 16, 16), 10)
+
+
+# --------------------------------------------------------------------------- the common interface
+
+
+def test_models_work_with_compare_and_the_diffusers_adapter(small):
+    train, held = small
+    dens = {
+        "scfdm": ad.SmoothedCFDMDenoiser(train, num_smoothing=2, top_k=10),
+        "pspc": ad.PSPCSquareDenoiser(train, "cifar10"),
+        "golddiff": ad.LocalityDenoiser(train, screening="golddiff", screening_options={"k_min": 10, "k_max": 20}),
+    }
+    agr = ad.compare(dens, ad.OptimalDenoiser(train), held, [500, 10], num_samples=2)
+    for name in dens:
+        assert all(math.isfinite(v) for v in agr.r2[name])
+    x = noisy_queries(held[:2], ad.alpha_bar_at(100), seed=0).float()
+    for den in dens.values():
+        eps = ad.DiffusersModelAdapter(den)(x, torch.tensor(100)).sample
+        assert eps.shape == x.shape and torch.isfinite(eps).all()
