@@ -32,7 +32,7 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import analytic_diffusion as ad
 
-from analytic_diffusion.analysis import fields_figure
+from analytic_diffusion.figures import fields_figure
 
 
 # --------------------------------------------------------------------------- #
@@ -241,14 +241,14 @@ def main(argv=None) -> int:
         windows.append(denoisers["locality"].mask(t)[:, pixel].reshape(3, S, S))
         sim = ad.field_similarity(fn[None], fw[None], threshold=args.threshold)
         sims.append({"t": t, "cosine": float(sim["cosine"][0]), "iou": float(sim["iou"][0])})
-    fig = fields_figure(
+    fields_figure(
         {"network": torch.stack(net_f), "Wiener": torch.stack(wie_f), "locality window": torch.stack(windows)},
         ts,
         captions={"network": [f"cos {s['cosine']:.2f} IoU {s['iou']:.2f}" for s in sims]},
         pixel=(S // 2, S // 2),
         scale=max(2, 96 // S),
+        path=out / "sensitivity.png",
     )
-    fig.save(out / "sensitivity.png")
     times["sensitivity_s"] = time.perf_counter() - t0
     print("\nnetwork vs Wiener sensitivity field of the centre pixel (green):")
     for s in sims:

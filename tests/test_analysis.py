@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from analytic_diffusion.analysis import Agreement, fields_figure
+from analytic_diffusion.analysis import Agreement
 
 
 @pytest.fixture(scope="module")
@@ -363,13 +363,15 @@ def test_compare_agrees_perfectly_with_itself_and_reports(tiny, tmp_path):
     assert len(table) == 2 + 4 and table[2].startswith("| 750 | 1.0000 | 0 |")
     d = res.to_dict()
     assert json.loads(json.dumps(d)) == d and d["names"] == ["wiener", "nearest"]
-    img = res.plot(tmp_path / "agree.png", size=(300, 200))
+    fig = res.plot(tmp_path / "agree.png", size=(300, 200))
     from PIL import Image
 
     with Image.open(tmp_path / "agree.png") as f:
-        assert f.size == img.size == (600, img.size[1]) and img.size[1] > 200
-    a = np.asarray(img)
+        assert f.mode == "RGB" and f.size[0] == 600 and f.size[1] > 200  # two panels, legend below
+        a = np.asarray(f)
     assert (a != 255).any(axis=-1).mean() > 0.02  # something was drawn
+    legend = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legend) == 1 and [t.get_text() for t in legend[0].get_texts()] == ["wiener", "nearest"]
 
 
 def test_compare_bad_inputs(tiny):
@@ -395,14 +397,3 @@ def test_compare_bad_inputs(tiny):
         ad.compare(w, _eps_model, data, num_samples=0)
     with pytest.raises(TypeError, match="model must be"):
         ad.compare(w, None, data)
-
-
-def test_fields_figure_layout():
-    f = torch.randn(3, 3, 5, 5)
-    win = f > 0
-    img = fields_figure({"a": f, "b": win}, [900, 500, 0], captions={"a": ["x", "y", "z"]}, pixel=(2, 2), scale=4)
-    assert img.mode == "RGB" and img.size[0] > 3 * 20
-    with pytest.raises(ValueError, match="one shape"):
-        fields_figure({"a": f, "b": f[:2]}, [1, 2, 3])
-    with pytest.raises(ValueError, match="timesteps"):
-        fields_figure({"a": f}, [1, 2])

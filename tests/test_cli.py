@@ -243,3 +243,42 @@ def test_module_help_subprocess():
     assert r.stdout.startswith("usage: analytic-diffusion")
     for cmd in ("demo", "stats", "sample"):
         assert cmd in r.stdout
+
+
+# --------------------------------------------------------------------------- bugs vs user errors
+def test_a_bug_keeps_its_traceback(tmp_path, capsys, train_npy, monkeypatch):
+    """A ValueError/TypeError raised outside the stages that read the user's input is a
+    bug: it must propagate (the console script then prints the traceback, exit 1), not be
+    reported as a usage error with exit status 2."""
+    def broken_sample(*args, **kwargs):
+        raise TypeError("an internal bug")
+
+    monkeypatch.setattr(ad, "sample", broken_sample)
+    with pytest.raises(TypeError, match="an internal bug"):
+        cli.main(["sample", "--method", "nearest", "--data", str(train_npy), "--out", str(tmp_path / "o"), "--no-progress"])
+    from analytic_diffusion import figures
+
+    def broken_grid(*args, **kwargs):
+        raise ValueError("a figure bug")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(figures, "image_grid", broken_grid)
+    with pytest.raises(ValueError, match="a figure bug"):
+        cli.main(["sample", "--method", "nearest", "--data", str(train_npy), "--steps", "1", "-n", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_bad_data_found_while_streaming_is_a_user_error(tmp_path, capsys):
+    x = ad.data.to_unit_range(ad.data.natural_crops(20, size=4, seed=4)).numpy()
+    x[17, 0, 0, 0] = np.nan  # in the second batch: found only while the moments stream the file
+    np.save(tmp_path / "x.npy", x)
+    rc, _, err = _run(capsys, "stats", tmp_path / "x.npy", "--out", tmp_path / "m.safetensors", "--batch-size", "8", "--no-progress")
+    assert rc == 2 and err.startswith("analytic-diffusion: error:") and "NaN" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF-"), ("svg", b"<?xml")])
+def test_sample_figure_format(tmp_path, capsys, train_npy, fmt, magic):
+    rc, out, err = _run(capsys, "sample", "--method", "nearest", "--data", train_npy, "--steps", "2", "-n", "2", "--out", tmp_path, "--figure-format", fmt, "--no-progress")
+    assert rc == 0, err
+    path = tmp_path / f"nearest_samples.{fmt}"
+    assert str(path) in out and path.read_bytes().startswith(magic)
+    assert not (tmp_path / "nearest_samples.png").exists()

@@ -575,3 +575,23 @@ def test_inputs_never_modified(tmp_path):
     assert y.shape == (2, 3, 6, 5)
     y.add_(1)  # the transpose made a copy
     assert np.array_equal(a, a_before)
+
+
+def test_to_uint8_round_trips_every_level():
+    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    for dt in (torch.float16, torch.float32, torch.float64):
+        out = D.to_uint8(D.to_unit_range(u, dt))
+        assert out.dtype == torch.uint8 and out.shape == u.shape
+        assert torch.equal(out, u)
+    assert D.to_uint8(u) is u
+
+
+def test_to_uint8_clips_and_refuses_other_dtypes():
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0, float("nan")])
+    assert D.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 0]  # 0 -> 127.5 -> 128 (half to even)
+    assert D.to_uint8(x.numpy()).tolist() == [0, 0, 128, 255, 255, 0]
+    with pytest.raises(TypeError, match="dtype"):
+        D.to_uint8(torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="numpy array"):
+        D.to_uint8([0.0])
+

@@ -10,8 +10,9 @@
 - :func:`compare` - r2 and MSE (SPEC 8) per timestep between analytical
   denoisers and a network, on the same ``x_t`` or along their own DDIM
   trajectories; :class:`Agreement` holds the result (table, plot, dict).
-- :func:`fields_figure` - Pillow figure of fields and windows, one row per
-  source, one column per timestep.
+
+Figures of these results live in :mod:`analytic_diffusion.figures`
+(``Agreement.plot``, ``figures.fields_figure``); this module only computes.
 
 Model calling convention (everything that is not an :class:`~analytic_diffusion.Denoiser`):
 ``model(x_t, t_tensor)`` with ``x_t`` ``[B, C, H, W]`` (x_t's dtype and device)
@@ -29,7 +30,6 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from ._validate import FLOAT_DTYPES, check_finite, check_queries, check_train, to_unit
@@ -44,7 +44,6 @@ __all__ = [
     "ModelDenoiser",
     "compare",
     "field_similarity",
-    "fields_figure",
     "sensitivity",
 ]
 
@@ -399,103 +398,16 @@ class Agreement:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def plot(self, path=None, size: Tuple[int, int] = (360, 260)):
+    def plot(self, path=None, *, size: Tuple[int, int] = (360, 260)):
         """Line plots of r2 (left) and MSE (right) against the timestep, one line per denoiser.
 
-        Drawn with Pillow only. r2 below -1 is drawn at -1 (the axis floor).
-        ``path``: where to save the PNG (None: do not save). ``size``: one panel's
-        ``(width, height)`` in pixels. Returns the RGB ``PIL.Image``.
+        ``path``: also save the figure there (``.png``, ``.pdf`` or ``.svg``).
+        ``size``: one panel's ``(width, height)`` in pixels. Returns the
+        :class:`matplotlib.figure.Figure` (see :func:`analytic_diffusion.figures.agreement_figure`).
         """
-        from PIL import Image, ImageDraw
+        from .figures import agreement_figure  # matplotlib only when a figure is asked for
 
-        from .viz import _font, _text_size
-
-        w, h = int(size[0]), int(size[1])
-        if w < 120 or h < 100:
-            raise ValueError(f"size must be at least (120, 100), got {size}")
-        font = _font(12)
-        line_h = _text_size("Ag", font)[1] + 4
-        legend_h = line_h * len(self.names) + 8
-        img = Image.new("RGB", (2 * w, h + legend_h), (255, 255, 255))
-        draw = ImageDraw.Draw(img)
-        r2_min = min([0.0] + [v for k in self.names for v in self.r2[k] if math.isfinite(v)])
-        r2_lo = max(-1.0, math.floor(r2_min * 10.0) / 10.0)
-        r2_title = "r2 vs network (higher is better)" + (", clipped at -1" if r2_min < -1.0 else "")
-        pos = [v for k in self.names for v in self.mse[k] if math.isfinite(v) and v > 0]
-        # MSE spans decades between high and low noise: log axis when it does
-        log = bool(pos) and max(pos) / min(pos) > 100
-        if log:
-            mse_lim = (math.floor(math.log10(min(pos))), math.ceil(math.log10(max(pos))))
-        else:
-            mse_lim = (0.0, max(pos) if pos else 1.0)
-        _line_panel(draw, font, (0, 0, w, h), r2_title, self.timesteps, [self.r2[k] for k in self.names], (r2_lo, 1.0))
-        _line_panel(draw, font, (w, 0, w, h), "MSE vs network" + (" (log)" if log else ""), self.timesteps, [self.mse[k] for k in self.names], mse_lim, log=log)
-        for i, k in enumerate(self.names):
-            y = h + 4 + i * line_h
-            col = _PALETTE[i % len(_PALETTE)]
-            draw.line([(12, y + line_h // 2), (40, y + line_h // 2)], fill=col, width=3)
-            draw.text((48, y), k, fill=(0, 0, 0), font=font)
-        if path is not None:
-            img.save(path)
-        return img
-
-
-# Okabe-Ito: distinguishable for the common forms of colour blindness
-_PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
-
-
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    span = (hi - lo) / max(count - 1, 1)
-    mag = 10.0 ** math.floor(math.log10(span))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= span)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _line_panel(draw, font, box, title, xs, series, ylim, log=False):
-    from .viz import _text_size
-
-    x0, y0, w, h = box
-    left, right, top, bottom = x0 + 56, x0 + w - 14, y0 + 24, y0 + h - 38
-    lo, hi = ylim
-    if hi <= lo:
-        hi = lo + 1.0
-    xlo, xhi = (min(xs), max(xs)) if xs else (0, 1)
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-
-    def px(t):
-        return left + (t - xlo) / (xhi - xlo) * (right - left)
-
-    def py(v):
-        v = math.log10(v) if log else v
-        v = min(max(v, lo), hi)
-        return bottom - (v - lo) / (hi - lo) * (bottom - top)
-
-    draw.text((x0 + (w - _text_size(title, font)[0]) // 2, y0 + 4), title, fill=(0, 0, 0), font=font)
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    ticks = [float(k) for k in range(math.ceil(lo), math.floor(hi) + 1)] if log else _nice_ticks(lo, hi)
-    for v in ticks:
-        y = py(10.0**v if log else v)
-        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-        s = f"1e{int(v)}" if log else f"{v:.3g}"
-        draw.text((left - 6 - _text_size(s, font)[0], y - 7), s, fill=(0, 0, 0), font=font)
-    shown = xs if len(xs) <= 10 else xs[:: max(1, len(xs) // 10)]
-    for t in shown:
-        s = str(t)
-        draw.text((px(t) - _text_size(s, font)[0] / 2, bottom + 4), s, fill=(0, 0, 0), font=font)
-    label = "timestep t"
-    draw.text(((left + right - _text_size(label, font)[0]) // 2, bottom + 20), label, fill=(90, 90, 90), font=font)
-    if not log and lo < 0 < hi:
-        draw.line([(left, py(0.0)), (right, py(0.0))], fill=(150, 150, 150))
-    for i, ys in enumerate(series):
-        col = _PALETTE[i % len(_PALETTE)]
-        pts = [(px(t), py(v)) for t, v in sorted(zip(xs, ys)) if math.isfinite(v) and (v > 0 or not log)]
-        if len(pts) > 1:
-            draw.line(pts, fill=col, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        return agreement_figure(self, size=size, path=path)
 
 
 def compare(
@@ -647,99 +559,3 @@ def compare(
         protocol=protocol, timesteps=ts, r2=r2s, mse=mses, num_samples=num_samples, seed=seed,
         steps=steps if (protocol == "trajectory" or timesteps is None) else None, names=list(dens),
     )
-
-
-# --------------------------------------------------------------------------- #
-# figure
-# --------------------------------------------------------------------------- #
-def fields_figure(
-    rows: Mapping[str, torch.Tensor],
-    timesteps: Sequence[int],
-    captions: Optional[Mapping[str, Sequence[str]]] = None,
-    pixel: Optional[Tuple[int, int]] = None,
-    scale: int = 6,
-    pad: int = 6,
-):
-    """Sensitivity fields and windows side by side: one row per source, one column per timestep.
-
-    Args:
-        rows: ``{label: tensor [T, C, H, W]}``. Float tensors are fields, drawn summed
-            over channels on a symmetric blue-white-red scale per cell
-            (:func:`analytic_diffusion.viz.diverging_colormap`); bool tensors are windows
-            (white inside; for RGB, the colour of the channels inside).
-        timesteps: ``T`` integer timesteps (column titles).
-        captions: optional ``{label: T strings}`` printed under that row's cells
-            (e.g. the cosine with another row).
-        pixel: ``(h, w)`` of the probed pixel, outlined in every cell.
-        scale: integer upscaling factor; ``pad``: spacing in pixels.
-
-    Returns:
-        An RGB ``PIL.Image``.
-    """
-    from PIL import Image, ImageDraw
-
-    from .viz import _check_scale, _font, _outline, _text_size, _upscale, _window_rgb, diverging_colormap
-
-    scale = _check_scale(scale)
-    if not isinstance(rows, Mapping) or not rows:
-        raise TypeError("rows must be a non-empty dict {label: [T, C, H, W] tensor}")
-    arrays = {}
-    for k, v in rows.items():
-        if not isinstance(v, torch.Tensor) or v.dim() != 4:
-            raise ValueError(f"rows[{k!r}] must be a [T, C, H, W] tensor, got {getattr(v, 'shape', type(v).__name__)}")
-        arrays[k] = v.detach().cpu()
-    shapes = {tuple(v.shape) for v in arrays.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"all rows must have one shape [T, C, H, W], got {sorted(shapes)}")
-    T, C, H, W = next(iter(shapes))
-    timesteps = [int(t) for t in timesteps]
-    if len(timesteps) != T:
-        raise ValueError(f"got {len(timesteps)} timesteps for {T} columns")
-    captions = dict(captions or {})
-    for k, c in captions.items():
-        if k not in arrays or len(c) != T:
-            raise ValueError(f"captions[{k!r}] must name a row and hold {T} strings")
-    if pixel is not None and not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
-        raise ValueError(f"pixel {pixel} is outside the {H}x{W} image")
-
-    font, small = _font(13), _font(11)
-    cw, ch = W * scale, H * scale
-    col_w = max(cw, 80)
-    label_w = max(_text_size(k, small)[0] for k in arrays) + 2 * pad
-    title_h = _text_size("t=999", font)[1] + 6
-    cap_h = _text_size("0", small)[1] + 4
-    row_h = ch + (cap_h if captions else 0) + pad
-    width = label_w + T * (col_w + pad) + pad
-    height = pad + title_h + len(arrays) * row_h
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    for r, (k, v) in enumerate(arrays.items()):
-        y = pad + title_h + r * row_h
-        for i in range(T):
-            x = label_w + pad + i * (col_w + pad) + (col_w - cw) // 2
-            if v.dtype == torch.bool:
-                cell = _window_rgb(v[i].numpy())
-            else:
-                s = v[i].to(torch.float64).sum(0)
-                cell = diverging_colormap(s, float(s.abs().max()))
-            cell = _upscale(cell, scale)
-            if pixel is not None:
-                cell = cell.copy()
-                _outline(cell, pixel, scale)
-            canvas[y : y + ch, x : x + cw] = cell
-    img = Image.fromarray(canvas, "RGB")
-    draw = ImageDraw.Draw(img)
-    for i, t in enumerate(timesteps):
-        x0 = label_w + pad + i * (col_w + pad)
-        s = f"t={t}"
-        draw.text((x0 + (col_w - _text_size(s, font)[0]) // 2, pad), s, fill=(0, 0, 0), font=font)
-    for r, k in enumerate(arrays):
-        y = pad + title_h + r * row_h
-        draw.text((pad, y + ch // 2 - 6), k, fill=(0, 0, 0), font=small)
-        for i in range(T):
-            # a frame, so that an all-white field or window still shows its extent
-            x = label_w + pad + i * (col_w + pad) + (col_w - cw) // 2
-            draw.rectangle([x - 1, y - 1, x + cw, y + ch], outline=(170, 170, 170))
-        for i, s in enumerate(captions.get(k, ())):
-            x0 = label_w + pad + i * (col_w + pad)
-            draw.text((x0 + (col_w - _text_size(s, small)[0]) // 2, y + ch + 2), s, fill=(0, 0, 0), font=small)
-    return img
