@@ -2,7 +2,6 @@
 with square windows, as a :class:`Denoiser`."""
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, Optional, Union
 
 import torch

@@ -26,7 +26,6 @@ grid (factor 2) for the 64 px sets, where SPEC says factor 4: ``pool_size`` sele
 from __future__ import annotations
 
 import math
-import time
 from typing import Dict, Optional
 
 import torch
