@@ -123,3 +123,21 @@ def test_optimal_denoise(benchmark, record, backend):
     row = record("optimal_denoise", f"{size}x{size}x3 N={N_TRAIN} B={BATCH} t=300", backend, seconds, baseline="reference (fp32)", baseline_seconds=ref_s, rel_err=err)
     benchmark.extra_info.update(row)
     assert math.isfinite(err) and err < 1e-4
+
+
+@pytest.mark.parametrize("backend", ad.available_backends("nearest_denoise", "cpu"))
+def test_nearest_denoise(benchmark, record, backend):
+    """nearest_denoise at the optimal denoiser's shape: the same distances, an argmin."""
+    size = SIZES[-1]
+    train, held, _ = setup(size)
+    ab = ad.alpha_bar_at(300)
+    x = (math.sqrt(ab) * (held.double() / 127.5 - 1) + math.sqrt(1 - ab) * torch.randn(held.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).reshape(BATCH, -1)
+    exact64 = ad.ops.nearest_denoise_reference(x, train.reshape(N_TRAIN, -1), ab)
+    x32 = x.float()
+    run = lambda: ad.ops.nearest_denoise(x32, train, ab, backend=backend)  # noqa: E731
+    out = benchmark.pedantic(run, rounds=REPEATS, iterations=1, warmup_rounds=0 if QUICK else 1)
+    seconds = benchmark.stats.stats.median if benchmark.stats else time_call(run, repeats=1, warmup=0)
+    ref_s = time_call(lambda: ad.ops.nearest_denoise_reference(x32, train.reshape(N_TRAIN, -1), ab), repeats=REPEATS, warmup=0)
+    row = record("nearest_denoise", f"{size}x{size}x3 N={N_TRAIN} B={BATCH} t=300", backend, seconds, baseline="reference (fp32)", baseline_seconds=ref_s)
+    benchmark.extra_info.update(row)
+    assert torch.equal(out, exact64.float())  # the same training images

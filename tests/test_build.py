@@ -41,7 +41,7 @@ def cpu_mod():
 
 def test_cpu_build_info_keys(cpu_mod):
     info = _ext.build_info()["cpu"]
-    assert info["available"] is True
+    assert info["available"] is True and info["loaded"] is True and info["built"] is True
     assert info["compiler_id"] in {"GNU", "Clang", "AppleClang", "MSVC", "IntelLLVM"}
     assert info["compiler_version"][0].isdigit()
     assert isinstance(info["flags"], str)
@@ -73,12 +73,29 @@ def test_cuda_module_imports_or_reports_why():
         assert info["available"] is False
         assert isinstance(info["error"], str) and info["error"]
         return
-    assert info["available"] is True
+    assert info["loaded"] is True and info["built"] is True
     assert info["cuda_version"].count(".") == 1
     assert info["architectures"]
     assert isinstance(info["device_count"], int) and info["device_count"] >= 0
+    # available means usable: the module loaded and a device is present
+    assert info["available"] is (info["device_count"] > 0)
     if info["device_count"] == 0:
         assert info["device_error"] or not torch.cuda.is_available()
+        assert "no CUDA device" in info["error"]
+
+
+def test_cuda_available_needs_a_device(monkeypatch):
+    """Review: build_info()["cuda"]["available"] was True on a host without a GPU (the
+    statically linked module loads anywhere)."""
+    fake = type("FakeCuda", (), {"build_info": staticmethod(lambda: {"device_count": 0, "device_error": "cudaErrorNoDevice: no CUDA-capable device is detected"}), "__file__": "x.so"})
+    monkeypatch.setattr(_ext, "_cache", {_ext._CUDA_NAME: (fake, None)})
+    info = _ext.build_info()["cuda"]
+    assert info["available"] is False
+    assert info["loaded"] is True and info["built"] is True
+    assert "cudaErrorNoDevice" in info["error"]
+    fake.build_info = staticmethod(lambda: {"device_count": 2, "device_error": None})
+    info = _ext.build_info()["cuda"]
+    assert info["available"] is True and "error" not in info
 
 
 def test_cuda_module_without_gpu_raises_runtime_error():
@@ -118,7 +135,7 @@ def test_missing_module_reported_not_raised(monkeypatch):
     monkeypatch.setattr(_ext, "_CPU_NAME", "analytic_diffusion._does_not_exist")
     assert _ext.cpu_module() is None
     info = _ext.build_info()["cpu"]
-    assert info["available"] is False
+    assert info["available"] is False and info["loaded"] is False and info["built"] is False
     assert "_does_not_exist" in info["error"]
     with pytest.raises(RuntimeError, match="_does_not_exist"):
         _ext.dequantize_u8(torch.zeros(2, 2, dtype=torch.uint8))

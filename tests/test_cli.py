@@ -14,6 +14,7 @@ import analytic_diffusion as ad
 from analytic_diffusion import cli
 
 METHODS = ("wiener", "optimal", "nearest", "locality")
+DEMO_METHODS = METHODS + ("windowed",)
 
 
 def _run(capsys, *argv):
@@ -44,12 +45,30 @@ def test_demo_writes_figures_and_summary(demo_run):
     with Image.open(fig_path) as fig:
         fig.load()
     # 8x8 crops are shown at 16x: 128-px cells, 2 px apart; a row per method plus
-    # the nearest training image to each locality sample
+    # the nearest training image to the samples of each locality denoiser
     assert grid.mode == "RGB" and list(grid.size) == summary["files"]["grid"]["size"]
-    assert grid.height == 5 * (128 + 2) + 2
+    assert grid.height == 7 * (128 + 2) + 2
     assert grid.width > 2 * (128 + 2) + 2  # images plus a label column
     assert fig.mode == "RGB" and list(fig.size) == summary["files"]["locality"]["size"]
     assert fig.width > 3 * 128 and fig.height > 2 * 128  # 3 timesteps, field and window rows
+
+
+def test_demo_reports_windows_and_novelty(demo_run):
+    _, out = demo_run
+    s = json.loads((out / "summary.json").read_text())
+    win = s["windowed"]
+    assert win["patch_sizes"] == [5]  # the default sizes that fit 8x8 crops
+    assert [st["t"] for st in win["steps"]] == s["timesteps"]
+    for st in win["steps"]:
+        assert st["patch_size"] == 5 and 0 <= st["radius"] <= 2 and 0 < st["density"] <= 1
+    radii = [st["radius"] for st in win["steps"]]
+    assert radii == sorted(radii, reverse=True)  # windows shrink as the noise falls
+    rmse = s["nearest_train"]["rmse"]
+    assert set(rmse) == set(DEMO_METHODS) and all(len(v) == 2 for v in rmse.values())
+    assert max(rmse["nearest"]) < 1e-3  # the nearest denoiser ends on training images
+    assert s["nearest_train"]["mean_rmse"]["windowed"] == sum(rmse["windowed"]) / 2
+    with Image.open(out / s["files"]["windows"]["path"]) as fig:
+        assert list(fig.size) == s["files"]["windows"]["size"]
 
 
 def test_demo_summary_values(demo_run):
@@ -58,7 +77,7 @@ def test_demo_summary_values(demo_run):
     t = s["timings_s"]
     for key in ("data", "moments", "eigendecomposition", "masks", "figures", "total"):
         assert t[key] > 0, key
-    assert set(t["sampling"]) == set(METHODS)
+    assert set(t["sampling"]) == set(DEMO_METHODS)
     assert all(v > 0 for v in t["sampling"].values())
     assert t["total"] >= t["moments"] + t["masks"] + sum(t["sampling"].values())
 

@@ -74,6 +74,15 @@ def test_metrics_against_hand_computation():
         ad.r2(pred[:1], target)
 
 
+@pytest.mark.parametrize("fn", [ad.r2, ad.mse])
+@pytest.mark.parametrize("reduction", ["sum", "Mean", "", None, 1])
+def test_metrics_reject_unknown_reduction(fn, reduction):
+    """Review: an unknown reduction returned the per-sample tensor silently."""
+    x = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(x, x + 0.1, reduction=reduction)
+
+
 def test_registry_selection_order(monkeypatch):
     calls = []
     _registry.register("toy_op", "slow", lambda: calls.append("slow"), priority=0)
@@ -119,3 +128,44 @@ def test_wiener_denoiser_shares_a_filter():
     with pytest.raises(TypeError, match="Moments or WienerFilter"):
         ad.WienerDenoiser(m.cov)
     assert f.to("cpu") is f
+
+
+def _entry_points():
+    """Every place float training data enters, as (name, call(data))."""
+    x = torch.zeros(2, 3, 4, 4)
+    return [
+        ("ops.optimal_denoise", lambda d: ad.ops.optimal_denoise(x, d, 0.5)),
+        ("ops.nearest_denoise", lambda d: ad.ops.nearest_denoise(x, d, 0.5)),
+        ("ops.locality_denoise", lambda d: ad.ops.locality_denoise(x, d, torch.ones(48, 48, dtype=torch.bool), 0.5)),
+        ("OptimalDenoiser", lambda d: ad.OptimalDenoiser(d)),
+        ("NearestDenoiser", lambda d: ad.NearestDenoiser(d)),
+        ("LocalityDenoiser", lambda d: ad.LocalityDenoiser(d)),
+        ("estimate_moments", lambda d: ad.estimate_moments(d)),
+        ("MomentAccumulator.update", lambda d: ad.MomentAccumulator((3, 4, 4)).update(d)),
+        ("estimate_patch_moments", lambda d: ad.estimate_patch_moments(d, 3)),
+    ]
+
+
+@pytest.mark.parametrize("name, call", _entry_points(), ids=[n for n, _ in _entry_points()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_float_data_outside_unit_range_is_refused(crops, name, call, dtype, tmp_path):
+    """Review: float data in [0, 255] (a float .npy) was accepted and gave white samples.
+    Float images must be in [-1, 1] up to rounding; the error names the fix."""
+    pixels = crops[:20, :, :4, :4].to(dtype)  # 0..255 as floats
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\].*divide by 127.5 and subtract 1"):
+        call(pixels)
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
+        call((pixels / 255).to(dtype) * 1.01)  # [0, 1.01]: not rounding any more
+    ok = ((crops[:20, :, :4, :4].double() - 127.5) / 127.5 * (1 + 5e-4)).to(dtype)  # within rounding
+    call(ok)
+
+
+def test_float_npy_of_pixels_is_refused_by_the_denoiser(crops, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "train.npy"
+    np.save(path, crops[:20].numpy().astype(np.float32))
+    with pytest.raises(ValueError, match=r"float32 with values in \[\d.*255\].*divide by 127.5 and subtract 1"):
+        ad.NearestDenoiser(str(path))
+    with pytest.raises(ValueError, match=r"divide by 127.5 and subtract 1"):
+        ad.estimate_moments(str(path))

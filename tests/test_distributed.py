@@ -56,8 +56,20 @@ def _worker(rank, world, port, data, out_dir):
         dens = {
             "locality": ad.LocalityDenoiser(shard, threshold=0.05, process_group=True),
             "optimal": ad.OptimalDenoiser(shard, process_group=dist.group.WORLD),
+            "nearest": ad.NearestDenoiser(shard, process_group=True),
+            "nearest-reference": ad.NearestDenoiser(shard, backend="reference", process_group=dist.group.WORLD),
         }
         outs = {(name, t): den(x, t) for name, den in dens.items() for t in TIMESTEPS}
+        # ties across ranks: the query's nearest image is in both shards (global indices 7
+        # and 40 + 2); the lowest global index, rank 0's, wins
+        tied = shard.clone()
+        tied[7 if rank == 0 else 2] = train[99]
+        ab = ad.alpha_bar_at(10)
+        q = (ab**0.5 * (train[99:100].double() / 127.5 - 1)).expand(3, -1, -1, -1).clone()
+        for backend in ("cpu", "reference"):
+            st = ad.ops.nearest_denoise(q, tied, ab, backend=backend, return_state=True)
+            merged = ad.ops.all_reduce_nearest(st, tied.shape[0])
+            outs[("tie", backend)] = (merged.index, merged.dist, merged.image)
         torch.save(outs, os.path.join(out_dir, f"denoisers{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -103,10 +115,16 @@ def test_all_reduce_patch_moments(data, results):
         assert res["count"] == one.count and torch.equal(res["cov"], one.cov)
 
 
-@pytest.mark.parametrize("name", ["locality", "optimal"])
+@pytest.mark.parametrize("name", ["locality", "optimal", "nearest", "nearest-reference"])
 def test_sharded_denoisers_equal_one_process(results, name):
+    """Review: NearestDenoiser(process_group=...) returned each rank's own nearest image."""
     train, x = _denoiser_data()
-    one = ad.LocalityDenoiser(train, threshold=0.05) if name == "locality" else ad.OptimalDenoiser(train)
+    one = {
+        "locality": lambda: ad.LocalityDenoiser(train, threshold=0.05),
+        "optimal": lambda: ad.OptimalDenoiser(train),
+        "nearest": lambda: ad.NearestDenoiser(train),
+        "nearest-reference": lambda: ad.NearestDenoiser(train, backend="reference"),
+    }[name]()
     for rank_out in results["denoisers"]:
         for t in TIMESTEPS:
             ref = one(x, t)
@@ -129,3 +147,43 @@ def test_all_reduce_state_without_processes_is_merge_states():
         finally:
             dist.destroy_process_group()
     assert torch.equal(merged.mx, s1.mx) and torch.allclose(merged.result(), s1.result(), rtol=0, atol=1e-15)
+
+
+def test_sharded_nearest_ties_go_to_the_lowest_global_index(results):
+    train, _ = _denoiser_data()
+    for rank_out in results["denoisers"]:
+        for backend in ("cpu", "reference"):
+            index, d, image = rank_out[("tie", backend)]
+            assert index.tolist() == [7, 7, 7], backend
+            assert d.max().item() < 1e-12
+            assert torch.equal(image, ((train[99:100].double() - 127.5) / 127.5).reshape(1, -1).expand(3, -1))
+
+
+def test_merge_nearest_in_process():
+    """merge_nearest over consecutive shards equals one pass, indices renumbered."""
+    train, x = _denoiser_data()
+    ab = ad.alpha_bar_at(300)
+    one = ad.ops.nearest_denoise(x, train, ab, return_state=True)
+    parts = [train[:13], train[13:50], train[50:]]
+    states = [ad.ops.nearest_denoise(x, p, ab, return_state=True) for p in parts]
+    merged = ad.ops.merge_nearest(*states, sizes=[p.shape[0] for p in parts])
+    assert torch.equal(merged.index, one.index) and torch.equal(merged.image, one.image)
+    assert torch.equal(merged.dist, one.dist)
+    dup = torch.cat([train[:5], train[:5]])  # every image twice: the first copy wins
+    st = ad.ops.merge_nearest(*[ad.ops.nearest_denoise(x, p, ab, return_state=True) for p in (dup[:5], dup[5:])], sizes=[5, 5])
+    assert (st.index < 5).all()
+
+
+def test_all_reduce_nearest_one_rank():
+    import tempfile
+
+    train, x = _denoiser_data()
+    ab = ad.alpha_bar_at(300)
+    s1 = ad.ops.nearest_denoise(x, train[:30], ab, return_state=True)
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/pg", rank=0, world_size=1)
+        try:
+            merged = ad.ops.all_reduce_nearest(s1, 30)
+        finally:
+            dist.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(merged, s1))

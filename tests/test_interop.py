@@ -114,3 +114,42 @@ def test_package_imports_and_adapts_without_diffusers():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["optimal", "locality"])
+def test_adapter_passes_a_custom_schedule_on_to_the_denoiser(small, kind):
+    """Review: with a custom alphas_cumprod the adapter converted x0_hat -> eps with it, but
+    the denoiser still read t on its own (linear) schedule."""
+    data, m = small
+    custom = ad.linear_alphas_cumprod(500, beta_start=2e-4, beta_end=0.04)  # another T and noise levels
+    make = {
+        "optimal": lambda **kw: ad.OptimalDenoiser(data[:100], **kw),
+        "locality": lambda **kw: ad.LocalityDenoiser(data[:100], moments=m, **kw),
+    }[kind]
+    den = make()
+    own = den.alphas_cumprod
+    unet = ad.DiffusersModelAdapter(den, alphas_cumprod=custom)
+    ref = make(alphas_cumprod=custom)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for t in (450, 200, 30):
+        ab = float(custom[t])
+        want = (x - math.sqrt(ab) * ref(x, t)) / math.sqrt(1 - ab)
+        torch.testing.assert_close(unet(x, t).sample, want, rtol=0, atol=1e-10)
+    assert den.alphas_cumprod is own  # the user's denoiser is unchanged
+    if kind == "locality":
+        assert torch.equal(den.mask(200), make().mask(200))  # its masks are still its schedule's
+
+
+def test_adapter_refuses_a_schedule_it_cannot_pass_on():
+    class Fixed:
+        alphas_cumprod = ad.linear_alphas_cumprod()
+
+        def __call__(self, x, t):
+            return x
+
+    with pytest.raises(ValueError, match="build the denoiser with alphas_cumprod"):
+        ad.DiffusersModelAdapter(Fixed(), alphas_cumprod=ad.linear_alphas_cumprod(500))
+    ad.DiffusersModelAdapter(Fixed(), alphas_cumprod=ad.linear_alphas_cumprod())  # the same one is fine
+    ad.DiffusersModelAdapter(lambda x, t: x, alphas_cumprod=ad.linear_alphas_cumprod(500))  # no schedule of its own
+    with pytest.raises(ValueError, match="non-increasing"):
+        ad.DiffusersModelAdapter(lambda x, t: x, alphas_cumprod=torch.tensor([0.5, 0.9]))

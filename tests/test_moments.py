@@ -234,3 +234,23 @@ def test_dataloader_workers(u8):
     ds = _Flaky(u8)
     m = ad.estimate_moments(ds, batch_size=32, num_workers=2)
     assert torch.equal(m.cov, ad.estimate_moments(u8).cov)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_get_the_umask_mode(u8, tmp_path, umask):
+    """Review: Moments.save / checkpoints were left with the temporary file's 0600 whatever
+    the umask; they get 0666 & ~umask like any new file, and no temporary is left behind."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        m = ad.estimate_moments(u8, checkpoint=tmp_path / "ckpt.safetensors", checkpoint_every=1, batch_size=16)
+        m.save(tmp_path / "stats.safetensors")
+        m.save(tmp_path / "stats.safetensors")  # overwriting keeps the mode rule too
+    finally:
+        os.umask(old)
+    for name in ("ckpt.safetensors", "stats.safetensors"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "stats.safetensors"]
+    assert torch.equal(ad.Moments.load(tmp_path / "stats.safetensors").cov, m.cov)

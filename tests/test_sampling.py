@@ -79,3 +79,66 @@ def test_sampler_seed_and_validation():
         ad.OptimalDenoiser(torch.zeros(3, 4, dtype=torch.uint8))(torch.zeros(1, 4), 1000)
     with pytest.raises(TypeError, match="t must be an int"):
         ad.OptimalDenoiser(torch.zeros(3, 4, dtype=torch.uint8))(torch.zeros(1, 4), 1.5)
+
+
+@pytest.mark.parametrize(
+    "schedule, error, match",
+    [
+        (torch.full((10, 2), 0.5), ValueError, "1-D"),
+        (torch.empty(0), ValueError, "1-D and non-empty"),
+        (torch.tensor([0.9, float("nan"), 0.5]), ValueError, "NaN"),
+        (torch.tensor([0.9, 0.5, 0.0]), ValueError, r"\(0, 1\].*t = 2"),
+        (torch.tensor([1.5, 0.5, 0.1]), ValueError, r"\(0, 1\].*t = 0"),
+        (torch.tensor([0.9, 0.5, 0.7, 0.1]), ValueError, r"non-increasing.*alpha_bar\[2\]"),
+        (torch.tensor([9, 5, 1]), TypeError, "float"),
+        ("linear", TypeError, "1-D float tensor"),
+    ],
+)
+def test_sample_validates_alphas_cumprod(schedule, error, match):
+    """Review: a malformed schedule was used as given (NaN samples, or an index error)."""
+    with pytest.raises(error, match=match):
+        ad.sample(Shrink(), 1, (1, 2, 2), steps=2, alphas_cumprod=schedule)
+
+
+def test_sample_accepts_a_custom_schedule():
+    ab = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+    ab[0] = 1.0  # (0, 1]: alpha_bar = 1 (no noise) is a valid schedule value
+    seen = []
+    ad.sample(Shrink(), 1, (1, 2, 2), steps=5, alphas_cumprod=ab, callback=lambda t, x, x0: seen.append(t))
+    assert seen == [40, 30, 20, 10, 0]
+    out = ad.sample(Shrink(), 1, (1, 2, 2), steps=5, alphas_cumprod=ab.tolist())  # a sequence works too
+    assert torch.isfinite(out).all()
+
+
+def test_denoisers_validate_alphas_cumprod():
+    train = torch.zeros(3, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="non-increasing"):
+        ad.OptimalDenoiser(train, alphas_cumprod=torch.tensor([0.5, 0.9]))
+    with pytest.raises(ValueError, match="NaN"):
+        ad.NearestDenoiser(train, alphas_cumprod=torch.tensor([0.9, float("nan")]))
+    den = ad.OptimalDenoiser(train).with_schedule(torch.tensor([0.9, 0.5], dtype=torch.float64))
+    assert den.alpha_bar(1) == 0.5
+
+
+def test_progress_covers_prepare(crops, crop_moments, capsys):
+    """Review: the first seconds of ad.sample (eigendecomposition, masks, plans in prepare)
+    showed no progress; with progress=True they get their own bar."""
+    den = ad.LocalityDenoiser(crops[:50], moments=crop_moments)
+    ad.sample(den, 1, (3, 16, 16), steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "preparing (locality)" in err and "sampling (locality)" in err
+    assert err.index("preparing") < err.index("sampling")
+    assert "4/4" in err  # the eigendecomposition and the 3 steps' masks
+    ad.sample(den, 1, (3, 16, 16), steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_with_a_prepare_that_takes_no_progress(capsys):
+    seen = []
+
+    class Own(Shrink):
+        def prepare(self, timesteps, device):
+            seen.append(list(timesteps))
+
+    ad.sample(Own(), 1, (1, 2, 2), steps=2, progress=True)
+    assert seen == [[500, 0]] and "sampling" in capsys.readouterr().err

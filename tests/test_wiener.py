@@ -95,3 +95,39 @@ def test_bad_covariance():
         ad.wiener_matrix(torch.eye(3), 1.5)
     with pytest.raises(ValueError, match="pixels"):
         ad.WienerFilter(torch.eye(3)).sensitivity(0.5, [3])
+
+
+@pytest.mark.parametrize("threshold, error", [(float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError), (torch.tensor(float("nan")), ValueError), ("0.02", TypeError), (True, TypeError), (None, TypeError)])
+def test_bad_threshold_is_refused_everywhere(crops, crop_moments, threshold, error):
+    """Review: a NaN threshold compared False everywhere, emptying every window silently
+    (every pixel then averaged the whole training set)."""
+    f = ad.WienerFilter(crop_moments)
+    match = "threshold must be"
+    with pytest.raises(error, match=match):
+        ad.locality_mask(crop_moments, 0.5, threshold=threshold)
+    with pytest.raises(error, match=match):
+        f.mask(0.5, threshold)
+    with pytest.raises(error, match=match):
+        mask_from_wiener_matrix(f.matrix(0.5), threshold)
+    with pytest.raises(error, match=match):
+        ad.LocalityDenoiser(crops[:20], moments=crop_moments, threshold=threshold)
+    pm = ad.estimate_patch_moments(crops[:20], 3)
+    with pytest.raises(error, match=match):
+        ad.WindowedWiener(pm).mask(0.5, threshold)
+    with pytest.raises(error, match=match):
+        ad.WindowedWienerDenoiser(pm).mask(500, threshold=threshold)
+    if threshold is not None:  # None: the denoiser's own threshold
+        with pytest.raises(error, match=match):
+            ad.LocalityDenoiser(crops[:20], moments=crop_moments).mask(500, threshold=threshold)
+    with pytest.raises(error, match=match):
+        ad.LocalityDenoiser(crops[:20], moments=pm, threshold=threshold)
+
+
+def test_finite_thresholds_still_work(crop_moments):
+    f = ad.WienerFilter(crop_moments)
+    assert f.mask(0.5, 0.02).dtype == torch.bool
+    assert f.mask(0.5, 0).dtype == torch.float64  # <= 0: real-valued weights
+    assert torch.equal(f.mask(0.5, torch.tensor(0.02)), f.mask(0.5, 0.02))
+    import numpy as np
+
+    assert torch.equal(f.mask(0.5, np.float32(0.02)), f.mask(0.5, float(np.float32(0.02))))

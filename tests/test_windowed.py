@@ -244,3 +244,16 @@ def test_bad_inputs_are_clear_errors(small_patch_moments, crop_moments):
     mean_before, cov_before = small_patch_moments.mean.clone(), small_patch_moments.cov.clone()
     f.apply(torch.zeros(1, 2, 5, 5), 0.5)
     assert torch.equal(small_patch_moments.mean, mean_before) and torch.equal(small_patch_moments.cov, cov_before)
+
+
+def test_window_of_a_pixel_is_the_dense_mask_column_on_both_paths():
+    train = ad.data.natural_crops(200, size=8, seed=8)
+    pm = ad.estimate_patch_moments(train, 5)
+    den = ad.LocalityDenoiser(train, moments=pm)
+    dense = ad.WindowedWiener(pm, (3, 8, 8)).dense_mask(ad.alpha_bar_at(100), 0.02)
+    for m in (0, 7, 37, 100, 191):  # corners, edges, interior, every channel
+        assert torch.equal(den.window_of(100, m), dense[:, m].reshape(3, 8, 8)), m
+    full = ad.LocalityDenoiser(train[:50])
+    assert torch.equal(full.window_of(100, 37), full.mask(100)[:, 37].reshape(3, 8, 8))
+    with pytest.raises(ValueError, match="pixel"):
+        den.window_of(100, 192)

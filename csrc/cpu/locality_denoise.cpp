@@ -539,6 +539,19 @@ void fill_tile(double* Yt, double* Ys, const int32_t* slot_pixel, uintptr_t trai
 
 bool locality_has_avx512() { return cpu_has_avx512(); }
 
+FullDistancesFn full_distances_kernel(bool force_portable) {
+#if AD_LD_DISPATCH
+    if (!force_portable && cpu_has_avx512()) return ld_avx512::full_distances8;
+#endif
+    (void)force_portable;
+    return ld_portable::full_distances8;
+}
+
+void fill_block_rows(double* Ys, uintptr_t train_ptr, int train_kind, int64_t k0, int nvalid,
+                     int64_t n, int64_t ts0, int64_t ts1, const double* lut) {
+    fill_tile(nullptr, Ys, nullptr, train_ptr, train_kind, k0, nvalid, n, ts0, ts1, lut);
+}
+
 bool locality_denoise_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64_t xs0,
                           int64_t xs1, bool x_is_double, uintptr_t train_ptr, int64_t N,
                           int64_t ts0, int64_t ts1, int train_kind, double a, double scale,

@@ -132,4 +132,33 @@ bool locality_denoise_run(
 // True when locality_denoise_run uses the AVX-512 kernel (compiled in and supported here).
 bool locality_has_avx512();
 
+// ---- Shared with nearest_denoise.cpp: the optimal denoiser's whole-image distances.
+
+// d[q] = ||xb - a y_q||^2 for the eight images of a block, float64 direct differences; the
+// function process_block_full uses, so nearest and optimal see bit-identical distances.
+using FullDistancesFn = void (*)(
+    const double* xb,  // [n] one query, float64, contiguous
+    const double* Ys,  // [8][n] the block's images in [-1, 1], float64, image-major
+    int64_t n,         // pixels per image
+    double a,          // sqrt(alpha_bar)
+    double* d          // [8] out: distances (lanes past the block's images: of the zero rows)
+);
+
+// The AVX-512 variant where it runs (and !force_portable), else the plain C++ one.
+FullDistancesFn full_distances_kernel(bool force_portable);
+
+// Training images [k0, k0 + nvalid) -> Ys [8][n] float64 in [-1, 1] (uint8 through `lut`,
+// u / 127.5 - 1 exactly as dequantize_u8_value<double>), rows past nvalid zero.
+void fill_block_rows(
+    double* Ys,          // [8][n] out, contiguous
+    uintptr_t train_ptr, // training images [N, n], element (k, j) at k*ts0 + j*ts1
+    int train_kind,      // 0: uint8, 1: float32, 2: float64
+    int64_t k0,          // first image of the block
+    int nvalid,          // images in the block, 1..8
+    int64_t n,           // pixels per image
+    int64_t ts0,         // train row stride in elements
+    int64_t ts1,         // train column stride in elements
+    const double* lut    // [256] uint8 -> float64 table (read only for train_kind 0)
+);
+
 }  // namespace analytic_diffusion

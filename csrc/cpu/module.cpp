@@ -19,6 +19,7 @@
 #include "../common/macros.h"
 #include "locality_denoise.h"
 #include "moments.h"
+#include "nearest_denoise.h"
 
 namespace py = pybind11;
 
@@ -250,6 +251,17 @@ PYBIND11_MODULE(_C, m) {
     m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
     m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
           "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");
+    // nearest_denoise (nearest_denoise.cpp): the optimal denoiser's distances, an argmin
+    m.def("nearest_denoise_run", &analytic_diffusion::nearest_denoise_run, py::arg("x_ptr"),
+          py::arg("B"), py::arg("n"), py::arg("x_stride0"), py::arg("x_stride1"),
+          py::arg("x_is_double"), py::arg("train_ptr"), py::arg("N"), py::arg("train_stride0"),
+          py::arg("train_stride1"), py::arg("train_kind"), py::arg("a"), py::arg("out_ptr"),
+          py::arg("out_is_double"), py::arg("index_ptr"), py::arg("dist_ptr"),
+          py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
+          "Nearest training image of each query x [B, n] (float32/float64) among train [N, n] "
+          "(uint8/float32/float64), float64 distances ||x - a y||^2, lowest index on ties: "
+          "writes out [B, n] (float32/float64), index [B] int64 and/or dist [B] float64 "
+          "(a zero address skips an output).");
     m.def("u8_syrk_has_vnni", &analytic_diffusion::u8_syrk_has_vnni,
           "Whether uint8 updates run the AVX-512 VNNI micro-kernel (compiled in and "
           "supported by this CPU).");

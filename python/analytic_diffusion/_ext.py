@@ -13,6 +13,7 @@ below are the only place that turns tensors into those arguments.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import threading
 from types import ModuleType
 from typing import Any
@@ -51,31 +52,51 @@ def cuda_module() -> ModuleType | None:
 
     Being importable does not imply a usable GPU: the CUDA runtime is linked statically,
     so the module loads on any host and its functions raise ``RuntimeError`` when no
-    device is present. Check ``build_info()["cuda"]["device_count"]`` for that.
+    device is present. ``build_info()["cuda"]["available"]`` says whether it is usable.
     """
     return _load(_CUDA_NAME)
 
 
-def _module_info(name: str) -> dict[str, Any]:
+def _built(name: str) -> bool:
+    """Whether the package ships a file for the extension (it may still fail to load)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _module_info(name: str, needs_device: bool) -> dict[str, Any]:
     mod = _load(name)
     if mod is None:
-        return {"available": False, "error": _cache[name][1]}
+        return {"available": False, "loaded": False, "built": _built(name), "error": _cache[name][1]}
     try:
         info = dict(mod.build_info())
     except Exception as exc:  # a module that loads but cannot describe itself is broken
-        return {"available": False, "error": f"build_info() failed: {type(exc).__name__}: {exc}"}
-    info["available"] = True
+        return {"available": False, "loaded": True, "built": True, "error": f"build_info() failed: {type(exc).__name__}: {exc}"}
+    info["loaded"] = True
+    info["built"] = True
+    usable = True
+    if needs_device:
+        # _C_cuda links the CUDA runtime statically, so it loads on any host: usable means a
+        # device is present too
+        count = info.get("device_count")
+        usable = isinstance(count, int) and count > 0
+        if not usable:
+            info["error"] = "no CUDA device: " + (info.get("device_error") or f"device_count = {count}")
+    info["available"] = usable
     info["path"] = getattr(mod, "__file__", None)
     return info
 
 
 def build_info() -> dict[str, dict[str, Any]]:
-    """How the extensions were built, or why they are missing. Never raises.
+    """How the extensions were built, or why they are missing or unusable. Never raises.
 
-    Returns ``{"cpu": {...}, "cuda": {...}}``; each entry has ``available`` and either
-    the module's own ``build_info()`` fields or an ``error`` string.
+    Returns ``{"cpu": {...}, "cuda": {...}}``. Each entry has ``available`` (the module
+    can run here: it loads, and for CUDA a device is present), ``loaded`` (the module
+    imported), ``built`` (the package has a file for it) and either the module's own
+    ``build_info()`` fields or, when not available, an ``error`` string saying why.
     """
-    return {"cpu": _module_info(_CPU_NAME), "cuda": _module_info(_CUDA_NAME)}
+    return {"cpu": _module_info(_CPU_NAME, False), "cuda": _module_info(_CUDA_NAME, True)}
 
 
 def _require(name: str, mod: ModuleType | None, what: str) -> ModuleType:

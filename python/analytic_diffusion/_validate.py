@@ -32,6 +32,34 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
 
 
+# Float images must be in [-1, 1]; this much beyond is still rounding (resampling, a
+# float16 round trip), more is data in another convention.
+UNIT_RANGE_TOL = 1e-3
+
+
+def check_pixels(name: str, t: torch.Tensor) -> None:
+    """Image data: finite, and float values within [-1, 1] (up to ``UNIT_RANGE_TOL``).
+
+    uint8 passes as is (it is mapped by ``u / 127.5 - 1``). One min/max pass serves both
+    checks (NaN propagates through it). The error names the argument and the fix: float
+    pixels in [0, 255] (a float .npy, a loaded PNG) otherwise give saturated samples."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = (v.item() for v in torch.aminmax(t.detach().reshape(-1)))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(name, t)  # counts the bad values
+        raise ValueError(f"{name} contains NaN/Inf values")  # pragma: no cover - check_finite raised
+    if lo < -1.0 - UNIT_RANGE_TOL or hi > 1.0 + UNIT_RANGE_TOL:
+        hint = (
+            "for pixels in [0, 255] divide by 127.5 and subtract 1 (x / 127.5 - 1), or pass the uint8 pixels as they are"
+            if hi > 2.0
+            else "rescale them to [-1, 1] (e.g. from [0, 1]: 2 * x - 1), or pass uint8 pixels"
+        )
+        raise ValueError(
+            f"{name} is {t.dtype} with values in [{lo:.6g}, {hi:.6g}], but float images must be in [-1, 1]: {hint}"
+        )
+
+
 def check_queries(x, name: str = "x") -> torch.Tensor:
     """``x``: float32/float64 ``[B, n]`` or ``[B, C, H, W]`` with B >= 1, finite."""
     x = as_tensor(name, x)
@@ -46,7 +74,7 @@ def check_queries(x, name: str = "x") -> torch.Tensor:
 
 
 def check_train(train, n: Optional[int] = None, image_shape: Optional[Tuple[int, ...]] = None, name: str = "train") -> torch.Tensor:
-    """``train``: uint8 or float ``[N, n]`` / ``[N, C, H, W]`` with N >= 1, finite."""
+    """``train``: uint8 or float in [-1, 1] ``[N, n]`` / ``[N, C, H, W]`` with N >= 1, finite."""
     train = as_tensor(name, train)
     if train.dtype not in IMAGE_DTYPES:
         raise TypeError(f"{name} must be uint8 or a float dtype, got {train.dtype}")
@@ -61,7 +89,7 @@ def check_train(train, n: Optional[int] = None, image_shape: Optional[Tuple[int,
         )
     if image_shape is not None and train.dim() == 4 and len(image_shape) == 3 and tuple(train.shape[1:]) != tuple(image_shape):
         raise ValueError(f"{name} has image shape {tuple(train.shape[1:])}, expected {tuple(image_shape)}")
-    check_finite(name, train)
+    check_pixels(name, train)
     return train
 
 
@@ -115,13 +143,18 @@ def check_mask(mask, n: int, name: str = "mask") -> torch.Tensor:
 
 
 def check_threshold(threshold, name: str = "threshold") -> float:
-    """A finite float: > 0 gives binary windows, <= 0 real-valued weights (docs/algorithms.md §4)."""
+    """A finite float: > 0 gives binary windows, <= 0 real-valued weights (docs/algorithms.md §4).
+    NaN would compare False everywhere and silently empty every window; bools and strings
+    are refused rather than read as 1.0 / parsed."""
+    bad_type = isinstance(threshold, (bool, str, bytes)) or (isinstance(threshold, torch.Tensor) and threshold.dtype == torch.bool)
     try:
-        v = float(threshold)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a float, got {type(threshold).__name__} {threshold!r}") from None
+        v = None if bad_type else float(threshold)
+    except (TypeError, ValueError, RuntimeError):
+        v = None
+    if v is None:
+        raise TypeError(f"{name} must be a real number (e.g. 0.02), got {type(threshold).__name__}")
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite float (> 0 for binary windows, <= 0 for real weights), got {threshold!r}")
+        raise ValueError(f"{name} must be a finite number (e.g. 0.02; <= 0 gives real-valued weights), got {v}")
     return v
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .schedule import default_alphas_cumprod
+from .schedule import check_alphas_cumprod
 
 __all__ = ["AdapterOutput", "DiffusersModelAdapter"]
 
@@ -54,6 +54,12 @@ class _Config(dict):
             raise AttributeError(f"config has no field {name!r}") from None
 
 
+def _same_schedule(a: torch.Tensor, b) -> bool:
+    if not isinstance(b, torch.Tensor) or b.shape != a.shape:
+        return False
+    return torch.equal(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64))
+
+
 def _image_shape(denoiser) -> Optional[Tuple[int, ...]]:
     for obj in (denoiser, getattr(denoiser, "filter", None), getattr(denoiser, "moments", None)):
         shape = getattr(obj, "image_shape", None) if obj is not None else None
@@ -68,10 +74,13 @@ class DiffusersModelAdapter(torch.nn.Module):
     Args:
         denoiser: ``den(x_t, t) -> x0_hat`` (any :class:`~analytic_diffusion.Denoiser`),
             called with an integer timestep.
-        alphas_cumprod: float ``[T]``, the schedule that turns ``x0_hat`` into
-            epsilon; it must be the scheduler's (``scheduler.alphas_cumprod``).
-            Default: the denoiser's own, else SPEC 1's linear schedule, which is
-            diffusers' default.
+        alphas_cumprod: float ``[T]``, the scheduler's schedule
+            (``scheduler.alphas_cumprod``): it turns ``x0_hat`` into epsilon and is
+            passed on to the denoiser (``denoiser.with_schedule``, a copy; the
+            original is unchanged), so that both read ``t`` on it. Default: the
+            denoiser's own, else SPEC 1's linear schedule, which is diffusers'
+            default. A plain callable with no ``alphas_cumprod`` of its own just
+            gets the timesteps.
         sample_shape: ``(C, H, W)`` reported as ``config.in_channels`` and
             ``config.sample_size`` (what ``DDIMPipeline`` reads to draw the noise).
             Default: the denoiser's training image shape, when it has one.
@@ -93,12 +102,20 @@ class DiffusersModelAdapter(torch.nn.Module):
         super().__init__()
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable den(x_t, t) -> x0_hat, got {type(denoiser).__name__}")
-        ab = alphas_cumprod if alphas_cumprod is not None else getattr(denoiser, "alphas_cumprod", None)
-        ab = default_alphas_cumprod() if ab is None else ab
-        if not isinstance(ab, torch.Tensor) or ab.dim() != 1 or ab.numel() == 0 or not ab.is_floating_point():
-            raise TypeError(f"alphas_cumprod must be a non-empty 1-D float tensor [T], got {getattr(ab, 'shape', type(ab).__name__)}")
-        if not bool(((ab > 0) & (ab < 1)).all()):
-            raise ValueError("alphas_cumprod must have every value in (0, 1)")
+        own = getattr(denoiser, "alphas_cumprod", None)
+        ab = check_alphas_cumprod(alphas_cumprod if alphas_cumprod is not None else own)
+        if not bool((ab < 1).all()):
+            raise ValueError("alphas_cumprod must have every value in (0, 1): alpha_bar = 1 has no noise to predict")
+        if alphas_cumprod is not None and not _same_schedule(ab, own):
+            # the denoiser must read t on the scheduler's schedule too, not only the conversion
+            # x0_hat -> epsilon here
+            if hasattr(denoiser, "with_schedule"):
+                denoiser = denoiser.with_schedule(ab)
+            elif own is not None:
+                raise ValueError(
+                    f"{type(denoiser).__name__} has its own alphas_cumprod, different from the one given, and no "
+                    "with_schedule() to take this one: build the denoiser with alphas_cumprod=scheduler.alphas_cumprod"
+                )
         shape = _image_shape(denoiser) if sample_shape is None else tuple(sample_shape)
         if shape is not None:
             if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):

@@ -4,6 +4,18 @@ from __future__ import annotations
 import torch
 
 
+_REDUCTIONS = ("mean", "none")
+
+
+def _reduce(per: torch.Tensor, reduction: str) -> torch.Tensor:
+    return per.mean() if reduction == "mean" else per
+
+
+def _check_reduction(reduction) -> None:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS} ('mean': the average over the batch, 'none': per sample), got {reduction!r}")
+
+
 def _pair(pred: torch.Tensor, target: torch.Tensor):
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
@@ -18,16 +30,18 @@ def r2(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> tor
     ``pred``, ``target``: ``[B, ...]``. Returns a float64 scalar (``reduction="mean"``)
     or ``[B]`` (``"none"``).
     """
+    _check_reduction(reduction)
     p, t = _pair(pred, target)
     n = t.shape[1]
     if n < 2:
         raise ValueError("r2 needs at least 2 values per sample (unbiased variance)")
     per = 1.0 - ((p - t) ** 2).sum(1) / (n * t.var(1, unbiased=True))
-    return per.mean() if reduction == "mean" else per
+    return _reduce(per, reduction)
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Per-pixel mean squared error: float64 scalar, or ``[B]`` with ``reduction="none"``."""
+    _check_reduction(reduction)
     p, t = _pair(pred, target)
     per = ((p - t) ** 2).mean(1)
-    return per.mean() if reduction == "mean" else per
+    return _reduce(per, reduction)

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedule import ddim_timesteps, default_alphas_cumprod, noise_level
+from .schedule import check_alphas_cumprod, ddim_timesteps, noise_level
 
 
 def ddim_step(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> torch.Tensor:
@@ -17,6 +17,17 @@ def ddim_step(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: float, alpha_b
     x0_c = ((x_t - math.sqrt(s2) * eps) / a).clamp(-1.0, 1.0)
     a_prev, s2_prev = noise_level(alpha_bar_prev)
     return a_prev * x0_c + math.sqrt(s2_prev) * eps
+
+
+def _takes_progress(fn) -> bool:
+    """Whether ``fn`` accepts a ``progress=`` keyword (a user's ``prepare`` may not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def sample(
@@ -35,7 +46,10 @@ def sample(
 
     ``x_T ~ N(0, I)`` comes from a CPU generator seeded with ``seed`` (so samples
     do not depend on the device). ``callback(t, x_t, x0_hat)`` is called at each
-    step. Returns the last ``x0_hat``: ``[num_samples, *shape]`` of ``dtype``.
+    step. A denoiser with ``prepare(timesteps, device)`` (masks, plans) is prepared
+    first; ``progress=True`` shows tqdm bars for that (when its ``prepare`` takes
+    ``progress=``) and for the steps. Returns the last ``x0_hat``:
+    ``[num_samples, *shape]`` of ``dtype``.
     """
     if int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -44,7 +58,7 @@ def sample(
         raise ValueError(f"shape must be a non-empty image shape such as (C, H, W), got {shape}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    ab = default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+    ab = check_alphas_cumprod(alphas_cumprod)
     T = ab.shape[0]
     ts = ddim_timesteps(steps, T)
     ratio = T // int(steps)
@@ -53,7 +67,10 @@ def sample(
     x0 = x
     prepare = getattr(denoiser, "prepare", None)
     if prepare is not None:  # masks and plans of the whole schedule, before the first step
-        prepare(ts, x.device)
+        if progress and _takes_progress(prepare):
+            prepare(ts, x.device, progress=True)  # seconds of eigendecomposition and masks: show them
+        else:
+            prepare(ts, x.device)
     it = ts
     if progress:
         from tqdm.auto import tqdm

@@ -34,6 +34,39 @@ def default_alphas_cumprod() -> torch.Tensor:
     return _DEFAULT
 
 
+def check_alphas_cumprod(alphas_cumprod, name: str = "alphas_cumprod") -> torch.Tensor:
+    """A noise schedule ``alpha_bar[t]``: a 1-D float tensor (or array/sequence, read as
+    float64) of length T >= 1, finite, every value in (0, 1], non-increasing in t.
+    Returns it as a tensor (a tensor argument unchanged); clear errors otherwise."""
+    if alphas_cumprod is None:
+        return default_alphas_cumprod()
+    ab = alphas_cumprod
+    if not isinstance(ab, torch.Tensor):
+        try:
+            ab = torch.as_tensor(ab, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a 1-D float tensor [T] of alpha_bar values, got {type(alphas_cumprod).__name__}") from None
+    if not ab.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {ab.dtype}")
+    if ab.dim() != 1 or ab.numel() == 0:
+        raise ValueError(f"{name} must be 1-D and non-empty ([T] values of alpha_bar), got shape {tuple(ab.shape)}")
+    vals = ab.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(vals).all()):
+        raise ValueError(f"{name} contains {int((~torch.isfinite(vals)).sum())} NaN/Inf value(s)")
+    bad = (vals <= 0) | (vals > 1)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} values must be in (0, 1] (alpha_bar: the signal fraction), got {vals[t].item()} at t = {t}")
+    up = vals[1:] > vals[:-1]
+    if bool(up.any()):
+        t = int(up.nonzero()[0, 0]) + 1
+        raise ValueError(
+            f"{name} must be non-increasing in t (more noise at larger t), but alpha_bar[{t}] = {vals[t].item()} > "
+            f"alpha_bar[{t - 1}] = {vals[t - 1].item()}"
+        )
+    return ab
+
+
 def timestep_to_int(t, T: int = NUM_TRAIN_TIMESTEPS) -> int:
     """Accept a Python int or a 0-d / one-element integer tensor; return a checked int."""
     if isinstance(t, torch.Tensor):

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._validate import check_pixels
 from .items import (
     IMAGE_EXTENSIONS,
     _array_batch,
@@ -291,9 +292,12 @@ def _resolve(source, limit: Optional[int]) -> _Source:
 # public loaders
 # --------------------------------------------------------------------------- #
 def _check_finite(b: torch.Tensor, what: str) -> None:
+    """Float images finite and in [-1, 1] (up to rounding): a float file of 0..255 pixels
+    is refused here, naming the fix, instead of giving saturated samples later."""
     if b.is_floating_point() and not bool(torch.isfinite(b).all()):
         bad = int((~torch.isfinite(b)).sum())
         raise ValueError(f"{what} contains {bad} NaN/Inf value(s); float images must be finite, in [-1, 1]")
+    check_pixels(what, b)
 
 
 def _checked(src: _Source, batch_size: int, start: int = 0) -> Iterator[torch.Tensor]:

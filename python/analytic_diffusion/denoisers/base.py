@@ -6,6 +6,7 @@ x_t's shape and dtype.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .. import registry
 from .._validate import check_queries, check_train
 from ..ops import all_reduce_state
-from ..schedule import alpha_bar_at, default_alphas_cumprod, timestep_to_int
+from ..schedule import alpha_bar_at, check_alphas_cumprod, timestep_to_int
 
 
 def as_train(train) -> torch.Tensor:
@@ -30,10 +31,24 @@ class Denoiser:
     name = "denoiser"
 
     def __init__(self, alphas_cumprod: Optional[torch.Tensor] = None):
-        self.alphas_cumprod = default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        # default: the linear schedule; a given one must be 1-D, finite, in (0, 1], non-increasing
+        self.alphas_cumprod = check_alphas_cumprod(alphas_cumprod)
 
     def alpha_bar(self, t) -> float:
         return alpha_bar_at(t, self.alphas_cumprod)
+
+    def with_schedule(self, alphas_cumprod) -> "Denoiser":
+        """This denoiser reading timesteps on another schedule ``alphas_cumprod`` (float
+        ``[T]``): a shallow copy that shares the training data, filters and per-device
+        copies, with its per-timestep caches (e.g. locality masks) fresh. The original is
+        unchanged. ``DiffusersModelAdapter`` uses it to pass a scheduler's schedule on."""
+        other = copy.copy(self)
+        other.alphas_cumprod = check_alphas_cumprod(alphas_cumprod)
+        other._reset_timestep_caches()
+        return other
+
+    def _reset_timestep_caches(self) -> None:
+        """Forget anything cached per timestep (subclasses that cache by ``t`` override)."""
 
     def __call__(self, x_t, t) -> torch.Tensor:
         t = timestep_to_int(t, self.alphas_cumprod.shape[0])

@@ -8,7 +8,7 @@ import torch
 
 from .._validate import check_chunk_size, check_positive, check_threshold
 from ..filters import WienerFilter
-from ..ops import Moments
+from ..ops import Moments, all_reduce_nearest
 from .base import Denoiser, TrainSetDenoiser
 
 
@@ -38,13 +38,26 @@ class OptimalDenoiser(TrainSetDenoiser):
 
 
 class NearestDenoiser(TrainSetDenoiser):
-    """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (SPEC 6)."""
+    """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (SPEC 6), the first
+    one on ties.
+
+    ``process_group``: a torch.distributed group (or ``True`` for the default group)
+    when ``train`` is this rank's shard, rank r holding the r-th consecutive part of the
+    training set; every rank then returns the nearest image over the union of the shards
+    (on ties the lowest global index, i.e. the lowest rank).
+    """
 
     name = "nearest"
 
     def denoise(self, x, t, alpha_bar):
         train = self._train_for(x)
-        return self._impl("nearest_denoise", x)(x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1), alpha_bar, 256).reshape(x.shape)
+        impl = self._impl("nearest_denoise", x)
+        x2, t2 = x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1)
+        if not self.sharded:
+            return impl(x2, t2, alpha_bar, 256).reshape(x.shape)
+        group = None if self.process_group is True else self.process_group
+        state = all_reduce_nearest(impl(x2, t2, alpha_bar, 256, True), train.shape[0], group)
+        return state.image.reshape(x.shape)
 
 
 class WienerDenoiser(Denoiser):

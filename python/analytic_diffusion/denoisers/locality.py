@@ -138,6 +138,12 @@ class LocalityDenoiser(TrainSetDenoiser):
             self._filter = WienerFilter(self.moments)
         return self._filter
 
+    def _reset_timestep_caches(self) -> None:
+        # masks are cached by timestep, so a copy on another schedule starts without them
+        self._masks = {}
+        self._windows = {}
+        self._dense = None
+
     def _window(self, t: int) -> Tuple[torch.Tensor, WindowedWiener, dict]:
         """(window bool [C, C, k, k], the filter it came from, its description) at step t."""
         if t not in self._windows:
@@ -172,10 +178,10 @@ class LocalityDenoiser(TrainSetDenoiser):
         t = timestep_to_int(t, self.alphas_cumprod.shape[0])
         device = torch.device(device or "cpu")
         if self._windowed is not None:
-            if threshold is not None and float(threshold) != self.threshold:
+            if threshold is not None and check_threshold(threshold) != self.threshold:
                 return self._window(t)[1].mask(self.alpha_bar(t), check_threshold(threshold)).to(device)
             return self._window(t)[0].to(device)
-        if threshold is not None and float(threshold) != self.threshold:
+        if threshold is not None and check_threshold(threshold) != self.threshold:
             return self._build_mask(t, check_threshold(threshold)).to(device)
         if self._dense is not None and self._dense[0] == t and self._dense[1] == device:
             return self._dense[2]
@@ -184,6 +190,24 @@ class LocalityDenoiser(TrainSetDenoiser):
         m = self._masks[t].unpack(device)
         self._dense = (t, device, m)
         return m
+
+    def window_of(self, t, pixel: int) -> torch.Tensor:
+        """The window of one output pixel (flat index ``pixel``) at step ``t`` as bool
+        ``[C, H, W]``: the input pixels its distance compares, on both paths (column
+        ``pixel`` of the dense mask, or the step's [C, C, k, k] window placed at the pixel
+        and cut at the border)."""
+        C, H, W = self.image_shape
+        n = C * H * W
+        if not 0 <= int(pixel) < n:
+            raise ValueError(f"pixel must be a flat index in [0, {n}), got {pixel}")
+        c, h, w = int(pixel) // (H * W), (int(pixel) // W) % H, int(pixel) % W
+        if self._windowed is None:
+            return (self.mask(t)[:, int(pixel)] != 0).reshape(C, H, W)
+        win = self.mask(t)[c]  # [C_in, k, k]
+        r = win.shape[-1] // 2
+        out = torch.zeros(C, H + 2 * r, W + 2 * r, dtype=torch.bool)
+        out[:, h : h + 2 * r + 1, w : w + 2 * r + 1] = win
+        return out[:, r : r + H, r : r + W].clone()
 
     def _build_mask(self, t: int, threshold: float) -> torch.Tensor:
         return self.filter.mask(self.alpha_bar(t), threshold)
@@ -195,19 +219,41 @@ class LocalityDenoiser(TrainSetDenoiser):
         f = self._window(t)[1] if self._windowed is not None else self.filter
         return f.sensitivity(self.alpha_bar(t), pixels, image_shape)
 
-    def prepare(self, timesteps, device=None) -> "LocalityDenoiser":
+    def prepare(self, timesteps, device=None, *, progress: bool = False) -> "LocalityDenoiser":
         """Build the masks of ``timesteps`` (and, where the backend plans its work per
-        mask, its plans) now rather than during the first sampling run."""
+        mask, its plans) now rather than during the first sampling run. ``progress``: a
+        tqdm bar over the eigendecomposition (full moments, first call) and the steps
+        (``ad.sample(..., progress=True)`` asks for it)."""
         device = torch.device(device or self.train.device)
-        if self._windowed is not None:
+        timesteps = list(timesteps)
+        eig = self._windowed is None and self._filter is None  # the first mask pays for it
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(timesteps) + int(eig), desc=f"preparing ({self.name})", unit="step")
+        try:
+            if eig:
+                if bar is not None:
+                    bar.set_postfix_str("eigendecomposition")
+                self.filter  # noqa: B018 - built here so that the bar shows it
+                if bar is not None:
+                    bar.update(1)
+            prep = None if self._windowed is not None else registry.select("locality_denoise", device, self.backend).prepare
             for t in timesteps:
-                self._window(timestep_to_int(t, self.alphas_cumprod.shape[0]))
-            return self
-        prep = registry.select("locality_denoise", device, self.backend).prepare
-        for t in timesteps:
-            m = self.mask(t, device=device)
-            if prep is not None:
-                prep(m)
+                if bar is not None:
+                    bar.set_postfix_str(f"t={t}: {'window' if self._windowed is not None else 'mask' + (' + plan' if prep else '')}")
+                if self._windowed is not None:
+                    self._window(timestep_to_int(t, self.alphas_cumprod.shape[0]))
+                else:
+                    m = self.mask(t, device=device)
+                    if prep is not None:
+                        prep(m)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return self
 
     def mask_bytes(self) -> int:

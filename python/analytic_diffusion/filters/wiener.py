@@ -121,5 +121,6 @@ def locality_mask(cov: Union[Moments, torch.Tensor, WienerFilter], alpha_bar: fl
     real-valued float64 ``Mt``. Pass a :class:`WienerFilter` to reuse its
     eigendecomposition across timesteps.
     """
+    threshold = check_threshold(threshold)  # before the eigendecomposition
     f = cov if isinstance(cov, WienerFilter) else WienerFilter(cov)
     return f.mask(alpha_bar, threshold)

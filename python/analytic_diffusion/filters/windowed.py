@@ -293,9 +293,9 @@ class WindowedWiener:
         centre = weight[torch.arange(self.channels), torch.arange(self.channels), self.r, self.r] * a
         centre = torch.where(centre.abs() < DIAG_EPS, torch.ones_like(centre), centre)
         Mt = (weight * a) / centre[None, :, None, None]
-        if float(threshold) <= 0:
+        if threshold <= 0:
             return Mt
-        return Mt.abs() >= float(threshold) * Mt.abs().max()
+        return Mt.abs() >= threshold * Mt.abs().max()
 
     def window(self, alpha_bar: float, threshold: float, pixels, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The windows of output pixels ``pixels`` (flat indices) in image coordinates: the

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from .locality import locality_denoise, locality_denoise_reference, optimal_denoise, optimal_denoise_reference
 from .moments import MomentAccumulator, Moments, estimate_moments
-from .nearest import nearest_denoise, nearest_denoise_reference, nearest_topk, nearest_topk_reference
+from .nearest import (
+    NearestState,
+    all_reduce_nearest,
+    merge_nearest,
+    nearest_denoise,
+    nearest_denoise_reference,
+    nearest_topk,
+    nearest_topk_reference,
+)
 from .patch_posterior import patch_posterior_denoise, patch_posterior_denoise_reference
 from .patch_moments import PatchMomentAccumulator, estimate_patch_moments, patch_sums
 from .softmax_state import SoftmaxState, all_reduce_state, merge_states
@@ -19,13 +27,16 @@ from .windowed_locality import windowed_locality_denoise, windowed_locality_deno
 __all__ = [
     "MomentAccumulator",
     "Moments",
+    "NearestState",
     "PatchMomentAccumulator",
     "SoftmaxState",
+    "all_reduce_nearest",
     "all_reduce_state",
     "estimate_moments",
     "estimate_patch_moments",
     "locality_denoise",
     "locality_denoise_reference",
+    "merge_nearest",
     "merge_states",
     "nearest_denoise",
     "nearest_denoise_reference",

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from ... import registry
-from ..._validate import IMAGE_DTYPES, as_tensor, check_finite, check_fits, to_unit
+from ..._validate import IMAGE_DTYPES, as_tensor, check_fits, check_pixels, to_unit
 from .reference import sym_from_lower
 from .stats import FORMAT, U8_SCALE, Moments, save_safetensors
 
@@ -78,7 +78,7 @@ class MomentAccumulator:
             raise ValueError(f"{name} has image shape {tuple(batch.shape[1:])}, but this accumulator holds {self.image_shape} (mixed image shapes)")
         if batch.shape[1:].numel() != self.n:
             raise ValueError(f"{name} has {batch.shape[1:].numel()} values per image, expected n = {self.n}")
-        check_finite(name, batch)
+        check_pixels(name, batch)
         if batch.dim() == 4 and self.image_shape is None:
             self.image_shape = tuple(batch.shape[1:])
         return batch.reshape(batch.shape[0], self.n)

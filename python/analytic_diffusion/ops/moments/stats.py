@@ -99,21 +99,44 @@ class Moments:
             )
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else by
+    the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(tensors: dict, path, meta: dict) -> None:
-    """Write to ``path.tmp`` then rename: an interrupted write never leaves a torn file,
-    and an unwritable path is an OSError naming it (not a safetensors-internal error)."""
+    """Write to a unique temporary file beside ``path``, then rename: an interrupted write
+    never leaves a torn file, concurrent writers never share a temporary, and an
+    unwritable path is an OSError naming it (not a safetensors-internal error). The file
+    gets the mode of any new file (0666 less the umask), not the private 0600 of the
+    temporary."""
+    import tempfile
+
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write {path!r}: folder {parent!r} does not exist")
-    tmp = f"{path}.tmp"
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        os.close(fd)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except Exception as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
             raise

@@ -11,12 +11,14 @@ import torch
 
 from ..._validate import compute_dtype, to_unit
 from ...schedule import noise_level
+from .state import NearestState
 
 _BLOCK_VALUES = 1 << 24  # bound on the [B, chunk, n] temporaries, in elements
 
 
-def nearest_denoise_reference(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, chunk_size: int = 256) -> torch.Tensor:
-    """SPEC 6: ``y_{k*}``, ``k* = argmin_k ||x - a y_k||^2`` (the first index on ties)."""
+def nearest_denoise_reference(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, chunk_size: int = 256, return_state: bool = False):
+    """SPEC 6: ``y_{k*}``, ``k* = argmin_k ||x - a y_k||^2`` (the first index on ties).
+    ``return_state``: a :class:`NearestState` (distances in x's compute dtype, widened)."""
     dt = compute_dtype(x)
     B, n = x.shape
     a, _ = noise_level(alpha_bar)
@@ -30,6 +32,8 @@ def nearest_denoise_reference(x: torch.Tensor, train: torch.Tensor, alpha_bar: f
         better = dmin < best  # strict: an earlier chunk keeps its tie
         best = torch.where(better, dmin, best)
         arg = torch.where(better, kmin + k0, arg)
+    if return_state:
+        return NearestState(best.to(torch.float64), arg, to_unit(train[arg], x.dtype))
     return to_unit(train[arg], x.dtype)
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..._validate import IMAGE_DTYPES, as_tensor, check_finite, to_unit
+from ..._validate import IMAGE_DTYPES, as_tensor, check_pixels, to_unit
 from .. import streaming
 from ..moments import MomentAccumulator, Moments
 from .reference import patch_sums
@@ -41,7 +41,7 @@ class PatchMomentAccumulator:
         H, W, k = images.shape[2], images.shape[3], self.k
         if H < k or W < k:
             raise ValueError(f"images of size {H}x{W} are smaller than the {k}x{k} patch")
-        check_finite("images", images)
+        check_pixels("images", images)
         if images.shape[0] == 0:
             return self
         acc = self.inner
