@@ -19,7 +19,9 @@ Differences from the published code, none of which changes the definition: GoldD
 both screening distances in float32 with the expanded form ``|x|^2 + a^2|y|^2 - 2a x.y``;
 here both stages use the expanded form in float64 (pooled images and squared norms computed
 once, in float64), so the selected sets can differ from GoldDiff's
-only where float32 rounding reorders near-ties. GoldDiff clamps k_min and k_max to N the same
+only where float32 rounding reorders near-ties. GoldDiff's StreamingSoftmax returns
+``acc / (l + 1e-8)`` with ``l >= 1`` (a relative bias below 1e-8); the exact softmax here
+divides by ``l``. GoldDiff clamps k_min and k_max to N the same
 way; its comment in configs/defaults.yaml ("afhq 32, celeba-hq 32") suggests a 32 x 32 coarse
 grid (factor 2) for the 64 px sets, where SPEC says factor 4: ``pool_size`` selects either.
 """
