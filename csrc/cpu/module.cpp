@@ -20,6 +20,7 @@
 #include "locality_denoise.h"
 #include "moments.h"
 #include "nearest_denoise.h"
+#include "patch_moments.h"
 
 namespace py = pybind11;
 
@@ -197,6 +198,19 @@ PYBIND11_MODULE(_C, m) {
           py::arg("cov_ptr"), py::call_guard<py::gil_scoped_release>(),
           "mean and unbiased cov ([-1, 1] units) from exact uint8 sums, bit-identical to "
           "MomentAccumulator.result(), in one pass.");
+    // patch_moments (patch_moments.cpp): lag-product rectangle sums, GIL released.
+    m.def("lag_rect_sums", &analytic_diffusion::lag_rect_sums, py::arg("x_ptr"), py::arg("dtype"),
+          py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("stride0"), py::arg("stride1"),
+          py::arg("stride2"), py::arg("stride3"), py::arg("shift_ptr"), py::arg("Li"), py::arg("Lj"),
+          py::arg("nh"), py::arg("nw"), py::arg("oh"), py::arg("ow"), py::arg("T_ptr"), py::arg("S1_ptr"),
+          py::arg("force_portable") = false, py::arg("block_images") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "x [B, C, H, W] (dtype 0 uint8, 1 float32, 2 float64; strides in elements); "
+          "T [Li+1][2Lj+1][C][C][nh][nw] += rectangle sums of the lag products z[c, q] z[c', q + e] "
+          "(int64 exact for uint8, else float64 of z = x - shift[c]); S1 [C][H][W] += per-pixel sums.");
+    m.def("lag_sums_has_vnni", &analytic_diffusion::lag_sums_has_vnni,
+          "Whether uint8 lag sums run the AVX-512 VNNI micro-kernel on this CPU.");
+    m.attr("LAG_MAX_BLOCK_IMAGES") = analytic_diffusion::kLagMaxBlockImages;
     // locality_denoise / optimal_denoise (locality_denoise.cpp)
     using analytic_diffusion::LocalityPlan;
     py::class_<LocalityPlan>(m, "LocalityPlan",

@@ -32,37 +32,7 @@
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
-// ISA selection. With GCC/Clang on x86 the AVX-512 micro-kernels are always compiled,
-// through a target attribute, and picked at run time from CPUID: a generic build
-// (AD_NATIVE=OFF, e.g. a redistributable wheel) still runs VNNI where the CPU has it,
-// and a -march=native build copied to an older CPU falls back instead of faulting.
-// Other compilers get them only when the ISA is enabled globally.
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define AD_X86_DISPATCH 1
-#define AD_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define AD_TARGET_AVX512 __attribute__((target("avx512f")))
-#define AD_HAVE_VNNI 1
-#define AD_HAVE_AVX512F 1
-#else
-#define AD_X86_DISPATCH 0
-#define AD_TARGET_VNNI
-#define AD_TARGET_AVX512
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define AD_HAVE_VNNI 1
-#else
-#define AD_HAVE_VNNI 0
-#endif
-#if defined(__AVX512F__)
-#define AD_HAVE_AVX512F 1
-#else
-#define AD_HAVE_AVX512F 0
-#endif
-#endif
-
+#include "../common/cpu_isa.h"  // AD_HAVE_VNNI, AD_TARGET_VNNI, ... and run-time CPUID checks
 #include "../common/cpu_runtime.h"
 
 #include <atomic>
@@ -312,31 +282,7 @@ void u8_tile(const U8Chunk& P, int64_t I, int64_t J, int64_t n, U8Kernel kernel,
 
 }  // namespace
 
-namespace {
-
-bool cpu_has_vnni() {
-#if AD_X86_DISPATCH
-    // libgcc/compiler-rt also check that the OS saves the zmm state (XCR0)
-    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vnni");
-    return yes;
-#else
-    return AD_HAVE_VNNI != 0;
-#endif
-}
-
-bool cpu_has_avx512f() {
-#if AD_X86_DISPATCH
-    static const bool yes = __builtin_cpu_supports("avx512f");
-    return yes;
-#else
-    return AD_HAVE_AVX512F != 0;
-#endif
-}
-
-}  // namespace
-
-bool u8_syrk_has_vnni() { return cpu_has_vnni(); }
+bool u8_syrk_has_vnni() { return cpu_isa::has_vnni(); }
 
 void u8_syrk_update(uintptr_t x_ptr, int64_t B, int64_t n, int64_t stride0, int64_t stride1,
                     uintptr_t s1_ptr, uintptr_t s2_ptr, bool force_portable,
@@ -353,7 +299,7 @@ void u8_syrk_update(uintptr_t x_ptr, int64_t B, int64_t n, int64_t stride0, int6
 
     U8Kernel kernel = u8_kernel_portable;
 #if AD_HAVE_VNNI
-    if (!force_portable && cpu_has_vnni()) kernel = u8_kernel_vnni;
+    if (!force_portable && cpu_isa::has_vnni()) kernel = u8_kernel_vnni;
 #endif
 
     U8Chunk P;
@@ -561,7 +507,7 @@ void f64_syrk_update(uintptr_t x_ptr, int64_t B, int64_t n, int64_t stride0, int
     auto* s2 = reinterpret_cast<double*>(s2_ptr);
     F64Kernel kernel = f64_kernel_portable;
 #if AD_HAVE_AVX512F
-    if (!force_portable && cpu_has_avx512f()) kernel = f64_kernel_avx512;
+    if (!force_portable && cpu_isa::has_avx512f()) kernel = f64_kernel_avx512;
 #endif
     F64Chunk P;
     P.nBp = ceil_div(n, kFNR);

@@ -12,7 +12,15 @@ from importlib import metadata as _metadata
 from . import ops
 from ._ext import build_info
 from .registry import available_backends
-from .ops import MomentAccumulator, Moments, PatchMomentAccumulator, estimate_moments, estimate_patch_moments
+from .ops import (
+    MomentAccumulator,
+    Moments,
+    PatchMomentAccumulator,
+    StationaryMomentAccumulator,
+    estimate_moments,
+    estimate_patch_moments,
+    estimate_stationary_moments,
+)
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
 from .denoisers import (
     Denoiser,
@@ -59,6 +67,7 @@ __all__ = [
     "PSPCSquareDenoiser",
     "PatchMomentAccumulator",
     "SmoothedCFDMDenoiser",
+    "StationaryMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
     "WindowedWiener",
@@ -72,6 +81,7 @@ __all__ = [
     "ddim_timesteps",
     "estimate_moments",
     "estimate_patch_moments",
+    "estimate_stationary_moments",
     "field_similarity",
     "figures",
     "linear_alphas_cumprod",

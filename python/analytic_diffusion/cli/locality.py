@@ -208,8 +208,9 @@ def run(args) -> int:
 
     # ---- cheap checks first: nothing below is slow until the data is read
     ts = _timesteps_arg(args.timesteps) if args.timesteps else ad.ddim_timesteps(10)
-    backends = pick_backends(args.backend, ["moments"], dev)
-    bk = backend_arg(backends, args.backend, "moments")
+    op = "moments" if args.window is None else "patch_moments"
+    backends = pick_backends(args.backend, [op], dev)
+    bk = backend_arg(backends, args.backend, op)
     if args.window is not None and args.window % 2 == 0:
         raise CLIError(f"--window must be an odd number of pixels (the window is centred on the pixel), got {args.window}")
     if (args.model is None) != (args.checkpoint is None):

@@ -27,8 +27,9 @@ def run(args) -> int:
 
     progress = not args.no_progress
     check_device(args.device)
-    backends = pick_backends(args.backend, ["moments"], args.device)
-    bk = backend_arg(backends, args.backend, "moments")
+    op = "moments" if args.patch_size is None else "patch_moments"
+    backends = pick_backends(args.backend, [op], args.device)
+    bk = backend_arg(backends, args.backend, op)
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {str(out)!r} is a folder; give the name of the .safetensors file to write")
@@ -47,7 +48,7 @@ def run(args) -> int:
             m = ad.estimate_patch_moments(args.data, K, batch_size=args.batch_size, device=args.device, backend=bk, progress=progress)
             what = f"{K}x{K} patch moments of {m.count} patches (patch vector {tuple(m.image_shape)})"
     elapsed = time.perf_counter() - t0
-    m.extra = {**m.extra, "source": str(args.data), "backend": backends["moments"]}
+    m.extra = {"backend": backends[op], **m.extra, "source": str(args.data)}  # the op's own record wins
     try:
         m.to("cpu").save(out)
     except Exception as e:

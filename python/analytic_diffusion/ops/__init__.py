@@ -20,7 +20,7 @@ from .nearest import (
     nearest_topk_reference,
 )
 from .patch_posterior import patch_posterior_denoise, patch_posterior_denoise_reference
-from .patch_moments import PatchMomentAccumulator, estimate_patch_moments, patch_sums
+from .patch_moments import PatchMomentAccumulator, StationaryMomentAccumulator, estimate_patch_moments, estimate_stationary_moments, patch_sums
 from .softmax_state import SoftmaxState, all_reduce_state, merge_states
 from .windowed_locality import windowed_locality_denoise, windowed_locality_denoise_reference
 
@@ -29,11 +29,13 @@ __all__ = [
     "Moments",
     "NearestState",
     "PatchMomentAccumulator",
+    "StationaryMomentAccumulator",
     "SoftmaxState",
     "all_reduce_nearest",
     "all_reduce_state",
     "estimate_moments",
     "estimate_patch_moments",
+    "estimate_stationary_moments",
     "locality_denoise",
     "locality_denoise_reference",
     "merge_nearest",

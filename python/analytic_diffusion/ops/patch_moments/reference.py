@@ -1,10 +1,25 @@
-"""Patch (stationary) moment sums without unfolding: the reference implementation
-(pure torch, any device; docs/algorithms.md §2.4)."""
+"""Reference backend of the ``patch_moments`` op (pure torch, any device; docs/algorithms.md
+§2.4, docs/patch_moments.md), and the backend contract.
+
+A "patch_moments" backend is a namespace with
+  patch_sums(x [B, C, H, W], k, shift=None) -> (s1 [d], s2 [d, d]), d = C*k*k:
+      sums over every k x k patch (vector order channel, row, column) of z = x, s2 full and
+      symmetric. uint8 x (shift None): int64, exact. Float x: float64 sums of z = x - shift,
+      shift float64 [C] (one value per channel).
+  lag_sums(x [B, C, H, W], Li, Lj, shift=None) -> (A [Li+1, 2Lj+1, C, C], S1 [C, H, W]):
+      A[di, dj + Lj, c, c'] = sum_b sum_q z[b, c, q] z[b, c', q + e] over the q with q and
+      q + e = q + (di, dj) inside the image (entries with di = 0, dj < 0 are not computed and
+      stay 0: they are transposes), S1 the per-pixel sums of z; same dtypes as patch_sums.
+Neither modifies x.
+"""
 from __future__ import annotations
 
-from typing import Tuple
+from types import SimpleNamespace
+from typing import Optional, Tuple
 
 import torch
+
+from ... import registry
 
 _PATCH_GEMM_BUDGET = 1 << 25  # elements of one row-lag product block (256 MiB in float64)
 
@@ -62,3 +77,51 @@ def patch_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
             s2[:, i_idx + di, j_idx + dj, :, i_idx, j_idx] = block.transpose(-1, -2)
     d = C * k * k
     return s1, s2.reshape(d, d)
+
+
+def _ref_patch_sums(x: torch.Tensor, k: int, shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype == torch.uint8:
+        if shift is not None:
+            raise ValueError("uint8 sums are exact integers: shift must be None")
+        d = x.shape[1] * k * k
+        s1 = torch.zeros(d, dtype=torch.int64, device=x.device)
+        s2 = torch.zeros(d, d, dtype=torch.int64, device=x.device)
+        for b in range(0, x.shape[0], 256):  # 256 images: exact float32 products
+            a1, a2 = patch_sums(x[b : b + 256], k)
+            s1 += a1.to(torch.int64)
+            s2 += a2.to(torch.int64)
+        return s1, s2
+    z = x.to(torch.float64)
+    if shift is not None:
+        z = z - shift.to(z.device, torch.float64).reshape(1, -1, 1, 1)
+    return patch_sums(z, k)
+
+
+def lag_sums(x: torch.Tensor, Li: int, Lj: int, shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Whole-image lag sums by a loop over lags (one float64 contraction per lag; the
+    backend contract above). uint8 input is exact: float64 sums of integer products stay
+    below 2^53 for chunks of images with B*H*W*255^2 < 2^53."""
+    B, C, H, W = x.shape
+    u8 = x.dtype == torch.uint8
+    if u8 and shift is not None:
+        raise ValueError("uint8 sums are exact integers: shift must be None")
+    out = torch.int64 if u8 else torch.float64
+    A = torch.zeros(Li + 1, 2 * Lj + 1, C, C, dtype=out, device=x.device)
+    S1 = torch.zeros(C, H, W, dtype=out, device=x.device)
+    step = max(1, (1 << 53) // (H * W * 255 * 255 + 1)) if u8 else max(1, B)
+    for b0 in range(0, B, step):
+        z = x[b0 : b0 + step].to(torch.float64)
+        if shift is not None:
+            z = z - shift.to(z.device, torch.float64).reshape(1, -1, 1, 1)
+        S1 += z.sum(0).to(out)
+        for di in range(Li + 1):
+            for dj in range(0 if di == 0 else -Lj, Lj + 1):
+                a = z[:, :, : H - di, max(0, -dj) : W - max(0, dj)]
+                b = z[:, :, di:, max(0, dj) : W - max(0, -dj)]
+                A[di, dj + Lj] += torch.einsum("bchw,bdhw->cd", a, b).to(out)
+    return A, S1
+
+
+BACKEND = SimpleNamespace(name="reference", patch_sums=_ref_patch_sums, lag_sums=lag_sums)
+
+registry.register("patch_moments", "reference", BACKEND, devices=("any",), priority=0)
