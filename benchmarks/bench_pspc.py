@@ -6,6 +6,7 @@ images), same inputs, same run; relative errors against the float64 reference ba
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -15,7 +16,7 @@ import analytic_diffusion as ad
 from conftest import QUICK, rel_err, time_call, write_bench_table
 
 SIZE = 8 if QUICK else 32
-N_TRAIN = 40 if QUICK else 200
+N_TRAIN = 40 if QUICK else int(os.environ.get("AD_BENCH_N", 200))
 BATCH = 2 if QUICK else 4
 TIMESTEPS = [900, 300, 0] if QUICK else ad.ddim_timesteps(10)
 SCHEDULE = ad.denoisers.pspc_schedule("cifar10")

@@ -11,6 +11,7 @@ Each step: median of ``REPEATS`` calls (each a fresh random pool), the error of 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -20,7 +21,7 @@ import analytic_diffusion as ad
 from conftest import QUICK, write_bench_table
 
 SIZE = 8 if QUICK else 32
-N_TRAIN = 64 if QUICK else 10000
+N_TRAIN = 64 if QUICK else int(os.environ.get("AD_BENCH_N", 10000))
 BATCH = 2 if QUICK else 4
 N_MOMENTS = 400 if QUICK else 5000
 TIMESTEPS = [900, 100, 0] if QUICK else ad.ddim_timesteps(10)
