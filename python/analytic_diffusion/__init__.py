@@ -22,7 +22,18 @@ from .ops import (
     estimate_stationary_moments,
 )
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
-from .denoisers import Denoiser, ELSDenoiser, LSDenoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers import (
+    Denoiser,
+    ELSDenoiser,
+    LSDenoiser,
+    LocalityDenoiser,
+    NearestDenoiser,
+    OptimalDenoiser,
+    PSPCSquareDenoiser,
+    SmoothedCFDMDenoiser,
+    WienerDenoiser,
+    WindowedWienerDenoiser,
+)
 from .denoisers.schedules import calibrate as calibrate_patch_sizes
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
@@ -58,7 +69,9 @@ __all__ = [
     "Moments",
     "NearestDenoiser",
     "OptimalDenoiser",
+    "PSPCSquareDenoiser",
     "PatchMomentAccumulator",
+    "SmoothedCFDMDenoiser",
     "StationaryMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
