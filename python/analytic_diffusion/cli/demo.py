@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     d = DEFAULTS
     demo = sub.add_parser(
         "demo",
-        help="sample bundled natural crops with all four denoisers; write a grid, locality maps and a JSON summary",
+        help="sample bundled natural crops with five denoisers (Wiener, optimal, nearest, locality with full and with windowed statistics); write a grid, window maps and a JSON summary",
         description="Estimate moments of bundled natural-image crops, build locality masks, sample the same seeds "
         "with the Wiener, optimal, nearest and locality denoisers, and write grid.png, locality.png (or --figure-format) and summary.json.",
     )
