@@ -30,6 +30,8 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
+import gpu_bench
+from analytic_diffusion.ops import triton_support
 from analytic_diffusion.ops.locality import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
@@ -42,35 +44,10 @@ TARGET_S = 0.06  # the issue's target: seconds per step, averaged over the 10 DD
 
 
 def cuda_seconds(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median device time of ``fn()`` by CUDA events (launch overhead included); wall time
-    off the GPU (the interpreter dry run)."""
-    if not torch.cuda.is_available():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return gpu_bench.cuda_seconds(fn, repeats, warmup, dev="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+rel_err = gpu_bench.rel_err
 
 
 def make_data(N: int, B: int, size: int = 32, device: str = "cuda"):
@@ -165,7 +142,7 @@ def run(N: int = 50000, B: int = 128, timesteps=None, n_base: int = 5000, b_acc:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_locality_gpu_cifar_shape(benchmark, record):
-    if not _triton.available():
+    if not triton_support.available():
         pytest.skip("the Triton backend is not available")
     kw = dict(N=2000, B=16, timesteps=[900, 300, 0], n_base=500) if QUICK else {}
     rows = run(**kw)
@@ -191,21 +168,20 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", help="write the rows here")
-    p.add_argument("--N", type=int, default=50000)
-    p.add_argument("--B", type=int, default=128)
-    p.add_argument("--t", type=int, nargs="*", default=None, help="timesteps (default: the 10 DDIM steps)")
+    gpu_bench.add_common_args(p)
+    p.add_argument("--N", type=int, default=None, help="training images (default 50000; dry run 40)")
+    p.add_argument("--B", type=int, default=None, help="queries (default 128; dry run 2)")
+    p.add_argument("--t", type=int, nargs="*", default=None, help="timesteps (default: the 10 DDIM steps; dry run 900 300 0)")
     p.add_argument("--n-base", type=int, default=5000, help="training images the baselines are timed on")
     p.add_argument("--b-acc", type=int, default=4, help="queries the float64 accuracy check uses")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
-        return 1
-    rows = run(args.N, args.B, args.t, args.n_base, args.b_acc, args.repeats)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1, default=str)
+    dev = gpu_bench.pick_device(args)
+    if dev == "cuda":
+        rows = run(args.N or 50000, args.B or 128, args.t, args.n_base, args.b_acc, args.repeats)
+    else:  # 8x8 crops (n = 192), a few images: the same code paths, in the interpreter
+        rows = run(args.N or 40, args.B or 2, args.t or [900, 300, 0], n_base=20, b_acc=2, repeats=1, size=8, dev="cpu")
+    gpu_bench.write_json(args.json, rows, dev)
     return 0 if all("error" not in r for r in rows) and all(r.get("rel_err", 0) < 1e-3 for r in rows) else 1
 
 

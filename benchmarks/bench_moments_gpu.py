@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
+import gpu_bench
 from analytic_diffusion.ops.moments import cuda as _cuda
+from analytic_diffusion.ops import triton_support
 from analytic_diffusion.ops.moments import triton as _triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
@@ -29,51 +31,38 @@ except ImportError:  # pragma: no cover
 
 INT8_PEAK_TOPS = 1979.0  # H100 SXM dense int8
 CASES = [(2048, 1024)] if QUICK else [(20000, 3072), (20000, 12288)]
+# Triton launch shapes the script times ({} = the library's default). Each compiles for
+# sm_80 and sm_90 without register spills (benchmarks/gpu_static_check.py checks every
+# entry); the 128 x 128 int64-accumulator tiles tried before spilled ~900 B per thread.
+TRITON_CONFIGS = [{}, {"block": 64, "bk": 128, "num_warps": 4, "num_stages": 3}, {"block": 64, "bk": 128, "num_warps": 8, "num_stages": 4}]
 
 
-def cuda_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
-    """Median device time of ``fn()`` by CUDA events (launch overhead included)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def run_case(impl: str, N: int, n: int, seed: int = 0, check: bool = True, **kw) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randint(0, 256, (N, n), dtype=torch.uint8, device="cuda", generator=g)
-    s1 = torch.zeros(n, dtype=torch.int64, device="cuda")
-    s2 = torch.zeros(n, n, dtype=torch.int64, device="cuda")
+def run_case(impl: str, N: int, n: int, seed: int = 0, check: bool = True, dev: str = "cuda", repeats: int = 5, **kw) -> dict:
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randint(0, 256, (N, n), dtype=torch.uint8, device=dev, generator=g)
+    s1 = torch.zeros(n, dtype=torch.int64, device=dev)
+    s2 = torch.zeros(n, n, dtype=torch.int64, device=dev)
     update = {"cuda": _cuda.u8_syrk_update, "triton": _triton.u8_syrk_update}[impl]
-    row = dict(impl=impl, N=N, n=n, device=torch.cuda.get_device_name(), **{k: v for k, v in kw.items() if v is not None})
+    row = dict(impl=impl, N=N, n=n, device=gpu_bench.device_name(dev), **{k: v for k, v in kw.items() if v is not None})
     if check:  # one update, compared with an exact float64 GEMM (integer sums < 2^53)
         update(x, s1, s2, **kw)
         xd = x.double()
         ref = xd.T @ xd
         row["exact"] = bool(torch.equal(s2.tril(), ref.tril().to(torch.int64))) and bool(torch.equal(s1, x.sum(0, dtype=torch.int64)))
         del xd, ref
-        torch.cuda.empty_cache()
-    seconds = cuda_seconds(lambda: update(x, s1, s2, **kw))
+        gpu_bench.free(dev)
+    seconds = gpu_bench.cuda_seconds(lambda: update(x, s1, s2, **kw), repeats=repeats, warmup=2 if dev == "cuda" else 0, dev=dev)
     ops = 2.0 * N * n * (n + 1) / 2
     row.update(seconds=seconds, tops=ops / seconds / 1e12)
     row["pct_of_int8_peak"] = 100 * row["tops"] / INT8_PEAK_TOPS
-    row.update(_baselines(x, N, n, seed))
+    row.update(_baselines(x, N, n, seed, dev))
     return row
 
 
 _BASELINES: dict = {}
 
 
-def _baselines(x: torch.Tensor, N: int, n: int, seed: int) -> dict:
+def _baselines(x: torch.Tensor, N: int, n: int, seed: int, dev: str = "cuda") -> dict:
     """torch float64 GEMM on the same data (what the float path costs) and cuBLASLt int8
     GEMM with int32 output (the vendor's tensor-core rate; not exact for large N, shown
     for scale only). Cached per case: every launch config sees the same data."""
@@ -82,25 +71,25 @@ def _baselines(x: torch.Tensor, N: int, n: int, seed: int) -> dict:
         return _BASELINES[key]
     row = {}
     xd = x.double()
-    row["torch_f64_seconds"] = cuda_seconds(lambda: xd.T @ xd, repeats=3, warmup=1)
+    row["torch_f64_seconds"] = gpu_bench.cuda_seconds(lambda: xd.T @ xd, repeats=3, warmup=1, dev=dev)
     row["torch_f64_tflops"] = 2.0 * N * n * n / row["torch_f64_seconds"] / 1e12
     del xd
-    torch.cuda.empty_cache()
+    gpu_bench.free(dev)
     try:
         s = (x.to(torch.int16) - 128).to(torch.int8)
         st = s.T.contiguous()
-        row["torch_int_mm_seconds"] = cuda_seconds(lambda: torch._int_mm(st, s), repeats=3, warmup=1)
+        row["torch_int_mm_seconds"] = gpu_bench.cuda_seconds(lambda: torch._int_mm(st, s), repeats=3, warmup=1, dev=dev)
         row["torch_int_mm_tops"] = 2.0 * N * n * n / row["torch_int_mm_seconds"] / 1e12
         del s, st
     except Exception as e:  # _int_mm is a private API with shape rules
-        row["torch_int_mm_error"] = f"{type(e).__name__}: {e}"[:200]
-    torch.cuda.empty_cache()
+        row["torch_int_mm_error"] = gpu_bench.error_text(e)[:200]
+    gpu_bench.free(dev)
     _BASELINES[key] = row
     return row
 
 
 def _available(impl: str) -> bool:
-    return {"cuda": _cuda.available, "triton": _triton.available}[impl]()
+    return {"cuda": _cuda.available, "triton": triton_support.available}[impl]()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -124,7 +113,7 @@ def test_estimate_moments_gpu_end_to_end(benchmark, record):
     N, n = (512, 768) if QUICK else (20000, 3072)
     x = torch.randint(0, 256, (N, n), dtype=torch.uint8, device="cuda")
     run = lambda: ad.estimate_moments(x, batch_size=4096, backend="cuda")  # noqa: E731
-    seconds = cuda_seconds(run, repeats=3, warmup=1)
+    seconds = gpu_bench.cuda_seconds(run, repeats=3, warmup=1)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     record("moments_gpu", f"estimate_moments uint8 N={N} n={n}", "cuda", seconds, device="cuda")
 
@@ -133,32 +122,33 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", help="write the rows here")
-    p.add_argument("--N", type=int, default=20000)
-    p.add_argument("--n", type=int, nargs="*", default=[3072, 12288])
-    p.add_argument("--impl", nargs="*", default=["cuda", "triton"])
+    gpu_bench.add_common_args(p)
+    p.add_argument("--N", type=int, default=None, help="images per update (default 20000; dry run 96)")
+    p.add_argument("--n", type=int, nargs="*", default=None, help="pixels (default 3072 12288; dry run 40)")
+    p.add_argument("--impl", nargs="*", default=None, help="cuda, triton (dry run: triton)")
     p.add_argument("--no-check", action="store_true", help="skip the exactness check (saves memory)")
     args = p.parse_args(argv)
+    dev = gpu_bench.pick_device(args)
+    dry = dev != "cuda"
+    N = args.N or (96 if dry else 20000)
+    ns = args.n or ([40] if dry else [3072, 12288])
+    impls = args.impl or (["triton"] if dry else ["cuda", "triton"])
     rows = []
-    for n in args.n:
-        for impl in args.impl:
-            configs = [{}]
-            if impl == "triton":  # a few launch shapes: nobody has tuned them on this card yet
-                configs = [{}, {"block": 128, "num_warps": 8}, {"block": 128, "bk": 128, "num_warps": 8, "num_stages": 4}]
-            for kw in configs:
+    for n in ns:
+        for impl in impls:
+            # a few launch shapes for Triton: nobody has tuned them on this card yet
+            for kw in TRITON_CONFIGS if impl == "triton" else [{}]:
                 if not _available(impl):
-                    rows.append(dict(impl=impl, N=args.N, n=n, error="backend not available"))
+                    rows.append(dict(impl=impl, N=N, n=n, error="backend not available"))
                     continue
                 try:
-                    row = run_case(impl, args.N, n, check=not args.no_check, **kw)
+                    row = run_case(impl, N, n, check=not args.no_check, dev=dev, repeats=1 if dry else 5, **kw)
                 except Exception as e:  # keep going: one failing config must not hide the rest
-                    row = dict(impl=impl, N=args.N, n=n, **kw, error=f"{type(e).__name__}: {e}"[:500])
-                    torch.cuda.empty_cache()
+                    row = dict(impl=impl, N=N, n=n, **kw, error=gpu_bench.error_text(e))
+                    gpu_bench.free(dev)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "build_info": ad.build_info(), "rows": rows}, f, indent=1, default=str)
+    gpu_bench.write_json(args.json, rows, dev)
     return 0 if all(r.get("exact", True) and "error" not in r for r in rows) else 1
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -96,6 +98,45 @@ def test_cuda_available_needs_a_device(monkeypatch):
     fake.build_info = staticmethod(lambda: {"device_count": 2, "device_error": None})
     info = _ext.build_info()["cuda"]
     assert info["available"] is True and "error" not in info
+
+
+# The default CUDA build: machine code for sm_80 (A100), sm_86 (RTX 30), sm_89 (RTX 40,
+# L40S), sm_90 (H100/H200), and compute_90 PTX for newer GPUs (CMakeLists.txt).
+DEFAULT_SASS = {80, 86, 89, 90}
+
+
+def _cuobjdump():
+    path = shutil.which("cuobjdump")
+    if path is None:
+        try:
+            from triton import knobs  # the triton wheel ships one
+
+            path = knobs.nvidia.cuobjdump.path
+        except Exception:
+            return None
+    return path
+
+
+def test_cuda_module_default_architectures():
+    mod = _ext.cuda_module()
+    if mod is None:
+        pytest.skip("_C_cuda not built")
+    info = _ext.build_info()["cuda"]
+    archs = info["architectures"].split(",")
+    assert archs and all(a for a in archs)
+    if not info.get("architectures_default"):
+        pytest.skip(f"built for CMAKE_CUDA_ARCHITECTURES={info['architectures']} (overridden)")
+    assert archs == ["80-real", "86-real", "89-real", "90-real", "90-virtual"]
+    assert set(info["compiled_architectures"]) == DEFAULT_SASS
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump to read the module's fat binary")
+    elf = subprocess.run([cuobjdump, "--list-elf", info["path"]], capture_output=True, text=True)
+    ptx = subprocess.run([cuobjdump, "--list-ptx", info["path"]], capture_output=True, text=True)
+    assert elf.returncode == 0, elf.stderr
+    sass = {int(a) for a in re.findall(r"\.sm_(\d+)\.cubin", elf.stdout)}
+    assert sass == DEFAULT_SASS, elf.stdout
+    assert {int(a) for a in re.findall(r"\.sm_(\d+)\.ptx", ptx.stdout)} == {90}, ptx.stdout
 
 
 def test_cuda_module_without_gpu_raises_runtime_error():

@@ -19,7 +19,7 @@ def test_locality_denoiser_uses_cached_masks_and_the_op(crops, crop_moments):
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
-def test_masks_stored_packed_and_prepared_once(crops, crop_moments, monkeypatch):
+def test_masks_stored_packed_and_prepared_once(crops, crop_moments, monkeypatch, restore_registry):
     den = ad.LocalityDenoiser(crops[:200], moments=crop_moments, threshold=0.02)
     n = crops[0].numel()
     ts = ad.ddim_timesteps(5)
@@ -29,11 +29,8 @@ def test_masks_stored_packed_and_prepared_once(crops, crop_moments, monkeypatch)
         return torch.zeros_like(x)
 
     _registry.register("locality_denoise", "fake", fake, priority=-1, prepare=lambda mask: seen.append(mask.clone()))
-    try:
-        den.backend = "fake"
-        den.prepare(ts)
-    finally:
-        _registry._REGISTRY["locality_denoise"].pop("fake")
+    den.backend = "fake"
+    den.prepare(ts)
     assert len(seen) == len(ts)
     for t, m in zip(ts, seen):
         assert torch.equal(m, den.filter.mask(ad.alpha_bar_at(t), 0.02))  # unpacking is lossless
@@ -83,29 +80,26 @@ def test_metrics_reject_unknown_reduction(fn, reduction):
         fn(x, x + 0.1, reduction=reduction)
 
 
-def test_registry_selection_order(monkeypatch):
+def test_registry_selection_order(monkeypatch, restore_registry):
     calls = []
     _registry.register("toy_op", "slow", lambda: calls.append("slow"), priority=0)
     _registry.register("toy_op", "fast", lambda: calls.append("fast"), priority=10, devices=("cuda",))
     _registry.register("toy_op", "broken", lambda: None, priority=20, is_available=lambda: 1 / 0)
-    try:
-        assert ad.available_backends("toy_op", "cpu") == ["slow"]
-        assert ad.available_backends("toy_op") == ["fast", "slow"]
-        assert _registry.select("toy_op", "cpu").name == "slow"
-        assert _registry.select("toy_op", "cuda").name == "fast"
-        monkeypatch.setenv(_registry.ENV_VAR, "slow")
-        assert _registry.select("toy_op", "cuda").name == "slow"
-        assert _registry.select("toy_op", "cuda", backend="fast").name == "fast"  # argument beats env
-        monkeypatch.setenv(_registry.ENV_VAR, "toy_op=fast,other=x")
-        with pytest.raises(ValueError, match=f"environment variable {_registry.ENV_VAR}='fast': .*does not run on cpu"):
-            _registry.select("toy_op", "cpu")
-        monkeypatch.setenv(_registry.ENV_VAR, "cpu")  # a global name the op lacks is ignored
-        assert _registry.select("toy_op", "cpu").name == "slow"
-        with pytest.raises(RuntimeError, match="not available"):
-            _registry.select("toy_op", "cpu", backend="broken")
-        assert _registry.registered_backends("toy_op") == ["broken", "fast", "slow"]  # usable or not
-    finally:
-        _registry._REGISTRY.pop("toy_op")
+    assert ad.available_backends("toy_op", "cpu") == ["slow"]
+    assert ad.available_backends("toy_op") == ["fast", "slow"]
+    assert _registry.select("toy_op", "cpu").name == "slow"
+    assert _registry.select("toy_op", "cuda").name == "fast"
+    monkeypatch.setenv(_registry.ENV_VAR, "slow")
+    assert _registry.select("toy_op", "cuda").name == "slow"
+    assert _registry.select("toy_op", "cuda", backend="fast").name == "fast"  # argument beats env
+    monkeypatch.setenv(_registry.ENV_VAR, "toy_op=fast,other=x")
+    with pytest.raises(ValueError, match=f"environment variable {_registry.ENV_VAR}='fast': .*does not run on cpu"):
+        _registry.select("toy_op", "cpu")
+    monkeypatch.setenv(_registry.ENV_VAR, "cpu")  # a global name the op lacks is ignored
+    assert _registry.select("toy_op", "cpu").name == "slow"
+    with pytest.raises(RuntimeError, match="not available"):
+        _registry.select("toy_op", "cpu", backend="broken")
+    assert _registry.registered_backends("toy_op") == ["broken", "fast", "slow"]  # usable or not
     with pytest.raises(ValueError, match="unknown op"):
         ad.available_backends("no_such_op")
 

@@ -1,13 +1,15 @@
-"""Triton backend of locality_denoise and optimal_denoise (python/analytic_diffusion/_triton.py)
+"""Triton backend of locality_denoise and optimal_denoise (python/analytic_diffusion/ops/locality/triton.py)
 against the float64 reference (SPEC 5, 6).
 
 Where each part runs:
   * everywhere: the host-side planning (per-mask block lists, content keys, the cache,
     training-set splits, the k-independent shift) and backend selection;
   * Triton's CPU interpreter: every kernel path on tiny shapes (n = 48 or 192, N not a
-    multiple of any block), in a subprocess with TRITON_INTERPRET=1 (Triton reads the
-    variable when a kernel is first built and the package registers the interpreter's
-    CPU device at import, both before this module runs);
+    multiple of any block): the tests marked ``triton_interpret``, collected only in a
+    process started with TRITON_INTERPRET=1 (`.ci/run`'s interpreter step,
+    ``TRITON_INTERPRET=1 python -m pytest -m triton_interpret tests``), because Triton
+    reads the variable when a kernel is first built and the package registers the
+    interpreter's CPU device at import, both before this module runs;
   * a CUDA machine: the same cases at larger shapes, compiled for the GPU, with the
     autotuned launch shapes.
 Accuracy is measured as ||out - ref|| / ||ref|| against float64; the target is 1e-3 at
@@ -19,9 +21,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +31,6 @@ from analytic_diffusion.ops.locality import triton as _triton
 from analytic_diffusion.ops.locality.plan_cache import mask_key
 from analytic_diffusion.ops import SoftmaxState, merge_states
 
-HERE = Path(__file__).resolve().parent
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -41,7 +39,7 @@ REF_O = ad.ops.optimal_denoise_reference
 TRI_L = _triton.locality_denoise_triton
 TRI_O = _triton.optimal_denoise_triton
 
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess of test_triton_interpreter")
+interp = pytest.mark.triton_interpret  # collected only with TRITON_INTERPRET=1 (tests/conftest.py)
 needs_cuda_triton = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRET), reason="needs a CUDA device and Triton (not interpreted)")
 
 GPU_BLOCKS = dict(BB=8, BK=16, BM=64)  # fixed launch shape: one compile per variant, no autotuning
@@ -182,6 +180,66 @@ def test_shift_leaves_the_softmax_unchanged_and_shrinks_the_operands():
     assert shifted.abs().mean() < 0.5 * e.abs().mean()  # what fp16 rounds is smaller
 
 
+@pytest.mark.parametrize(
+    "blocks,match",
+    [
+        (dict(BB=3), "power of two"),
+        (dict(BM=48), "power of two"),
+        (dict(BB=2, BK=4), "BB \\* BK must be at least 16"),  # the distance GEMM's rows
+        (dict(BJ=8), "BJ must be at least 16"),
+        (dict(BM=8), "BM must be at least 16"),
+        (dict(num_warps=3), "num_warps"),
+    ],
+)
+def test_blocks_that_cannot_compile_are_refused_on_every_device(blocks, match):
+    """Checked before the device: the same ValueError without a GPU, in the interpreter and on one."""
+    x, train, M = random_case(2, 10, 48, 0)
+    with pytest.raises(ValueError, match=match):
+        TRI_L(x, train, M, 0.5, blocks=blocks)
+
+
+def test_autotune_configs_offered_per_gpu_generation(monkeypatch):
+    """Launch shapes that spill registers on a GPU generation (benchmarks/gpu_static_check.py)
+    are never offered to the autotuner there; every mode keeps at least one."""
+    monkeypatch.delenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", raising=False)
+    every = _triton._LOC_GPU_CONFIGS
+    for wssm in (False, True):
+        for split in (False, True):
+            assert _triton._loc_gpu_configs(9, wssm, split) == every  # Hopper: none spills
+            got = _triton._loc_gpu_configs(8, wssm, split)
+            extra = _triton._LOC_GPU_SM8X_WSSM_SPLIT if wssm and split else []
+            assert got and got == [c for c in every if c in got] + extra
+            for cfg, below, w, sp in _triton._LOC_GPU_SPILLS:
+                if 8 < below and w in (None, wssm) and sp in (None, split):
+                    assert cfg not in got
+    monkeypatch.setenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "0")  # one config: the first offered
+    assert _triton._loc_gpu_configs(9, True, True) == every[:1]
+    assert _triton._loc_gpu_configs(8, True, True) == _triton._LOC_GPU_SM8X_WSSM_SPLIT[:1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_autotuner_prune_hook_keeps_the_offered_configs(monkeypatch):
+    import triton
+
+    monkeypatch.delenv("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", raising=False)
+    every = _triton._LOC_GPU_CONFIGS + _triton._LOC_GPU_SM8X_WSSM_SPLIT
+    configs = [triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st) for bb, bk, bm, w, st in every]
+    for major in (8, 9):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        for wssm in (False, True):
+            for split in (False, True):
+                kept = _triton._loc_prune(configs, {"x_ptr": torch.zeros(1)}, WSSM=wssm, STATE=False, SPLIT=split, IS_U8=True)
+                got = [(c.kwargs["BB"], c.kwargs["BK"], c.kwargs["BM"], c.num_warps, c.num_stages) for c in kept]
+                assert got == _triton._loc_gpu_configs(major, wssm, split)
+
+
+@pytest.mark.parametrize("blocks", [dict(BN=8), dict(BB=8), dict(BK=4), dict(BJ=24)])
+def test_optimal_blocks_that_cannot_compile_are_refused(blocks):
+    x, train, _ = random_case(2, 10, 48, 0)
+    with pytest.raises(ValueError, match="blocks|at least 16"):
+        TRI_O(x, train, 0.5, blocks=blocks)
+
+
 @pytest.mark.skipif(INTERPRET, reason="the interpreter registers Triton for CPU tensors")
 def test_triton_backend_not_offered_for_cpu_tensors():
     for op in ("locality_denoise", "optimal_denoise"):
@@ -192,18 +250,6 @@ def test_triton_backend_not_offered_for_cpu_tensors():
         ad.ops.locality_denoise(x, train, M, 0.5, backend="triton")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         TRI_L(x, train, M, 0.5)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-def test_triton_interpreter():
-    """Runs this file's test_interp_* tests in a fresh process with TRITON_INTERPRET=1
-    (about a minute: the interpreter executes every tile in numpy)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "test_interp_"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(HERE.parent), timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -282,7 +328,7 @@ def check_optimal(device, B, N, n, t, u8=True, splits=None):
 
 
 # --------------------------------------------------------------------------- Triton, interpreted on CPU
-@needs_interpreter
+@interp
 def test_interp_registered_for_cpu():
     for op in ("locality_denoise", "optimal_denoise"):
         assert "triton" in ad.available_backends(op, "cpu")
@@ -290,14 +336,15 @@ def test_interp_registered_for_cpu():
         assert b.priority == 15 and "cuda" in b.devices
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("t", TIMESTEPS)
 @pytest.mark.parametrize("B,N,u8", [(1, 37, True), (5, 53, False)])
 def test_interp_random_data(t, B, N, u8):
     check_random("cpu", B, N, 48, u8, t)
 
 
-@needs_interpreter
+@interp
+@pytest.mark.slow
 @pytest.mark.parametrize("t", TIMESTEPS)
 def test_interp_real_crops_every_precision(t):
     """8x8 natural crops, queries = noisy held-out images; the three precision settings."""
@@ -305,7 +352,8 @@ def test_interp_real_crops_every_precision(t):
     assert errs["fp16x2"] < 1e-5, errs  # hi + lo: ~22 significant bits per term
 
 
-@needs_interpreter
+@interp
+@pytest.mark.slow
 def test_interp_block_skipping_and_empty_windows():
     n = 48
     M = block_diagonal_mask(n, 16, 16)
@@ -323,30 +371,30 @@ def test_interp_block_skipping_and_empty_windows():
     check_crops("cpu", 8, 40, 2, 0, blocks=dict(BJ=16, BM=16))
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("chunk,splits", [(10, 1), (16, 3), (7, 2), (100, 1)])
 def test_interp_wssm_chunks_not_dividing_n(chunk, splits):
     check_wssm("cpu", 3, 53, 48, chunk, splits, u8=chunk != 7)
 
 
-@needs_interpreter
+@interp
 def test_interp_wssm_single_window():
     check_wssm("cpu", 2, 45, 48, 16, 2, M=torch.ones(48, 48, dtype=torch.bool))
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("t,splits", [(500, 1), (10, 3)])
 def test_interp_state_merges_with_reference(t, splits):
     check_state_merge("cpu", 3, 50, 48, t, splits)
 
 
-@needs_interpreter
+@interp
 def test_interp_state_merges_real_crops_and_single_window():
     check_state_merge("cpu", 2, 0, 0, 100, 2, crops=crops_case(8, 40, 2))
     check_state_merge("cpu", 2, 40, 48, 900, 2, M=torch.ones(48, 48, dtype=torch.bool))
 
 
-@needs_interpreter
+@interp
 def test_interp_single_window_dispatch():
     n = 48
     x, train, _ = random_case(3, 41, n, seed=9)
@@ -360,14 +408,14 @@ def test_interp_single_window_dispatch():
         assert rel(TRI_L(x, train, full, ab), TRI_O(x, train, ab)) < 1e-6
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("t", [900, 100, 0])
 def test_interp_optimal(t):
     check_optimal("cpu", 3, 47, 48, t)
     check_optimal("cpu", 2, 39, 33, t, u8=False, splits=3)
 
 
-@needs_interpreter
+@interp
 def test_interp_single_window_logits_in_pieces(monkeypatch):
     """The single-window path holds at most max(B*n, budget) logits at a time; with a tiny
     budget it launches per piece of the training set and merges (exact) or sums (WSSM)."""
@@ -382,7 +430,7 @@ def test_interp_single_window_logits_in_pieces(monkeypatch):
     assert rel(TRI_L(x, train, full, ab, softmax="wssm", chunk_size=10), ref_w) < 1e-5
 
 
-@needs_interpreter
+@interp
 def test_interp_non_contiguous_inputs():
     n = 48
     x, train, M = random_case(4, 46, n, seed=11)
@@ -401,7 +449,27 @@ def test_interp_non_contiguous_inputs():
     assert rel(TRI_O(x_t, train_wide[:, ::2], ab), REF_O(x.double(), train, ab)) < 1e-5
 
 
-@needs_interpreter
+@interp
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_interp_float16_and_float64_training_sets(dtype):
+    """Training sets of the other accepted dtypes, read in place by every kernel: the
+    locality kernel (exact, state, WSSM), and the single-window pair (dist, wsum)."""
+    x, train, M = random_case(3, 41, 48, seed=31, u8=False)
+    train = train.to(dtype)
+    ab = ad.alpha_bar_at(100)
+    assert rel(TRI_L(x, train, M, ab), REF_L(x.double(), train, M, ab)) < TOL
+    st = TRI_L(x, train, M, ab, return_state=True, splits=2)
+    assert rel(st.result(), REF_L(x.double(), train, M, ab)) < TOL
+    ref_w = REF_L(x.double(), train, M, ab, softmax="wssm", chunk_size=16)
+    assert rel(TRI_L(x, train, M, ab, softmax="wssm", chunk_size=16), ref_w) < TOL
+    assert rel(TRI_O(x, train, ab), REF_O(x.double(), train, ab)) < 1e-5
+    full = torch.ones(48, 48, dtype=torch.bool)
+    ref_f = REF_L(x.double(), train, full, ab, softmax="wssm", chunk_size=10)
+    assert rel(TRI_L(x, train, full, ab, softmax="wssm", chunk_size=10), ref_f) < 1e-5
+
+
+@interp
 def test_interp_partial_tiles_leave_no_nan():
     # B = 5 with BB = 4, n = 48 with BM = 32: partial query and pixel tiles; outputs start
     # as NaN, so anything a program forgets to write would show
@@ -414,7 +482,7 @@ def test_interp_partial_tiles_leave_no_nan():
     assert all(torch.isfinite(f).all() for f in st)
 
 
-@needs_interpreter
+@interp
 def test_interp_public_ops_and_fallbacks():
     x, train, M = random_case(2, 30, 48, seed=17)
     x4 = x.reshape(2, 3, 4, 4)
@@ -432,7 +500,7 @@ def test_interp_public_ops_and_fallbacks():
     assert torch.equal(TRI_O(x64, train, ab), REF_O(x64, train, ab))
 
 
-@needs_interpreter
+@interp
 def test_interp_locality_denoiser_prepare_builds_plans():
     train = ad.data.natural_crops(30, size=4, seed=3)
     den = ad.LocalityDenoiser(train, backend="triton")

@@ -1,13 +1,14 @@
 """GPU backends of the ``moments`` op: CUDA (int8 tensor cores, csrc/cuda/moments.cu) and
-Triton (python/analytic_diffusion/_triton.py).
+Triton (python/analytic_diffusion/ops/moments/triton.py).
 
 Where each part runs:
   * everywhere: a CPU replay of the CUDA kernel's index maps against a model of the PTX
     ldmatrix/mma semantics (tests/u8_syrk_emulator.cpp, built with the host compiler);
-    backend selection and error messages without a GPU; the Triton kernels under Triton's
-    CPU interpreter (a subprocess with TRITON_INTERPRET=1, because Triton reads the
-    variable when a kernel is first built and the package registers the interpreter's
-    CPU device at import, both before this module runs).
+    backend selection, launch-argument checks and error messages without a GPU; the
+    Triton kernels under Triton's CPU interpreter: the tests marked ``triton_interpret``,
+    collected only in a process started with TRITON_INTERPRET=1 (`.ci/run`'s interpreter
+    step), because Triton reads the variable when a kernel is first built and the package
+    registers the interpreter's CPU device at import, both before this module runs.
   * on a CUDA machine: the tensor-core kernel against the plain int64 kernel and numpy,
     the int32 flush at its bound, the float path, estimate_moments bit-identical to the
     reference backend, and the Triton kernels compiled for the GPU.
@@ -38,7 +39,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 CUDA_KERNELS = HAS_CUDA and _cuda.available()
 
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess of test_triton_interpreter")
+interp = pytest.mark.triton_interpret  # collected only with TRITON_INTERPRET=1 (tests/conftest.py)
 needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="needs a CUDA device and the _C_cuda moments kernels")
 needs_cuda_triton = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRET), reason="needs a CUDA device and Triton (not interpreted)")
 
@@ -134,6 +135,40 @@ def test_triton_backend_not_offered_for_cpu_tensors():
         ad.estimate_moments(u8((4, 3, 2, 2)), backend="triton")
 
 
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(bk=16), "bk must be one of"),  # an int8 tl.dot needs K >= 32: no GPU compiles it
+        (dict(bk=4096), "bk must be one of"),  # 1.3 MB of shared memory: no GPU launches it
+        (dict(bk=48), "bk must be one of"),  # not a power of two
+        (dict(block=24), "block must be one of"),
+        (dict(block=8), "block must be one of"),
+        (dict(block=128, bk=256, num_stages=2), "shared memory"),  # 128 KiB of staged tiles
+        (dict(num_stages=5), "num_stages"),
+        (dict(num_warps=3), "num_warps"),
+    ],
+)
+def test_triton_syrk_refuses_launch_arguments_no_gpu_runs(kw, match):
+    """The same ValueError on every device, before anything else is looked at: CPU tensors
+    without the interpreter, under it, and CUDA tensors."""
+    x = u8((40, 33))
+    s1, s2 = torch.zeros(33, dtype=torch.int64), torch.zeros(33, 33, dtype=torch.int64)
+    with pytest.raises(ValueError, match=match):
+        _triton.u8_syrk_update(x, s1, s2, **kw)
+    assert not s1.any() and not s2.any()
+
+
+def test_triton_syrk_limits_admit_the_defaults_and_benchmark_shapes():
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    try:
+        import bench_moments_gpu  # its Triton launch shapes
+    finally:
+        sys.path.pop(0)
+    for cfg in [_triton._SYRK_GPU_DEFAULT, _triton._SYRK_GPU_STRIDED] + [dict(_triton._SYRK_GPU_DEFAULT, **c) for c in bench_moments_gpu.TRITON_CONFIGS]:
+        _triton._check_syrk_launch(cfg["block"], cfg["bk"], cfg["num_warps"], cfg["num_stages"])
+    _triton._check_syrk_launch(_triton._SYRK_CPU_DEFAULT["block"], _triton._SYRK_CPU_DEFAULT["bk"], None, None)
+
+
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
@@ -148,38 +183,27 @@ def test_package_imports_without_triton():
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-def test_triton_interpreter():
-    """Runs this file's test_interp_* tests in a fresh process with TRITON_INTERPRET=1
-    (about 10 s: the interpreter executes every tile in numpy)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "test_interp_"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(HERE.parent), timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
-
-
 # --------------------------------------------------------------------------- Triton, interpreted on CPU
-@needs_interpreter
+@interp
 def test_interp_registered_for_cpu():
     assert "triton" in ad.available_backends("moments", "cpu")
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("B,n", SHAPES)
 def test_interp_u8_syrk_exact(B, n):
     check_update(_triton.u8_syrk_update, u8((B, n), seed=B * 1000 + n))
 
 
-@needs_interpreter
+@interp
 def test_interp_k_block_flushes():
     # 37 images in int32 blocks of 7: six flushes, the last one partial
     check_update(_triton.u8_syrk_update, u8((37, 33), seed=9), k_block=7)
     check_update(_triton.u8_syrk_update, u8((130, 20), seed=10), k_block=64, bk=32)
 
 
-@needs_interpreter
+@interp
+@pytest.mark.slow
 def test_interp_int32_overflow_is_flushed():
     # u = 0 is s = -128: each image adds 2^14 to sum s_i s_j, so 131200 images sum to
     # 2149580800 > 2^31 - 1. One int32 accumulator would wrap; K blocks of 65536 do not.
@@ -188,16 +212,16 @@ def test_interp_int32_overflow_is_flushed():
     x = torch.zeros((B, 5), dtype=torch.uint8)
     x[::3, 1] = 255
     x[5::7, 4] = 17
-    check_update(_triton.u8_syrk_update, x, bk=4096)
+    check_update(_triton.u8_syrk_update, x, bk=256)  # the largest K step accepted (SYRK_LIMITS)
 
 
-@needs_interpreter
+@interp
 @pytest.mark.parametrize("name", list(layouts("cpu")))
 def test_interp_strided_rows(name):
     check_update(_triton.u8_syrk_update, layouts("cpu")[name])
 
 
-@needs_interpreter
+@interp
 def test_interp_estimate_moments_bitwise_equal_reference():
     x = u8((40, 3, 4, 4), seed=11)
     ref = ad.estimate_moments(x, batch_size=16, backend="reference")

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -133,7 +134,18 @@ py::dict build_info() {
     info["flags"] = AD_CUDA_FLAGS;
 #endif
 #if defined(AD_CUDA_ARCHITECTURES)
-    info["architectures"] = AD_CUDA_ARCHITECTURES;
+    info["architectures"] = AD_CUDA_ARCHITECTURES;  // CMAKE_CUDA_ARCHITECTURES, e.g. "80-real,...,90-virtual"
+#endif
+#if defined(AD_CUDA_ARCHITECTURES_DEFAULT)
+    info["architectures_default"] = bool(AD_CUDA_ARCHITECTURES_DEFAULT);  // not overridden by the user
+#endif
+#if defined(__CUDA_ARCH_LIST__)
+    // every architecture nvcc compiled for (machine code or PTX), e.g. [80, 86, 89, 90]
+    {
+        py::list archs;
+        for (int a : {__CUDA_ARCH_LIST__}) archs.append(a / 10);
+        info["compiled_architectures"] = archs;
+    }
 #endif
     // CUDART_VERSION is major*1000 + minor*10, e.g. 13000 for 13.0.
     info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +

@@ -152,13 +152,21 @@ __global__ void __launch_bounds__(kThreads, 2) u8_syrk_mma_kernel(
     for (int s = 0; s < nstages; ++s) {
         const int buf = s & 1;
         const bool more = s + 1 < nstages;
-        if (more) {  // issue the next stage's global loads before this stage's math
-            const int64_t k = krow + int64_t(s + 1) * kBK;
-            load_unit<kVec>(wa, x, s0, s1, k, kend, pa + 4 * slot.pq, n);
-            load_unit<kVec>(wb, x, s0, s1, k, kend, pb + 4 * slot.pq, n);
+        // Vector path: issue the next stage's global loads before this stage's math, so
+        // they overlap it. Byte path (strided or misaligned rows): load after the math;
+        // its per-byte address arithmetic held across compute_stage would push the
+        // kernel past 255 registers and spill (found by benchmarks/gpu_static_check.py).
+        const int64_t knext = krow + int64_t(s + 1) * kBK;
+        if (kVec && more) {
+            load_unit<kVec>(wa, x, s0, s1, knext, kend, pa + 4 * slot.pq, n);
+            load_unit<kVec>(wb, x, s0, s1, knext, kend, pb + 4 * slot.pq, n);
         }
         if (active) compute_stage(smem[buf][0], smem[buf][1], warp_m, warp_n, lane, acc);
         if (more) {
+            if (!kVec) {
+                load_unit<kVec>(wa, x, s0, s1, knext, kend, pa + 4 * slot.pq, n);
+                load_unit<kVec>(wb, x, s0, s1, knext, kend, pb + 4 * slot.pq, n);
+            }
             // buffer buf ^ 1 was last read in iteration s - 1, before the barrier below it
             store_unit(smem[buf ^ 1][0], wa, slot);
             store_unit(smem[buf ^ 1][1], wb, slot);

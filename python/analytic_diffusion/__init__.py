@@ -24,6 +24,8 @@ from .ops import (
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
 from .denoisers import (
     Denoiser,
+    ELSDenoiser,
+    LSDenoiser,
     LocalityDenoiser,
     NearestDenoiser,
     OptimalDenoiser,
@@ -32,6 +34,7 @@ from .denoisers import (
     WienerDenoiser,
     WindowedWienerDenoiser,
 )
+from .denoisers.schedules import calibrate as calibrate_patch_sizes
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
@@ -58,6 +61,8 @@ __all__ = [
     "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
+    "ELSDenoiser",
+    "LSDenoiser",
     "LocalityDenoiser",
     "ModelDenoiser",
     "MomentAccumulator",
@@ -75,6 +80,7 @@ __all__ = [
     "alpha_bar_at",
     "available_backends",
     "build_info",
+    "calibrate_patch_sizes",
     "compare",
     "data",
     "ddim_step",

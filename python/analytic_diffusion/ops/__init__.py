@@ -1,4 +1,4 @@
-"""The ops: one folder per op (``locality`` with ``optimal``, ``windowed_locality``, ``nearest``,
+"""The ops: one folder per op (``locality`` with ``optimal``, ``windowed_locality``, ``els``, ``nearest``,
 ``moments``, ``patch_moments``), each with its validated public entry, a pure-torch ``reference.py``
 and its compiled backends, registered where they are defined.
 
@@ -8,6 +8,7 @@ shape and dtype), ``train`` uint8 or float in [-1, 1] ``[N, n]`` or ``[N, C, H, 
 """
 from __future__ import annotations
 
+from .els import els_denoise, els_denoise_reference
 from .locality import locality_denoise, locality_denoise_reference, optimal_denoise, optimal_denoise_reference
 from .moments import MomentAccumulator, Moments, estimate_moments
 from .nearest import (
@@ -33,6 +34,8 @@ __all__ = [
     "SoftmaxState",
     "all_reduce_nearest",
     "all_reduce_state",
+    "els_denoise",
+    "els_denoise_reference",
     "estimate_moments",
     "estimate_patch_moments",
     "estimate_stationary_moments",

@@ -335,31 +335,87 @@ def _denoise_kernels():
     if not triton_support.interpreting():
         configs = [
             triton.Config({"BB": bb, "BK": bk, "BM": bm}, num_warps=w, num_stages=st)
-            for bb, bk, bm, w, st in _LOC_GPU_CONFIGS
+            for bb, bk, bm, w, st in _LOC_GPU_CONFIGS + _LOC_GPU_SM8X_WSSM_SPLIT  # pruned per GPU and mode
         ]
-        if os.environ.get("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "1") == "0":
-            configs = configs[:1]
-        loc_tuned = triton.autotune(configs=configs, key=["B", "n", "SPLIT", "WSSM", "STATE", "IS_U8"])(loc_kernel)
+        loc_tuned = triton.autotune(
+            configs=configs,
+            key=["B", "n", "SPLIT", "WSSM", "STATE", "IS_U8"],
+            prune_configs_by={"early_config_prune": _loc_prune},
+        )(loc_kernel)
     return SimpleNamespace(loc=loc_kernel, loc_tuned=loc_tuned, dist=dist_kernel, wsum=wsum_kernel)
 
 
-# Hopper (sm_90) launch shapes of the locality kernel, untuned (no GPU was available while
-# writing them), autotuned per (B, n, precision, mode): (BB, BK, BM, num_warps, num_stages),
-# the first is the default. Each compiles for sm_90 to wgmma without register spills
-# (checked offline with Triton's ptxas), with and without the hi+lo split. BB*BK = 64 or
-# 128 rows of the distance GEMM; BJ = 64 rows of the mask per step; per-mask block lists
-# are built for both output-tile widths (64 and 128).
+# GPU launch shapes of the locality kernel, untuned (no GPU was available while writing
+# them), autotuned per (B, n, precision, mode): (BB, BK, BM, num_warps, num_stages), the
+# first is the default. BB*BK = 64 or 128 rows of the distance GEMM; BJ = 64 rows of the
+# mask per step; per-mask block lists are built for both output-tile widths (64 and 128).
+# benchmarks/gpu_static_check.py compiles each for sm_80 and sm_90 in every mode (exact,
+# WSSM, state, hi+lo split; uint8 and float training sets): on sm_90 none spills
+# registers; on sm_8x the ones in _LOC_GPU_SPILLS do and are not offered there.
+# (16, 8, 64, 8, 3) was dropped: it spilled 56-176 B on sm_90 in WSSM mode and
+# 84-936 B on sm_80 in every mode.
 _LOC_GPU_CONFIGS = [
     (8, 16, 64, 8, 3),
     (4, 16, 128, 8, 3),
-    (16, 8, 64, 8, 3),
     (4, 32, 64, 8, 3),
     (8, 16, 64, 8, 4),
     (4, 16, 64, 4, 3),
 ]
+# (config, spills on GPUs of compute capability major below this, in WSSM mode?, with the
+# hi+lo split?); None = in either. Measured with ptxas for sm_80 (bytes spilled per thread):
+_LOC_GPU_SPILLS = [
+    ((4, 16, 128, 8, 3), 9, None, True),  # 180-788 B
+    ((4, 32, 64, 8, 3), 9, True, True),  # 4-32 B
+    ((8, 16, 64, 8, 3), 9, True, True),  # 16 B (136 B for strided training sets)
+    ((8, 16, 64, 8, 4), 9, True, True),  # 16 B
+    ((4, 16, 64, 4, 3), 9, True, True),  # 328 B for strided training sets
+]
+# Offered only on sm_8x in WSSM mode with the hi+lo split, where every config above spills:
+# 32-row distance GEMM tiles on 8 warps (at most 160 registers; with 4 warps float32 spilled 8 B).
+_LOC_GPU_SM8X_WSSM_SPLIT = [(2, 16, 64, 8, 3)]
 _LOC_GPU_BJ = 64
 _LOC_GPU_BMS = (64, 128)
-_OPT_GPU = dict(BB=16, BK=32, BJ=32, BN=128, dist_warps=4, wsum_warps=4)
+# single-window path (dist_kernel, wsum_kernel): wsum with 4 or 8 warps spilled 4-16 B
+# (WSSM, float16 or strided training sets); with 16 none does
+_OPT_GPU = dict(BB=16, BK=32, BJ=32, BN=128, dist_warps=4, wsum_warps=16)
+
+
+def _loc_gpu_configs(major: int, wssm: bool, split: bool) -> list:
+    """The launch shapes offered to autotuning on a GPU of compute capability ``major``.x
+    in this mode (first = the one used with ANALYTIC_DIFFUSION_TRITON_AUTOTUNE=0)."""
+    out = [
+        c for c in _LOC_GPU_CONFIGS
+        if not any(c == cfg and major < below and w in (None, wssm) and sp in (None, split) for cfg, below, w, sp in _LOC_GPU_SPILLS)
+    ]
+    if major < 9 and wssm and split:
+        out += _LOC_GPU_SM8X_WSSM_SPLIT
+    if os.environ.get("ANALYTIC_DIFFUSION_TRITON_AUTOTUNE", "1") == "0":
+        out = out[:1]
+    return out
+
+
+def _loc_prune(configs, named_args, **kwargs):
+    """Triton autotuner hook: keep the configs ``_loc_gpu_configs`` offers on this GPU."""
+    major = torch.cuda.get_device_capability(named_args["x_ptr"].device)[0]
+    keep = _loc_gpu_configs(major, bool(kwargs.get("WSSM")), bool(kwargs.get("SPLIT")))
+    out = [c for c in configs if (c.kwargs["BB"], c.kwargs["BK"], c.kwargs["BM"], c.num_warps, c.num_stages) in keep]
+    return out or configs[:1]
+
+
+def _check_blocks(blk: dict, pow2: Tuple[str, ...], dot_dims: Tuple[Tuple[str, ...], ...]) -> None:
+    """Refuse block sizes that cannot compile, on every device (the interpreter included):
+    ``pow2`` must be powers of two (tl.arange), each product in ``dot_dims`` (a tl.dot
+    operand dimension) at least 16, num_warps a power of two up to 16."""
+    for k in pow2:
+        v = blk.get(k)
+        if v is not None and (not isinstance(v, int) or v < 1 or v & (v - 1)):
+            raise ValueError(f"blocks[{k!r}] must be a power of two, got {v!r}")
+    for names in dot_dims:
+        if all(k in blk for k in names) and math.prod(blk[k] for k in names) < 16:
+            got = ", ".join(f"{k}={blk[k]}" for k in names)
+            raise ValueError(f"{' * '.join(names)} must be at least 16 (a tl.dot operand dimension), got {got}")
+    if blk.get("num_warps", 4) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"blocks['num_warps'] must be 1, 2, 4, 8 or 16, got {blk['num_warps']!r}")
 
 
 def _pow2_at_least(v: int, lo: int, hi: int) -> int:
@@ -508,6 +564,7 @@ def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, s
         size = 16 if n <= 64 else 64
         blk = dict(BB=16, BK=32, BJ=size, BN=size)
     blk.update(blocks or {})
+    _check_blocks(blk, ("BB", "BK", "BJ", "BN"), (("BB",), ("BK",), ("BN",)))  # wsum: p [BB, BK] @ y [BK, BN]
     a, s2 = noise_level(ab)
     scale = 1.0 / (2.0 * s2 * tau)
     x32 = x.to(torch.float32).contiguous()
@@ -586,11 +643,13 @@ def locality_denoise_triton(
     """
     if x.dtype == torch.float64 or mask.dtype != torch.bool:
         return locality_denoise_reference(x, train, mask, alpha_bar, temperature, softmax, chunk_size, return_state)
-    triton_support.check_device(x, "denoiser", "x")
     B, n = x.shape
     N = train.shape[0]
     dev = x.device
     blk, bms, tuned = _loc_blocks(dev, n, B, blocks)
+    # first, so that sizes no GPU could compile fail the same way on every device
+    _check_blocks(blk, ("BB", "BK", "BJ", "BM"), (("BB", "BK"), ("BJ",), ("BM",)))  # D [BB*BK, BM] += E [BB*BK, BJ] @ M [BJ, BM]
+    triton_support.check_device(x, "denoiser", "x")
     plan = _plan(mask, blk["BJ"], bms)
     if plan.single:
         res = _single_window(x, train, plan.w, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
@@ -679,6 +738,7 @@ def optimal_denoise_triton(
     online softmax, fp32 weighted sums. float64 queries run the reference implementation."""
     if x.dtype == torch.float64:
         return optimal_denoise_reference(x, train, alpha_bar, temperature, chunk_size, return_state)
+    _check_blocks(dict(blocks or {}), ("BB", "BK", "BJ", "BN"), (("BB",), ("BK",), ("BN",)))  # the same answer on every device
     triton_support.check_device(x, "denoiser", "x")
     res = _single_window(x, train, None, alpha_bar, temperature, "exact", chunk_size, return_state, splits=splits, blocks=blocks)
     if return_state:

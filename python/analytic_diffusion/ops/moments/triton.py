@@ -28,6 +28,42 @@ from .cuda import check_sums, float_update_f64  # the accumulator checks and flo
 MAX_K_BLOCK = 131071  # 2^31 / 2^14 - 1: int32 bound of sum s_i s_j
 DEFAULT_K_BLOCK = 65536
 
+# GPU launch shape of syrk_kernel: output tile side, images per tl.dot, warps, pipeline
+# stages. Contiguous rows: 4 warps (wgmma m64 on Hopper). Strided rows (stride1 != 1)
+# load byte by byte and need 8 warps: with 4 the kernel spills 88 B (sm_80) / 164 B
+# (sm_90) per thread (benchmarks/gpu_static_check.py, which checks every entry here).
+_SYRK_GPU_DEFAULT = dict(block=64, bk=64, num_warps=4, num_stages=3)
+_SYRK_GPU_STRIDED = dict(block=64, bk=64, num_warps=8, num_stages=3)
+_SYRK_CPU_DEFAULT = dict(block=16, bk=32)  # the interpreter: few, large numpy steps
+# What u8_syrk_update accepts on every device (the interpreter included), so that an
+# argument that would fail to compile or launch on some GPU fails at once, everywhere:
+# tl.arange needs powers of two, an int8 tl.dot needs tiles of >= 16 rows and K >= 32,
+# and the staged operand tiles (num_stages * 2 * block * bk bytes) must stay within
+# 64 KiB: Triton allocates up to (num_stages + 1) times one stage's tiles (more for
+# strided rows), which would overflow the 99 KB of shared memory per block of sm_86 and
+# sm_89 GPUs (RTX 30/40, L40S) beyond that. block = 128 compiles and runs but spills
+# ~900 B per thread (the int64 128 x 128 accumulator): accepted, not recommended.
+SYRK_LIMITS = dict(block=(16, 32, 64, 128), bk=(32, 64, 128, 256), num_warps=(1, 2, 4, 8, 16), max_stages=4, max_stage_bytes=65536)
+
+
+def _check_syrk_launch(block: int, bk: int, num_warps: Optional[int], num_stages: Optional[int]) -> None:
+    lim = SYRK_LIMITS
+    if block not in lim["block"]:
+        raise ValueError(f"block must be one of {lim['block']} (tile side: a power of two, >= 16 for tl.dot), got {block}")
+    if bk not in lim["bk"]:
+        raise ValueError(f"bk must be one of {lim['bk']} (images per int8 tl.dot: a power of two, >= 32), got {bk}")
+    if num_warps is not None and num_warps not in lim["num_warps"]:
+        raise ValueError(f"num_warps must be one of {lim['num_warps']}, got {num_warps}")
+    stages = 3 if num_stages is None else num_stages
+    if not 1 <= stages <= lim["max_stages"]:
+        raise ValueError(f"num_stages must be 1..{lim['max_stages']}, got {num_stages}")
+    if stages * 2 * block * bk > lim["max_stage_bytes"]:
+        raise ValueError(
+            f"num_stages * 2 * block * bk = {stages * 2 * block * bk} bytes of staged tiles exceeds {lim['max_stage_bytes']}: "
+            f"the kernel would need more shared memory than sm_86/sm_89 GPUs give a block (99 KB); "
+            f"use a smaller bk, block or num_stages (got block={block}, bk={bk}, num_stages={stages})"
+        )
+
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
@@ -144,10 +180,18 @@ def u8_syrk_update(
 
     ``rows``: uint8 ``[B, n]``, any strides; ``s1``: int64 ``[n]``; ``s2``: int64
     ``[n, n]``, both contiguous on ``rows``' device. ``k_block``: images per int32
-    partial sum (0 = 65536; 1..131071). ``block`` (output tile side, >= 16), ``bk``
-    (images per ``tl.dot``, >= 32 on GPUs), ``num_warps``, ``num_stages``: launch
-    tuning; the defaults suit Hopper (64, 64, 4, 3) and the interpreter (16, 32).
+    partial sum (0 = 65536; 1..131071). ``block`` (output tile side: 16, 32, 64 or
+    128), ``bk`` (images per ``tl.dot``: 32, 64, 128 or 256), ``num_warps``,
+    ``num_stages`` (1..4): launch tuning, with ``num_stages * 2 * block * bk <= 65536``;
+    sizes that could not compile or launch on a GPU raise ValueError on every device
+    (``SYRK_LIMITS``). The defaults suit Hopper (64, 64, 4 warps, 3 stages; 8 warps for
+    strided rows) and the interpreter (16, 32).
     """
+    on_gpu = rows.device.type == "cuda"
+    default = (_SYRK_GPU_DEFAULT if rows.stride(-1) == 1 else _SYRK_GPU_STRIDED) if on_gpu else _SYRK_CPU_DEFAULT
+    block = int(block or default["block"])
+    bk = int(bk or default["bk"])
+    _check_syrk_launch(block, bk, num_warps, num_stages)  # first: the same answer on every device
     triton_support.check_device(rows, "moments", "rows")
     if rows.dtype != torch.uint8:
         raise TypeError(f"rows must be uint8, got {rows.dtype}")
@@ -159,10 +203,7 @@ def u8_syrk_update(
     if B == 0 or n == 0:
         return
     colsum_kernel, syrk_kernel = _kernels()
-    on_gpu = rows.device.type == "cuda"
-    block = block or (64 if on_gpu else 16)
-    bk = bk or (64 if on_gpu else 32)
-    launch = {"num_warps": num_warps or 4, "num_stages": num_stages or 3} if on_gpu else {}
+    launch = {"num_warps": num_warps or default["num_warps"], "num_stages": num_stages or default["num_stages"]} if on_gpu else {}
     cs = torch.zeros(n, dtype=torch.int64, device=rows.device)
     nt = -(-n // block)
     tiles = _tiles(nt, rows.device)
