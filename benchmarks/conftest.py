@@ -129,3 +129,18 @@ def pytest_terminal_summary(terminalreporter):
         (out / f"{slug}.md").write_text(header + _table(rows) + "\n")
         old.write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows}, indent=1))
         terminalreporter.write_line(f"recorded in {out / slug}.md")
+
+
+def write_bench_table(prefix: str, title: str) -> None:
+    """Write this run's rows whose bench starts with ``prefix`` to ``benchmarks/results/<prefix>.md``
+    (full-size runs only; one file per benchmark, so separate benchmarks never merge-conflict)."""
+    if QUICK:
+        return
+    rows = [r for r in _ROWS if r["bench"].startswith(prefix)]
+    if not rows:
+        return
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    head = f"# {title}\n\n{rows[0]['device']}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+    (out / f"{prefix}.md").write_text(head + _table(rows) + "\n")
+    (out / f"{prefix}.json").write_text(json.dumps({"device": rows[0]["device"], "torch": torch.__version__, "rows": rows}, indent=1))

@@ -17,10 +17,12 @@
 
 #include "../common/convert.h"
 #include "../common/macros.h"
+#include "els.h"
 #include "locality_denoise.h"
 #include "moments.h"
 #include "nearest_denoise.h"
 #include "patch_moments.h"
+#include "windowed_locality.h"
 
 namespace py = pybind11;
 
@@ -170,6 +172,69 @@ py::dict decode_lookups(const LocalityPlan& P) {
     return d;
 }
 
+py::dict windowed_stats_dict(const WindowedStats& s) {
+    py::dict d;
+    d["transposed"] = s.transposed;
+    d["avx512"] = s.avx512;
+    d["groups"] = s.groups;
+    d["terms"] = s.terms;
+    d["area"] = s.area;
+    d["planes"] = s.planes;
+    d["integral_planes"] = s.integral_planes;
+    d["units"] = s.units;
+    d["cost"] = s.cost;
+    d["plan"] = s.plan;
+    return d;
+}
+
+// Binding of windowed_locality_run: the kernel runs without the GIL, the stats dict is built
+// with it.
+py::dict windowed_locality_run_py(
+    uintptr_t x_ptr,        // queries x [B, C, H, W], float32 or float64
+    int64_t B, int64_t C, int64_t H, int64_t W,          // sizes
+    int64_t xs0, int64_t xs1, int64_t xs2, int64_t xs3,  // x strides (elements)
+    bool x_is_double,       // x dtype float64 (true) or float32
+    uintptr_t train_ptr,    // training images [N, C, H, W]
+    int64_t N,              // number of training images
+    int64_t ts0, int64_t ts1, int64_t ts2, int64_t ts3,  // train strides (elements)
+    int train_kind,         // 0 uint8, 1 float32, 2 float64
+    uintptr_t window_ptr,   // window [C, C, k, k] bool
+    int64_t k,              // window size (odd)
+    int64_t ws0, int64_t ws1, int64_t ws2, int64_t ws3,  // window strides (elements)
+    double a,               // sqrt(alpha_bar)
+    double scale,           // 1 / (2 (1 - alpha_bar) temperature)
+    int64_t chunk,          // 0 exact, > 0 WSSM chunk size
+    uintptr_t out_ptr,      // [B, C*H*W] out (float32/float64) or 0
+    bool out_is_double,     // out dtype
+    uintptr_t mx_ptr,       // [B, C*H*W] float64 state or 0
+    uintptr_t l_ptr,        // [B, C*H*W] float64 state or 0
+    uintptr_t acc_ptr,      // [B, C*H*W] float64 state or 0
+    int64_t options,        // planner restrictions (0 = free)
+    bool force_portable     // plain C++ copy even with AVX-512
+) {
+    WindowedStats s;
+    {
+        py::gil_scoped_release nogil;
+        s = windowed_locality_run(x_ptr, B, C, H, W, xs0, xs1, xs2, xs3, x_is_double, train_ptr, N, ts0, ts1,
+                                  ts2, ts3, train_kind, window_ptr, k, ws0, ws1, ws2, ws3, a, scale, chunk,
+                                  out_ptr, out_is_double, mx_ptr, l_ptr, acc_ptr, options, force_portable);
+    }
+    return windowed_stats_dict(s);
+}
+
+py::dict windowed_locality_plan_py(
+    uintptr_t window_ptr,   // window [C, C, k, k] bool
+    int64_t C,              // channels
+    int64_t k,              // window size (odd)
+    int64_t ws0, int64_t ws1, int64_t ws2, int64_t ws3,  // window strides (elements)
+    int64_t H, int64_t W,   // image size
+    double scale,           // logit scale 1 / (2 (1 - alpha_bar) temperature)
+    double emax,            // bound on the squared differences, (max|x| + sqrt(alpha_bar))^2
+    int64_t options         // planner restrictions (0 = free)
+) {
+    return windowed_stats_dict(windowed_locality_plan(window_ptr, C, k, ws0, ws1, ws2, ws3, H, W, scale, emax, options));
+}
+
 }  // namespace
 }  // namespace analytic_diffusion
 
@@ -276,6 +341,34 @@ PYBIND11_MODULE(_C, m) {
           "(uint8/float32/float64), float64 distances ||x - a y||^2, lowest index on ties: "
           "writes out [B, n] (float32/float64), index [B] int64 and/or dist [B] float64 "
           "(a zero address skips an output).");
+    m.def("els_denoise_run", &analytic_diffusion::els_denoise_run,
+          // x: float64 [B, C, H, W] contiguous; train [N, C, H, W] with element strides
+          // (ts0..ts3), kind 0 uint8 / 1 float32 / 2 float64; outputs float64 contiguous
+          // mx, l [B, H, W] and acc [B, C, H, W] (the exact online-softmax state per pixel).
+          py::arg("x_ptr"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"),
+          py::arg("train_ptr"), py::arg("N"), py::arg("ts0"), py::arg("ts1"), py::arg("ts2"),
+          py::arg("ts3"), py::arg("train_kind"), py::arg("P"), py::arg("circular"), py::arg("a"),
+          py::arg("scale"), py::arg("mx_ptr"), py::arg("l_ptr"), py::arg("acc_ptr"),
+          py::call_guard<py::gil_scoped_release>(),
+          "ELS / bbELS machine (SPEC 10): writes the float64 softmax state per query pixel "
+          "over every candidate patch of every training image; the result is acc / l.");
+    m.attr("ELS_SKIP_LOGIT") = analytic_diffusion::kElsSkipLogit;
+    // windowed_locality_denoise (windowed_locality.cpp)
+    m.def("windowed_locality_run", &analytic_diffusion::windowed_locality_run_py, py::arg("x_ptr"), py::arg("B"),
+          py::arg("C"), py::arg("H"), py::arg("W"), py::arg("xs0"), py::arg("xs1"), py::arg("xs2"), py::arg("xs3"),
+          py::arg("x_is_double"), py::arg("train_ptr"), py::arg("N"), py::arg("ts0"), py::arg("ts1"),
+          py::arg("ts2"), py::arg("ts3"), py::arg("train_kind"), py::arg("window_ptr"), py::arg("k"),
+          py::arg("ws0"), py::arg("ws1"), py::arg("ws2"), py::arg("ws3"), py::arg("a"), py::arg("scale"),
+          py::arg("chunk"), py::arg("out_ptr"), py::arg("out_is_double"), py::arg("mx_ptr"), py::arg("l_ptr"),
+          py::arg("acc_ptr"), py::arg("options") = 0, py::arg("force_portable") = false,
+          "Windowed locality denoising (SPEC 9): exact (chunk = 0) or WSSM; writes out and/or the "
+          "float64 state [B, C*H*W]; returns the plan's statistics as a dict.");
+    m.def("windowed_locality_plan", &analytic_diffusion::windowed_locality_plan_py, py::arg("window_ptr"),
+          py::arg("C"), py::arg("k"), py::arg("ws0"), py::arg("ws1"), py::arg("ws2"), py::arg("ws3"), py::arg("H"),
+          py::arg("W"), py::arg("scale"), py::arg("emax"), py::arg("options") = 0,
+          "The windowed kernel's plan for a window and image size, as a dict (no images needed).");
+    m.def("windowed_locality_has_avx512", &analytic_diffusion::windowed_locality_has_avx512,
+          "Whether windowed_locality_run uses the AVX-512 kernel on this CPU.");
     m.def("u8_syrk_has_vnni", &analytic_diffusion::u8_syrk_has_vnni,
           "Whether uint8 updates run the AVX-512 VNNI micro-kernel (compiled in and "
           "supported by this CPU).");

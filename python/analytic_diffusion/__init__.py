@@ -22,7 +22,19 @@ from .ops import (
     estimate_stationary_moments,
 )
 from .filters import WienerFilter, WindowedWiener, locality_mask, wiener_matrix
-from .denoisers import Denoiser, LocalityDenoiser, NearestDenoiser, OptimalDenoiser, WienerDenoiser, WindowedWienerDenoiser
+from .denoisers import (
+    Denoiser,
+    ELSDenoiser,
+    LSDenoiser,
+    LocalityDenoiser,
+    NearestDenoiser,
+    OptimalDenoiser,
+    PSPCSquareDenoiser,
+    SmoothedCFDMDenoiser,
+    WienerDenoiser,
+    WindowedWienerDenoiser,
+)
+from .denoisers.schedules import calibrate as calibrate_patch_sizes
 from .analysis import Agreement, ModelDenoiser, compare, field_similarity, sensitivity
 from .interop import DiffusersModelAdapter
 from .metrics import mse, r2
@@ -49,13 +61,17 @@ __all__ = [
     "Agreement",
     "Denoiser",
     "DiffusersModelAdapter",
+    "ELSDenoiser",
+    "LSDenoiser",
     "LocalityDenoiser",
     "ModelDenoiser",
     "MomentAccumulator",
     "Moments",
     "NearestDenoiser",
     "OptimalDenoiser",
+    "PSPCSquareDenoiser",
     "PatchMomentAccumulator",
+    "SmoothedCFDMDenoiser",
     "StationaryMomentAccumulator",
     "WienerDenoiser",
     "WienerFilter",
@@ -64,6 +80,7 @@ __all__ = [
     "alpha_bar_at",
     "available_backends",
     "build_info",
+    "calibrate_patch_sizes",
     "compare",
     "data",
     "ddim_step",

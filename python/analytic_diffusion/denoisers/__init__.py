@@ -7,7 +7,27 @@ from __future__ import annotations
 
 from .base import Denoiser, TrainSetDenoiser
 from .baselines import NearestDenoiser, OptimalDenoiser, WienerDenoiser
+from .kamb_ganguli import ELSDenoiser, LSDenoiser
 from .locality import LocalityDenoiser
+from .pspc import PSPCSquareDenoiser, pspc_schedule
+from .scfdm import SmoothedCFDMDenoiser
+from .schedules import KAMB_GANGULI_SCHEDULES, PatchSchedule, calibrate
 from .windowed import WindowedWienerDenoiser
 
-__all__ = ["Denoiser", "LocalityDenoiser", "NearestDenoiser", "OptimalDenoiser", "TrainSetDenoiser", "WienerDenoiser", "WindowedWienerDenoiser"]
+__all__ = [
+    "Denoiser",
+    "ELSDenoiser",
+    "KAMB_GANGULI_SCHEDULES",
+    "LSDenoiser",
+    "LocalityDenoiser",
+    "NearestDenoiser",
+    "OptimalDenoiser",
+    "PSPCSquareDenoiser",
+    "PatchSchedule",
+    "SmoothedCFDMDenoiser",
+    "TrainSetDenoiser",
+    "WienerDenoiser",
+    "WindowedWienerDenoiser",
+    "calibrate",
+    "pspc_schedule",
+]

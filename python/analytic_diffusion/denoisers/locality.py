@@ -37,6 +37,16 @@ class LocalityDenoiser(TrainSetDenoiser):
     :meth:`prepare` builds the masks or windows, and the backend's plans, of a whole
     sampling schedule up front (``ad.sample`` calls it).
 
+    ``screening="golddiff"``: the approximate GoldDiff mode (docs/algorithms.md §12): per
+    step and per query, a random pool, a coarse screening by average-pooled distances and a
+    fine screening by full-resolution distances keep k_t images, and the exact softmax runs
+    over those only. ``screening_options``: see :class:`~analytic_diffusion.denoisers.screening.GoldDiffScreening`
+    (``preset``, ``k_min``, ``k_max``, ``pool_size``, ``seed``, ``record_error``); the
+    published settings are in ``presets.published.GOLDDIFF`` (their ``threshold`` goes to
+    this denoiser's ``threshold=``). :meth:`screening_error` compares one step with the exact
+    denoiser; ``record_error=True`` does so at every call and appends to ``screening_log``.
+    Default ``screening=None``: exact over all N.
+
     ``process_group``: a torch.distributed group (or ``True`` for the default group)
     when ``train`` is this rank's shard (exact softmax only). Moments estimated here
     are then all-reduced, so every rank builds the same masks, and each step merges
@@ -57,6 +67,8 @@ class LocalityDenoiser(TrainSetDenoiser):
         backend: Optional[str] = None,
         alphas_cumprod=None,
         process_group=None,
+        screening: Optional[str] = None,
+        screening_options: Optional[dict] = None,
     ):
         super().__init__(train, backend=backend, alphas_cumprod=alphas_cumprod, process_group=process_group)
         if softmax not in ("exact", "wssm"):
@@ -93,6 +105,22 @@ class LocalityDenoiser(TrainSetDenoiser):
         self._masks: Dict[int, _StoredMask] = {}
         self._windows: Dict[int, Tuple[torch.Tensor, WindowedWiener, dict]] = {}
         self._dense: Optional[tuple] = None  # (t, device, mask): the unpacked mask in use
+        self.screening = None
+        self.screening_log: List[dict] = []
+        if screening is not None:
+            if screening != "golddiff":
+                raise ValueError(f"screening must be None (exact) or 'golddiff', got {screening!r}")
+            if softmax != "exact":
+                raise ValueError("screening='golddiff' runs the exact softmax over the screened images; use softmax='exact'")
+            if self.sharded:
+                raise ValueError("screening='golddiff' cannot be combined with a process_group (sharded training sets)")
+            if screening_options is not None and not isinstance(screening_options, dict):
+                raise TypeError(f"screening_options must be a dict or None, got {type(screening_options).__name__}")
+            from .screening import GoldDiffScreening
+
+            self.screening = GoldDiffScreening(self.train, tuple(self.train.shape[1:]), screening_options)
+        elif screening_options is not None:
+            raise ValueError("screening_options is given but screening is None; pass screening='golddiff'")
 
     @property
     def windowed(self) -> bool:
@@ -233,7 +261,58 @@ class LocalityDenoiser(TrainSetDenoiser):
         return sum(m.nbytes for m in self._masks.values())
 
     def denoise(self, x, t, alpha_bar):
+        if self.screening is None:
+            return self._denoise_exact(x, t, alpha_bar)
+        if not self.screening.record_error:
+            return self._denoise_screened(x, t, alpha_bar)[0]
+        out, info = self._screening_compare(x, t, alpha_bar)
+        self.screening_log.append(info)
+        return out
+
+    def screening_error(self, x_t, t) -> dict:
+        """Run one screened step and the exact step on ``x_t`` at ``t``; returns ``{"t", "m"
+        (pool size), "k_t" (images kept), "rel_error" (||screened - exact|| / ||exact|| over
+        the batch), "max_abs_error", "seconds_screened", "seconds_exact"}``. Draws one set
+        of random pools."""
+        if self.screening is None:
+            raise ValueError("screening_error needs screening='golddiff' (this denoiser is exact)")
+        from .._validate import check_queries
+
+        t = timestep_to_int(t, self.alphas_cumprod.shape[0])
+        x = check_queries(x_t, "x_t")
+        return self._screening_compare(x, t, self.alpha_bar(t))[1]
+
+    def _screening_compare(self, x, t, alpha_bar):
+        import time
+
+        t0 = time.perf_counter()
+        out, (m, k_t) = self._denoise_screened(x, t, alpha_bar)
+        t1 = time.perf_counter()
+        exact = self._denoise_exact(x, t, alpha_bar)
+        t2 = time.perf_counter()
+        diff = (out.double() - exact.double())
+        info = {
+            "t": t, "m": m, "k_t": k_t,
+            "rel_error": float(diff.norm() / exact.double().norm().clamp_min(1e-300)),
+            "max_abs_error": float(diff.abs().max()),
+            "seconds_screened": t1 - t0, "seconds_exact": t2 - t1,
+        }
+        return out, info
+
+    def _denoise_screened(self, x, t, alpha_bar):
+        """GoldDiff (docs/algorithms.md §12): the exact step over each query's survivors."""
         train = self._train_for(x)
+        B = x.shape[0]
+        flat = x.reshape(B, -1)
+        keep = self.screening.select(flat, train, alpha_bar)
+        out = torch.empty_like(flat)
+        for b in range(B):
+            sub = train[keep[b]]
+            out[b] = self._denoise_exact(x[b : b + 1], t, alpha_bar, sub).reshape(-1)
+        return out.reshape(x.shape), self.screening.sizes(train.shape[0], alpha_bar)
+
+    def _denoise_exact(self, x, t, alpha_bar, train=None):
+        train = self._train_for(x) if train is None else train
         if self._windowed is not None:
             return self._denoise_windowed(x, t, alpha_bar, train)
         mask = self.mask(t, device=x.device)

@@ -6,12 +6,13 @@ from typing import Optional
 
 from ... import registry
 from ..._validate import check_alpha_bar, check_chunk_size, check_queries_and_train, check_same_device
-from .reference import nearest_denoise_reference
+from .reference import nearest_denoise_reference, nearest_topk_reference
 from .state import NearestState, all_reduce_nearest, merge_nearest
 
-__all__ = ["NearestState", "all_reduce_nearest", "merge_nearest", "nearest_denoise", "nearest_denoise_reference"]
+__all__ = ["NearestState", "all_reduce_nearest", "merge_nearest", "nearest_denoise", "nearest_denoise_reference", "nearest_topk", "nearest_topk_reference"]
 
 registry.register("nearest_denoise", "reference", nearest_denoise_reference, priority=0)
+registry.register("nearest_topk", "reference", nearest_topk_reference, priority=0)
 
 
 def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backend: Optional[str] = None, return_state: bool = False):
@@ -30,6 +31,20 @@ def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backen
     if return_state:
         return impl(x2, t2, ab, chunk_size, True)
     return impl(x2, t2, ab, chunk_size).reshape(x.shape)
+
+
+def nearest_topk(x, train, alpha_bar: float, k: int, *, chunk_size: int = 256, backend: Optional[str] = None):
+    """The ``k`` training images nearest to ``x / a`` (docs/algorithms.md §6.2, §11): returns
+    ``(indices, sqdist)``, int64 and float64 ``[B, k]``, ascending in ``||x - a*y||^2`` (the
+    lower index first on ties). ``k`` is clamped to N. Chunked over N: never an N x n temporary."""
+    x, train, x2, t2 = check_queries_and_train(x, train)
+    ab = check_alpha_bar(alpha_bar)
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    chunk_size = check_chunk_size(chunk_size)
+    check_same_device(x=x, train=train)
+    impl = registry.select("nearest_topk", x.device, backend).fn
+    return impl(x2, t2, ab, min(int(k), t2.shape[0]), chunk_size)
 
 
 # The backends register where they are defined; importing them here makes them visible.

@@ -87,3 +87,8 @@ def windowed_locality_denoise(
     check_same_device(x=x, train=train, window=window)
     impl = registry.select("windowed_locality_denoise", x.device, backend).fn
     return impl(x, train, window, ab, tau, softmax, chunk_size, return_state)
+
+
+# The backends register where they are defined; importing them here makes them visible.
+from . import cpu as _cpu_backend  # noqa: E402,F401
+from . import triton as _triton_backend  # noqa: E402,F401

@@ -1,0 +1,461 @@
+// CPU kernel of "els_denoise" (SPEC 10, docs/algorithms.md §10).
+//
+// Structure (convolution by shifts). Write u' for a candidate centre in a training image y
+// and p for a query pixel; d(p, u') = ||Q_p(x)||^2 - 2a <Q_p(x), Q_u'(y)> + a^2 ||Q_u'(y)||^2
+// with X the padded (circular or zero) query and Y the zero-padded training image. The norms
+// are box sums computed once per query / per training image. For a fixed shift
+// delta = u' - p the inner product is a P x P box sum of the product image
+// E_delta[v] = sum_c X[c, v - delta] * Y[c, v], and the pixels that have u' = p + delta among
+// their candidates form a rectangle (SPEC 10's rule: circular: every p, u' interior; zeros:
+// per axis delta = 0 for every row, delta != 0 for interior p and interior p + delta). So per
+// (query, training image, shift) the kernel
+//   1. fills E over the rectangle grown by P//2 (C multiply-adds per value),
+//   2. sums columns of P rows by a sliding window and rows of P columns directly,
+//   3. folds every distance into the online-softmax state of its pixel.
+// That is O(C + P + update) per (pixel, candidate) instead of the C*P*P of a GEMM or conv2d.
+//
+// Precision (the expanded form cancels when x is close to a*y): everything is float64. Each
+// of the three terms is a sum of at most C*P*P products bounded by m = max(|x|, 1)^2, so
+// |each term| <= C*P^2*m and the computed distance has absolute error below
+// (C*P^2 + 2P + 4) * 2^-53 * 4*C*P^2*m (summation depth times the largest partial sum; the
+// sliding window adds 2 roundings per row). The logit error is that times 1/(2*s2*tau):
+// for 32x32x3, P = 5, |x| <= 1.1 and t >= 0 (s2 >= 1e-4, the smallest of the schedule),
+// (75 + 14) * 1.1e-16 * 363 / 2e-4 = 1.8e-8 logits, i.e. a relative weight error < 2e-8;
+// at t = 20 (s2 = 2.4e-3) 1.5e-9. The published code does the same expansion in float32
+// (2^-24 instead of 2^-53): the same bound is about 0.4 logits at t = 20. tests/test_els.py checks
+// the CPU backend against the direct-difference float64 reference at t = 0, 10, 20.
+//
+// Softmax: exact online softmax per query pixel (its own running max, never shared across
+// the batch), one exponential per (pixel, candidate) through exp(-|logit - max|). A vector
+// of candidates that are all more than kElsSkipLogit below their running max skips it: each
+// skipped term is < e^-50 of the max term, so the result's relative error from skipping is
+// below 2 * N * (H-P+1) * (W-P+1) * e^-50 (2e-14 for N = 50000 32x32 images).
+//
+// Lanes: eight training images at a time, one per float64 lane (GCC/Clang vector
+// extensions: a zmm with AVX-512, two ymm with AVX2). Every loop above runs on whole vectors
+// (the query value is broadcast, the eight images' values are interleaved), and each lane
+// keeps its own softmax state per pixel: lane j of a thread sees the images j, j+8, ... of
+// that thread's octets. A padded lane of the last octet gets logit -inf (weight 0).
+//
+// Threads: OpenMP over octets of training images (dynamic); the per-(thread, lane) states
+// of each pixel merge exactly at the end, so the result does not depend on the split.
+#include "els.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "../common/convert.h"
+#include "../common/cpu_runtime.h"
+#include "../common/macros.h"
+
+namespace analytic_diffusion {
+namespace {
+
+using cpu_runtime::aligned_array;
+
+constexpr int kL = 8;  // training images per vector (float64 lanes)
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+
+AD_FORCEINLINE v8d splat(double v) { return v8d{v, v, v, v, v, v, v, v}; }
+AD_FORCEINLINE v8d load(const double* p) {
+    v8d r;
+    std::memcpy(&r, p, sizeof r);
+    return r;
+}
+AD_FORCEINLINE void store(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
+
+AD_FORCEINLINE bool any_lane(v8l m) {
+#if defined(__AVX512F__)
+    const __m512i v = reinterpret_cast<__m512i>(m);
+    return _mm512_test_epi64_mask(v, v) != 0;
+#else
+    int64_t r = 0;
+    for (int j = 0; j < kL; ++j) r |= m[j];
+    return r != 0;
+#endif
+}
+
+// e^x for x <= 0 (x = -inf gives 0), relative error < 1e-14 on [-708, 0]: Cody-Waite
+// reduction, degree-11 Taylor polynomial on |r| <= ln2/2, 2^n built in the exponent bits;
+// 0 below -708. Lane-wise arithmetic only.
+AD_FORCEINLINE v8d exp_nonpos(v8d x) {
+    const v8l tiny = x < splat(-708.0);
+    x = tiny ? splat(-708.0) : x;
+    const v8d shifter = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+    const v8d t = x * splat(1.4426950408889634) + shifter;
+    const v8d n = t - shifter;
+    const v8d r = (x - n * splat(0.6931457519531250)) - n * splat(1.4286068203094172e-06);
+    v8d p = splat(1.0 / 39916800.0);
+    p = p * r + splat(1.0 / 3628800.0);
+    p = p * r + splat(1.0 / 362880.0);
+    p = p * r + splat(1.0 / 40320.0);
+    p = p * r + splat(1.0 / 5040.0);
+    p = p * r + splat(1.0 / 720.0);
+    p = p * r + splat(1.0 / 120.0);
+    p = p * r + splat(1.0 / 24.0);
+    p = p * r + splat(1.0 / 6.0);
+    p = p * r + splat(0.5);
+    p = p * r + splat(1.0);
+    p = p * r + splat(1.0);
+    // the low bits of t hold n (|n| <= 1022, two's complement): 2^n = (n + 1023) << 52
+    const v8l bits = ((reinterpret_cast<const v8l&>(t) - v8l{} - 0x4338000000000000LL) + 1023) << 52;
+    const v8d s = reinterpret_cast<const v8d&>(bits);
+    return tiny ? splat(0.0) : p * s;
+}
+
+struct Shift {
+    int64_t dr, dc;    // delta = u' - p
+    int64_t ur0, ur1;  // candidate centre rows [ur0, ur1) (image coordinates)
+    int64_t uc0, uc1;  // candidate centre columns
+};
+
+// Per axis of length n: (delta, first u', end u') of every shift with a non-empty range.
+std::vector<std::array<int64_t, 3>> axis_shifts(int64_t n, int64_t P, bool circular) {
+    const int64_t h = P / 2, lo = h, hi = n - h;  // interior [lo, hi)
+    std::vector<std::array<int64_t, 3>> out;
+    if (circular) {
+        for (int64_t d = 0; d < n; ++d) out.push_back({d, lo, hi});
+        return out;
+    }
+    out.push_back({0, 0, n});  // delta = 0: every row (edge rows have only themselves)
+    for (int64_t d = -(hi - lo) + 1; d < hi - lo; ++d) {
+        if (d == 0) continue;  // interior p and interior p + d
+        const int64_t a = std::max(lo, lo + d), b = std::min(hi, hi + d);
+        if (a < b) out.push_back({d, a, b});
+    }
+    return out;
+}
+
+struct Geometry {
+    int64_t C, H, W, P, h;
+    bool circular;
+    int64_t XH, XW, xoff_r, xoff_c;  // X buffer (circular: tiled 2H x 2W, zeros: padded by h)
+    int64_t YH, YW;                  // padded training image H + 2h, W + 2h
+};
+
+// One (query, octet of training images, shift): distances of every pair (p, u' = p + delta)
+// and their online-softmax updates. X: the query [C, XH, XW]; Y8: the octet [C, YH, YW, 8];
+// nx: -scale * ||Q_p(x)||^2 per pixel [H, W]; ny: -scale * a^2 * ||Q_u'(y)||^2 per centre
+// [H, W, 8]; E, V: scratch [(H + 2h) * (W + 2h) * 8]; D: scratch [W * 8]; st: per pixel
+// [mx(8), l(8), acc(C x 8)].
+template <int kC>
+void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, const double* Y8,
+               const double* nx, const double* ny, v8d pen, double cross, double* E, double* V,
+               double* D, double* S0, double* S1, double* st) {
+    const int64_t C = kC > 0 ? kC : Crt;
+    const int64_t H = g.H, W = g.W, P = g.P, h = g.h;
+    const int64_t UR = s.ur1 - s.ur0, UC = s.uc1 - s.uc0;
+    const int64_t EC = UC + 2 * h;
+    const int64_t er0 = s.ur0 - h, ec0 = s.uc0 - h;  // E's first row/column (image coords)
+    const int64_t XHW = g.XH * g.XW, YHW8 = g.YH * g.YW * kL;
+    const int64_t SP = (2 + C) * kL;  // state doubles per pixel
+    const v8d vcross = splat(cross), vskip = splat(-kElsSkipLogit);
+    // E row i: sum_c X[c, v - delta] * Y[c, v] for v = (er0 + i, ec0 + j), 8 lanes
+    auto fill_row = [&](int64_t i) {
+        double* Er = E + i * EC * kL;
+        const double* xr = X + (er0 + i - s.dr + g.xoff_r) * g.XW + (ec0 - s.dc + g.xoff_c);
+        const double* yr = Y8 + ((er0 + i + h) * g.YW + (ec0 + h)) * kL;
+        for (int64_t j = 0; j < EC; ++j) {
+            v8d e = splat(xr[j]) * load(yr + j * kL);
+            for (int64_t c = 1; c < C; ++c) e += splat(xr[c * XHW + j]) * load(yr + c * YHW8 + j * kL);
+            store(Er + j * kL, e);
+        }
+    };
+    for (int64_t i = 0; i < P; ++i) fill_row(i);
+    // V: column sums of P rows, sliding
+    for (int64_t j = 0; j < EC; ++j) {
+        v8d acc = load(E + j * kL);
+        for (int64_t i = 1; i < P; ++i) acc += load(E + (i * EC + j) * kL);
+        store(V + j * kL, acc);
+    }
+    for (int64_t r = 0; r < UR; ++r) {
+        if (r > 0) {
+            fill_row(r + P - 1);
+            const double* add = E + (r + P - 1) * EC * kL;
+            const double* sub = E + (r - 1) * EC * kL;
+            for (int64_t j = 0; j < EC; ++j)
+                store(V + j * kL, (load(V + j * kL) + load(add + j * kL)) - load(sub + j * kL));
+        }
+        // D[u] = <Q_p(x), Q_u'(y)> = sum_{j < P} V[u + j], by doubling: S_{2w}[u] = S_w[u] +
+        // S_w[u + w], and D the S_w of P's binary digits (log2(P) + popcount(P) - 1 adds)
+        {
+            const double* Sw = V;  // S_1
+            int64_t w = 1, len = EC;  // S_w is defined on [0, len), len = EC - w + 1
+            int64_t off = 0;          // D = sum of S_w[u + off] over P's set bits w, low to high
+            bool first = true;
+            double* bufs[2] = {S0, S1};
+            int which = 0;
+            for (int64_t rem = P;; ) {
+                if (rem & 1) {
+                    if (first) {
+                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(Sw + (u + off) * kL));
+                        first = false;
+                    } else {
+                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(D + u * kL) + load(Sw + (u + off) * kL));
+                    }
+                    off += w;
+                }
+                rem >>= 1;
+                if (rem == 0) break;
+                double* Sn = bufs[which];
+                which ^= 1;
+                const int64_t nlen = len - w;
+                for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * kL) + load(Sw + (u + w) * kL));
+                Sw = Sn;
+                len = nlen;
+                w *= 2;
+            }
+        }
+        // fold into the pixels p = u' - delta (mod H, W for circular)
+        const int64_t ur = s.ur0 + r;
+        int64_t pr = ur - s.dr;
+        if (g.circular && pr < 0) pr += H;
+        const double* ycen = Y8 + ((ur + h) * g.YW + (s.uc0 + h)) * kL;
+        const double* nyr = ny + (ur * W + s.uc0) * kL;
+        int64_t pc = s.uc0 - s.dc;
+        if (g.circular && pc < 0) pc += W;
+        for (int64_t u = 0; u < UC; ++u) {
+            const int64_t p = pr * W + pc;
+            if (++pc == W && g.circular) pc = 0;
+            double* sp = st + p * SP;
+            // logit = -scale * (||Q_p(x)||^2 - 2a <Q_p(x), q> + a^2 ||q||^2)
+            const v8d lg = load(D + u * kL) * vcross + (load(nyr + u * kL) + splat(nx[p])) + pen;
+            const v8d mo = load(sp);
+            const v8d dd = lg - mo;
+            if (!any_lane(dd >= vskip)) continue;  // every term < e^-50 of its lane's max
+            const v8l up = dd > splat(0.0);
+            const v8d e = exp_nonpos(up ? -dd : dd);
+            const v8d f_old = up ? e : splat(1.0), f_new = up ? splat(1.0) : e;  // rescale, new term
+            store(sp + kL, load(sp + kL) * f_old + f_new);
+            for (int64_t c = 0; c < C; ++c) {
+                const v8d yv = load(ycen + c * YHW8 + u * kL);
+                store(sp + (2 + c) * kL, load(sp + (2 + c) * kL) * f_old + f_new * yv);
+            }
+            store(sp, up ? lg : mo);
+        }
+    }
+}
+
+template <typename T>
+AD_FORCEINLINE double unit_value(T v) {
+    return static_cast<double>(v);
+}
+template <>
+AD_FORCEINLINE double unit_value<uint8_t>(uint8_t v) {
+    return dequantize_u8_value<double>(v);
+}
+
+// Training images [k0, k0 + 8) (those < N) into the zero-padded interleaved buffer
+// Y8 [C, H + 2h, W + 2h, 8]; missing lanes stay zero (their logits get -inf).
+template <typename T>
+void load_octet(const Geometry& g, const T* train, int64_t N, int64_t k0, int64_t ts0, int64_t ts1,
+                int64_t ts2, int64_t ts3, double* Y8) {
+    std::fill(Y8, Y8 + g.C * g.YH * g.YW * kL, 0.0);
+    for (int64_t j = 0; j < kL && k0 + j < N; ++j) {
+        const T* src = train + (k0 + j) * ts0;
+        for (int64_t c = 0; c < g.C; ++c)
+            for (int64_t r = 0; r < g.H; ++r) {
+                const T* sr = src + c * ts1 + r * ts2;
+                double* d = Y8 + ((c * g.YH + r + g.h) * g.YW + g.h) * kL + j;
+                for (int64_t q = 0; q < g.W; ++q) d[q * kL] = unit_value<T>(sr[q * ts3]);
+            }
+    }
+}
+
+template <typename T, int kC>
+void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train, int64_t N,
+                   int64_t ts0, int64_t ts1, int64_t ts2, int64_t ts3, double a, double scale,
+                   double* mx_out, double* l_out, double* acc_out) {
+    const int64_t C = g.C, H = g.H, W = g.W, HW = H * W;
+    // X per query: circular: tiled twice per axis, X[c, i, j] = x[c, i mod H, j mod W];
+    // zeros: padded by h.
+    const int64_t XS = C * g.XH * g.XW;
+    auto X = aligned_array<double>(B * XS);
+    std::fill(X.get(), X.get() + B * XS, 0.0);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < g.XH; ++i)
+                for (int64_t j = 0; j < g.XW; ++j) {
+                    int64_t r = i, q = j;
+                    if (g.circular) {
+                        r %= H;
+                        q %= W;
+                    } else {
+                        r -= g.h;
+                        q -= g.h;
+                        if (r < 0 || r >= H || q < 0 || q >= W) continue;
+                    }
+                    X[b * XS + (c * g.XH + i) * g.XW + j] = x[((b * C + c) * H + r) * W + q];
+                }
+    // nx[b, p] = -scale * ||Q_p(x_b)||^2 (circular or zero-padded patch)
+    auto nx = aligned_array<double>(B * HW);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t r = 0; r < H; ++r)
+            for (int64_t q = 0; q < W; ++q) {
+                double acc = 0.0;
+                for (int64_t i = 0; i < g.P; ++i)
+                    for (int64_t j = 0; j < g.P; ++j) {
+                        int64_t rr = r + i - g.h, qq = q + j - g.h;
+                        if (g.circular) {
+                            rr = ((rr % H) + H) % H;
+                            qq = ((qq % W) + W) % W;
+                        } else if (rr < 0 || rr >= H || qq < 0 || qq >= W) {
+                            continue;
+                        }
+                        for (int64_t c = 0; c < C; ++c) {
+                            const double v = x[((b * C + c) * H + rr) * W + qq];
+                            acc += v * v;
+                        }
+                    }
+                nx[b * HW + r * W + q] = -scale * acc;
+            }
+    std::vector<Shift> shifts;
+    for (const auto& rs : axis_shifts(H, g.P, g.circular))
+        for (const auto& cs : axis_shifts(W, g.P, g.circular))
+            shifts.push_back({rs[0], cs[0], rs[1], rs[2], cs[1], cs[2]});
+
+    const int64_t octets = (N + kL - 1) / kL;
+    const int nth = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cpu_runtime::team_size(), octets)));
+    const int64_t SP = (2 + C) * kL;  // per pixel: mx, l, acc[C], 8 lanes each
+    const int64_t SS = B * HW * SP;   // per thread
+    auto state = aligned_array<double>(int64_t(nth) * SS);
+    const int64_t YS = C * g.YH * g.YW * kL, ES = g.YH * g.YW * kL;
+    const int64_t TS = YS + 2 * ES + g.W * kL + HW * kL + 2 * g.YW * kL;
+    auto scratch = aligned_array<double>(int64_t(nth) * TS);
+    // mx starts at a finite -1e300 (not -inf) so that a first logit gives dd = +huge, never NaN
+    for (int t = 0; t < nth; ++t)
+        for (int64_t q = 0; q < B * HW; ++q) {
+            double* sp = state.get() + t * SS + q * SP;
+            std::fill(sp, sp + kL, -1e300);
+            std::fill(sp + kL, sp + SP, 0.0);
+        }
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1)
+#endif
+    for (int64_t o = 0; o < octets; ++o) {
+        const int tid = cpu_runtime::thread_index();
+        double* st = state.get() + tid * SS;
+        double* Y8 = scratch.get() + tid * TS;
+        double* E = Y8 + YS;
+        double* V = E + ES;
+        double* D = V + ES;
+        double* ny = D + g.W * kL;
+        double* S0 = ny + HW * kL;
+        double* S1 = S0 + g.YW * kL;
+        load_octet<T>(g, train, N, o * kL, ts0, ts1, ts2, ts3, Y8);
+        // ny[u', lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre u'
+        const double nyscale = -scale * a * a;
+        for (int64_t r = 0; r < H; ++r)
+            for (int64_t q = 0; q < W; ++q) {
+                v8d acc = splat(0.0);
+                for (int64_t c = 0; c < C; ++c)
+                    for (int64_t i = 0; i < g.P; ++i)
+                        for (int64_t j = 0; j < g.P; ++j) {
+                            const v8d v = load(Y8 + ((c * g.YH + r + i) * g.YW + q + j) * kL);
+                            acc += v * v;
+                        }
+                store(ny + (r * W + q) * kL, acc * splat(nyscale));
+            }
+        v8d pen = splat(0.0);
+        for (int j = 0; j < kL; ++j)
+            if (o * kL + j >= N) pen[j] = -std::numeric_limits<double>::infinity();
+        for (int64_t b = 0; b < B; ++b)
+            for (const Shift& s : shifts)
+                run_shift<kC>(g, C, s, X.get() + b * XS, Y8, nx.get() + b * HW, ny, pen, 2.0 * a * scale, E, V,
+                             D, S0, S1, st + b * HW * SP);
+    }
+    // exact merge of the per-(thread, lane) states
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t p = 0; p < HW; ++p) {
+            double M = -std::numeric_limits<double>::infinity();
+            for (int t = 0; t < nth; ++t) {
+                const double* sp = state.get() + t * SS + (b * HW + p) * SP;
+                for (int j = 0; j < kL; ++j)
+                    if (sp[kL + j] > 0.0) M = std::max(M, sp[j]);
+            }
+            double L = 0.0;
+            for (int64_t c = 0; c < C; ++c) acc_out[(b * C + c) * HW + p] = 0.0;
+            for (int t = 0; t < nth; ++t) {
+                const double* sp = state.get() + t * SS + (b * HW + p) * SP;
+                for (int j = 0; j < kL; ++j) {
+                    if (!(sp[kL + j] > 0.0)) continue;  // a lane that saw no image
+                    const double f = std::exp(sp[j] - M);
+                    L += f * sp[kL + j];
+                    for (int64_t c = 0; c < C; ++c) acc_out[(b * C + c) * HW + p] += f * sp[(2 + c) * kL + j];
+                }
+            }
+            mx_out[b * HW + p] = M;
+            l_out[b * HW + p] = L;
+        }
+}
+
+template <typename T>
+void els_dispatch_c(const double* x, int64_t B, const Geometry& g, const T* train, int64_t N,
+                    int64_t ts0, int64_t ts1, int64_t ts2, int64_t ts3, double a, double scale,
+                    double* mx, double* l, double* acc) {
+    if (g.C == 3)
+        els_run_typed<T, 3>(x, B, g, train, N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+    else if (g.C == 1)
+        els_run_typed<T, 1>(x, B, g, train, N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+    else
+        els_run_typed<T, 0>(x, B, g, train, N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+}
+
+}  // namespace
+
+void els_denoise_run(uintptr_t x_ptr, int64_t B, int64_t C, int64_t H, int64_t W,
+                     uintptr_t train_ptr, int64_t N, int64_t ts0, int64_t ts1, int64_t ts2,
+                     int64_t ts3, int train_kind, int64_t P, bool circular, double a,
+                     double scale, uintptr_t mx_ptr, uintptr_t l_ptr, uintptr_t acc_ptr) {
+    if (B < 1 || C < 1 || H < 1 || W < 1 || N < 1) throw std::invalid_argument("els_denoise_run: empty input");
+    if (P < 1 || P % 2 == 0) throw std::invalid_argument("els_denoise_run: P must be odd and >= 1");
+    if (circular && (P > H || P > W))
+        throw std::invalid_argument("els_denoise_run: circular needs P <= min(H, W)");
+    if (ts0 < 0 || ts1 < 0 || ts2 < 0 || ts3 < 0) throw std::invalid_argument("els_denoise_run: negative stride");
+    if (!x_ptr || !train_ptr || !mx_ptr || !l_ptr || !acc_ptr)
+        throw std::invalid_argument("els_denoise_run: null pointer");
+    if (!(scale > 0.0) || !std::isfinite(scale) || !std::isfinite(a))
+        throw std::invalid_argument("els_denoise_run: bad a or scale");
+    Geometry g;
+    g.C = C;
+    g.H = H;
+    g.W = W;
+    g.P = P;
+    g.h = P / 2;
+    g.circular = circular;
+    g.XH = circular ? 2 * H : H + 2 * g.h;
+    g.XW = circular ? 2 * W : W + 2 * g.h;
+    g.xoff_r = circular ? H : g.h;
+    g.xoff_c = circular ? W : g.h;
+    g.YH = H + 2 * g.h;
+    g.YW = W + 2 * g.h;
+    const auto* x = reinterpret_cast<const double*>(x_ptr);
+    auto* mx = reinterpret_cast<double*>(mx_ptr);
+    auto* l = reinterpret_cast<double*>(l_ptr);
+    auto* acc = reinterpret_cast<double*>(acc_ptr);
+    switch (train_kind) {
+        case 0:
+            els_dispatch_c(x, B, g, reinterpret_cast<const uint8_t*>(train_ptr), N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+            break;
+        case 1:
+            els_dispatch_c(x, B, g, reinterpret_cast<const float*>(train_ptr), N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+            break;
+        case 2:
+            els_dispatch_c(x, B, g, reinterpret_cast<const double*>(train_ptr), N, ts0, ts1, ts2, ts3, a, scale, mx, l, acc);
+            break;
+        default:
+            throw std::invalid_argument("els_denoise_run: train_kind must be 0 (uint8), 1 (float32) or 2 (float64)");
+    }
+}
+
+}  // namespace analytic_diffusion

@@ -1,0 +1,810 @@
+// CPU kernel of "windowed_locality_denoise" (SPEC 9 with SPEC 5): exact, fused, no n x n object.
+//
+// With one translation-invariant window the masked distance is a convolution of the
+// squared-difference image with the window:
+//   d[b, k, c, p] = sum_{c', o : W[c, c', o], p + o inside} E[c', p + o],  E = (x_b - a y_k)^2.
+// Per (query, training image) the kernel computes E (float64, direct differences, never the
+// expanded form), a few prefix-sum planes of it, and then every output pixel's distance as a
+// short signed sum of plane values read at fixed offsets (the "terms"), vectorised along
+// image rows. The plan, built per call from the [C, C, k, k] window (microseconds), decides:
+//   * groups: output channels with identical windows share one distance and one softmax
+//     weight per (query, image, pixel) (at high noise every channel has the same window);
+//   * per (group, input channel): column runs of the window on the vertical prefix sums V
+//     (two terms per run whatever its length; a lone pixel reads E once), or a box minus
+//     holes: the bounding box of the window over a set of input channels, read from their
+//     channel sum - as 2-D integral image (4 terms) or as column runs - minus the runs of
+//     the holes; the cheapest choice over all sets of input channels wins;
+//   * orientation: the same with rows and columns swapped (row runs), when cheaper; the
+//     image is then read transposed through its strides, nothing is copied;
+//   * precision: a prefix-sum plane is used only where its rounding (relative to its
+//     largest value, bounded from the queries) stays far below the logit scale; otherwise
+//     the plan falls back to direct reads of E (exact to rounding whatever the noise level).
+// Border cut: planes are zero-padded left and right, V and I are read at row indices
+// clamped to [0, H] (constant outside the image) and E terms outside the image are skipped.
+//
+// Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images:
+// one max per chunk, one rescaling exp per chunk and one exp per logit. Work units are
+// (query range, training block) with their own state, run under a dynamic OpenMP schedule
+// and merged exactly (SPEC 5 rule) in block order, so the result depends neither on the
+// thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
+
+#include "windowed_locality.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <set>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "../common/convert.h"
+#include "../common/cpu_runtime.h"
+#include "../common/macros.h"
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define AD_WL_DISPATCH 1
+#else
+#define AD_WL_DISPATCH 0
+#endif
+
+namespace analytic_diffusion {
+namespace {
+
+using cpu_runtime::aligned_array;
+using cpu_runtime::FreeDeleter;
+using cpu_runtime::team_size;
+using cpu_runtime::thread_index;
+
+constexpr double kWlExpFloor = -690.0;  // exp below this is taken as 0 (see v_exp_nonpos)
+// A prefix-sum plane is used only where sqrt(#adds) * max|plane| * 2^-53 * scale (an
+// estimate of the logit error its rounding causes) stays below this.
+constexpr double kWlMaxLogitError = 1e-8;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+bool cpu_has_avx512() {
+#if AD_WL_DISPATCH
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    return yes;
+#else
+    return false;
+#endif
+}
+
+// ======================================================================== plan
+
+// Planes of one (query, image): [H + 1][Ws] doubles each, pixel (h, w) at column Lp + w,
+// zero outside what the kernel writes. For a set of input channels (a "chain"):
+//   S   sum over the set of (x - a y)^2 (rows 0..H-1)
+//   V   vertical prefix: V[h] = sum_{h' < h} S[h'] (rows 0..H)
+//   I   2-D integral: I[h][j] = sum_{j' <= j} V[h][j'] (rows 0..H)
+// computed in one pass over the rows per chain; only what some term reads is stored.
+enum { kWlPlaneS = 0, kWlPlaneV = 1, kWlPlaneI = 2 };
+
+struct WlChain {
+    int32_t ch_off, ch_count;  // channels at chain_channels[ch_off ..]
+    int32_t s_id, v_id, i_id;  // plane slots, -1 when not stored
+};
+
+// coef * plane[row][col + w] with row = h + dy, clamped to [0, H] (V, I) or skipped
+// outside [0, H) (S).
+struct WlTerm {
+    int32_t plane;
+    int32_t dy;
+    int32_t col;
+    int32_t clamp;
+    double coef;
+};
+
+struct WlPlan {
+    int64_t C = 0, H = 0, W = 0;  // in the kernel's orientation
+    int64_t k = 0, r = 0;
+    int64_t Wv = 0;               // W rounded up to 8: rows of outputs, images and states
+    int64_t Lp = 0, Ws = 0;       // planes: left padding (multiple of 8, > r) and row stride
+    int64_t plane_size = 0;       // (H + 1) * Ws
+    bool transposed = false;
+    int64_t G = 0;
+    int64_t nplanes = 0;
+    std::vector<WlChain> chains;
+    std::vector<int32_t> chain_channels;
+    std::vector<WlTerm> terms;
+    std::vector<int64_t> term_off;       // [G + 1]
+    // per term, for the interior rows [row_lo[g], row_hi[g]) of its group (no clamping or
+    // skipping there): offset of its read relative to planes + h * Ws, and its coefficient
+    std::vector<int64_t> term_rel;
+    std::vector<double> term_coef;
+    std::vector<int64_t> row_lo, row_hi;  // [G]
+    std::vector<int32_t> group_channels;  // output channels of each group
+    std::vector<int32_t> group_off;       // [G + 1]
+    std::vector<int32_t> group_of_channel;  // [C]
+    int64_t integral_planes = 0;
+    double cost = 0.0;
+    int64_t area = 0;
+    std::string desc;
+};
+
+using Pattern = std::vector<uint8_t>;  // k * k bits, row-major (row offset i - r, column offset j - r)
+
+// A term before planes are numbered: plane (kind, channel mask).
+struct CTerm {
+    int kind;  // kWlPlaneS, kWlPlaneV, kWlPlaneI
+    uint64_t mask;
+    int32_t dy, col;
+    bool clamp;
+    double coef;
+};
+
+class Planner {
+  public:
+    Planner(int64_t C, int64_t H, int64_t W, int64_t k, double scale, double emax, bool allow_box,
+            bool allow_integral)
+        : C_(C), H_(H), W_(W), k_(k), r_(k / 2), allow_box_(allow_box) {
+        Wv_ = round_up(W, 8);
+        Lp_ = round_up(r_ + 1, 8);
+        Ws_ = round_up(Lp_ + Wv_ + r_, 8);
+        // precision of prefix-sum planes (see kWlMaxLogitError), for the worst channel set
+        const double u = std::ldexp(1.0, -53);
+        const double vmax = static_cast<double>(H) * emax * static_cast<double>(C);
+        // V: a read carries the rounding of up to H adds (~sqrt(H) ulp of max|V|), a window up
+        // to 2k reads; I: each of its 4 reads also carries a row prefix (~sqrt(W) ulp of max|I|)
+        allow_v_ = std::sqrt(static_cast<double>(H) * 2.0 * static_cast<double>(k)) * vmax * u * scale <= kWlMaxLogitError;
+        allow_i_ = allow_integral && allow_v_ &&
+                   2.0 * std::sqrt(static_cast<double>(H + W)) * vmax * static_cast<double>(W) * u * scale <= kWlMaxLogitError;
+    }
+
+    int64_t Wv() const { return Wv_; }
+    int64_t Ws() const { return Ws_; }
+    int64_t Lp() const { return Lp_; }
+
+    // Appends the column runs of pattern q (bits of channel c) with sign s.
+    void runs(const uint8_t* q, int c, double s, std::vector<CTerm>& out) const {
+        const uint64_t m = uint64_t(1) << c;
+        for (int64_t j = 0; j < k_; ++j) {
+            const int32_t col = static_cast<int32_t>(Lp_ + j - r_);
+            int64_t i = 0;
+            while (i < k_) {
+                if (!q[i * k_ + j]) {
+                    ++i;
+                    continue;
+                }
+                int64_t i1 = i;
+                while (i1 + 1 < k_ && q[(i1 + 1) * k_ + j]) ++i1;
+                if (i1 == i || !allow_v_) {
+                    for (int64_t t = i; t <= i1; ++t)
+                        out.push_back({kWlPlaneS, m, static_cast<int32_t>(t - r_), col, false, s});
+                } else {
+                    out.push_back({kWlPlaneV, m, static_cast<int32_t>(i1 + 1 - r_), col, true, s});
+                    out.push_back({kWlPlaneV, m, static_cast<int32_t>(i - r_), col, true, -s});
+                }
+                i = i1 + 1;
+            }
+        }
+    }
+
+    // Cost of the planes a term list needs that do not exist yet, in vector operations per
+    // 8 pixels: a chain costs 3 per channel (two loads, a difference, a square-add), each
+    // stored plane 1 more, V 2 and I 8 plus its padding.
+    double new_plane_cost(const std::vector<CTerm>& ts) const {
+        std::vector<std::pair<int, uint64_t>> seen;
+        std::vector<uint64_t> chains;
+        double cost = 0.0;
+        auto chain = [&](uint64_t mask) {
+            if (chain_masks_.count(mask) || std::find(chains.begin(), chains.end(), mask) != chains.end()) return;
+            chains.push_back(mask);
+            cost += 3.0 * __builtin_popcountll(mask);
+        };
+        auto add = [&](int kind, uint64_t mask, auto&& self) -> void {
+            const auto key = std::make_pair(kind, mask);
+            if (have_.count(key) || std::find(seen.begin(), seen.end(), key) != seen.end()) return;
+            seen.push_back(key);
+            chain(mask);
+            if (kind == kWlPlaneS) {
+                cost += 1.0;
+            } else if (kind == kWlPlaneV) {
+                cost += 2.0;
+            } else {
+                cost += 8.0 + static_cast<double>(Ws_ - Lp_ - Wv_) / static_cast<double>(Wv_);
+                self(kWlPlaneV, mask, self);
+            }
+        };
+        for (const CTerm& t : ts) add(t.kind, t.mask, add);
+        return cost;
+    }
+
+    // Best term list for one group (patterns of every input channel).
+    std::vector<CTerm> plan_group(const std::vector<Pattern>& pat, std::string& how) {
+        const int64_t kk = k_ * k_;
+        std::vector<CTerm> best;
+        double best_cost = std::numeric_limits<double>::infinity();
+        std::vector<int> nonempty;
+        for (int c = 0; c < C_; ++c)
+            if (std::any_of(pat[c].begin(), pat[c].end(), [](uint8_t v) { return v != 0; })) nonempty.push_back(c);
+        const int ne = static_cast<int>(nonempty.size());
+        // subsets of the non-empty input channels that take the box-minus-holes route
+        std::vector<uint64_t> subsets{0};
+        if (allow_box_ && ne > 0 && ne <= 62) {
+            if (ne <= 6) {
+                for (uint64_t s = 1; s < (uint64_t(1) << ne); ++s) subsets.push_back(s);
+            } else {
+                for (int i = 0; i < ne; ++i) subsets.push_back(uint64_t(1) << i);
+                subsets.push_back((uint64_t(1) << ne) - 1);
+            }
+        }
+        Pattern hole(static_cast<size_t>(kk));
+        for (uint64_t s : subsets) {
+            uint64_t mask = 0;
+            int64_t i0 = k_, i1 = -1, j0 = k_, j1 = -1;
+            for (int i = 0; i < ne; ++i) {
+                if (!((s >> i) & 1)) continue;
+                const int c = nonempty[i];
+                mask |= uint64_t(1) << c;
+                for (int64_t p = 0; p < kk; ++p)
+                    if (pat[c][p]) {
+                        i0 = std::min(i0, p / k_);
+                        i1 = std::max(i1, p / k_);
+                        j0 = std::min(j0, p % k_);
+                        j1 = std::max(j1, p % k_);
+                    }
+            }
+            std::vector<CTerm> base;
+            for (int i = 0; i < ne; ++i) {
+                const int c = nonempty[i];
+                if ((s >> i) & 1) {
+                    for (int64_t p = 0; p < kk; ++p) {
+                        const int64_t pi = p / k_, pj = p % k_;
+                        hole[p] = (pi >= i0 && pi <= i1 && pj >= j0 && pj <= j1 && !pat[c][p]) ? 1 : 0;
+                    }
+                    runs(hole.data(), c, -1.0, base);
+                } else {
+                    runs(pat[c].data(), c, 1.0, base);
+                }
+            }
+            // the box over the channel set: as column runs of V, or 4 reads of the integral image
+            std::vector<std::vector<CTerm>> cands;
+            if (s == 0) {
+                cands.push_back(base);
+            } else {
+                const int32_t dy0 = static_cast<int32_t>(i0 - r_), dy1 = static_cast<int32_t>(i1 - r_);
+                const int32_t c0 = static_cast<int32_t>(Lp_ + j0 - r_), c1 = static_cast<int32_t>(Lp_ + j1 - r_);
+                if (allow_v_) {
+                    std::vector<CTerm> t = base;
+                    for (int32_t col = c0; col <= c1; ++col) {
+                        t.push_back({kWlPlaneV, mask, dy1 + 1, col, true, 1.0});
+                        t.push_back({kWlPlaneV, mask, dy0, col, true, -1.0});
+                    }
+                    cands.push_back(std::move(t));
+                } else {
+                    std::vector<CTerm> t = base;
+                    for (int32_t dy = dy0; dy <= dy1; ++dy)
+                        for (int32_t col = c0; col <= c1; ++col) t.push_back({kWlPlaneS, mask, dy, col, false, 1.0});
+                    cands.push_back(std::move(t));
+                }
+                if (allow_i_) {
+                    std::vector<CTerm> t = base;
+                    t.push_back({kWlPlaneI, mask, dy1 + 1, c1, true, 1.0});
+                    t.push_back({kWlPlaneI, mask, dy1 + 1, c0 - 1, true, -1.0});
+                    t.push_back({kWlPlaneI, mask, dy0, c1, true, -1.0});
+                    t.push_back({kWlPlaneI, mask, dy0, c0 - 1, true, 1.0});
+                    cands.push_back(std::move(t));
+                }
+            }
+            for (auto& t : cands) {
+                merge(t);
+                const double cost = static_cast<double>(t.size()) + new_plane_cost(t);
+                if (cost < best_cost) {
+                    best_cost = cost;
+                    best = std::move(t);
+                    std::ostringstream os;
+                    os << "box over channels {";
+                    bool first = true;
+                    for (int c = 0; c < C_; ++c)
+                        if ((mask >> c) & 1) {
+                            os << (first ? "" : ",") << c;
+                            first = false;
+                        }
+                    os << "}";
+                    how = s == 0 ? std::string("column runs") : os.str();
+                }
+            }
+        }
+        return best;
+    }
+
+    // Sums the coefficients of identical reads and drops the zeros.
+    static void merge(std::vector<CTerm>& t) {
+        std::sort(t.begin(), t.end(), [](const CTerm& a, const CTerm& b) {
+            return std::tie(a.kind, a.mask, a.dy, a.col, a.clamp) < std::tie(b.kind, b.mask, b.dy, b.col, b.clamp);
+        });
+        std::vector<CTerm> out;
+        for (const CTerm& x : t) {
+            if (!out.empty()) {
+                CTerm& y = out.back();
+                if (y.kind == x.kind && y.mask == x.mask && y.dy == x.dy && y.col == x.col && y.clamp == x.clamp) {
+                    y.coef += x.coef;
+                    continue;
+                }
+            }
+            out.push_back(x);
+        }
+        t.clear();
+        for (const CTerm& x : out)
+            if (x.coef != 0.0) t.push_back(x);
+    }
+
+    // Plane slot of (kind, mask), created (with what it needs) on first use.
+    int32_t ensure(int kind, uint64_t mask) {
+        const auto key = std::make_pair(kind, mask);
+        auto it = have_.find(key);
+        if (it != have_.end()) return it->second;
+        if (kind == kWlPlaneI) ensure(kWlPlaneV, mask);
+        chain_masks_.insert(mask);
+        const int32_t id = nplanes_++;
+        have_[key] = id;
+        if (kind == kWlPlaneI) integral_ += 1;
+        return id;
+    }
+
+    // The chains (one per channel set with a stored plane), and the total plane cost.
+    double finish(WlPlan& P) const {
+        double cost = 0.0;
+        P.nplanes = nplanes_;
+        P.integral_planes = integral_;
+        for (uint64_t mask : chain_masks_) {
+            WlChain ch{static_cast<int32_t>(P.chain_channels.size()), 0, -1, -1, -1};
+            for (int c = 0; c < C_; ++c)
+                if ((mask >> c) & 1) {
+                    P.chain_channels.push_back(c);
+                    ch.ch_count += 1;
+                }
+            auto id = [&](int kind) {
+                auto it = have_.find(std::make_pair(kind, mask));
+                return it == have_.end() ? -1 : it->second;
+            };
+            ch.s_id = id(kWlPlaneS);
+            ch.v_id = id(kWlPlaneV);
+            ch.i_id = id(kWlPlaneI);
+            cost += 3.0 * ch.ch_count + (ch.s_id >= 0 ? 1.0 : 0.0) + (ch.v_id >= 0 ? 2.0 : 0.0) +
+                    (ch.i_id >= 0 ? 8.0 + static_cast<double>(Ws_ - Lp_ - Wv_) / static_cast<double>(Wv_) : 0.0);
+            P.chains.push_back(ch);
+        }
+        return cost;
+    }
+
+  private:
+    int64_t C_, H_, W_, k_, r_;
+    int64_t Wv_ = 0, Lp_ = 0, Ws_ = 0;
+    bool allow_box_, allow_v_ = true, allow_i_ = true;
+    std::map<std::pair<int, uint64_t>, int32_t> have_;
+    std::set<uint64_t> chain_masks_;
+    int32_t nplanes_ = 0;
+    int64_t integral_ = 0;
+};
+
+// window [C][C][k][k] -> patterns per (output, input) channel, transposed if asked
+std::vector<std::vector<Pattern>> read_window(uintptr_t window_ptr, int64_t C, int64_t k, int64_t ws0,
+                                              int64_t ws1, int64_t ws2, int64_t ws3, bool transposed) {
+    const auto* w = reinterpret_cast<const uint8_t*>(window_ptr);
+    std::vector<std::vector<Pattern>> pat(static_cast<size_t>(C), std::vector<Pattern>(static_cast<size_t>(C), Pattern(static_cast<size_t>(k * k))));
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t ci = 0; ci < C; ++ci)
+            for (int64_t i = 0; i < k; ++i)
+                for (int64_t j = 0; j < k; ++j) {
+                    const uint8_t v = w[c * ws0 + ci * ws1 + i * ws2 + j * ws3] != 0;
+                    if (transposed) pat[c][ci][j * k + i] = v;
+                    else pat[c][ci][i * k + j] = v;
+                }
+    return pat;
+}
+
+WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64_t H, int64_t W, int64_t k,
+                  bool transposed, double scale, double emax, int64_t options) {
+    WlPlan P;
+    P.C = C;
+    P.H = H;
+    P.W = W;
+    P.k = k;
+    P.r = k / 2;
+    P.transposed = transposed;
+    Planner pl(C, H, W, k, scale, emax, (options & 4) == 0, (options & 2) == 0);
+    P.Wv = pl.Wv();
+    P.Lp = pl.Lp();
+    P.Ws = pl.Ws();
+    P.plane_size = (H + 1) * P.Ws;
+    // groups: output channels with identical windows, numbered by first channel
+    P.group_of_channel.assign(static_cast<size_t>(C), -1);
+    std::vector<int32_t> first;
+    for (int64_t c = 0; c < C; ++c) {
+        for (size_t g = 0; g < first.size(); ++g)
+            if (pat[c] == pat[first[g]]) {
+                P.group_of_channel[c] = static_cast<int32_t>(g);
+                break;
+            }
+        if (P.group_of_channel[c] < 0) {
+            P.group_of_channel[c] = static_cast<int32_t>(first.size());
+            first.push_back(static_cast<int32_t>(c));
+        }
+    }
+    P.G = static_cast<int64_t>(first.size());
+    P.group_off.assign(1, 0);
+    for (int64_t g = 0; g < P.G; ++g) {
+        for (int64_t c = 0; c < C; ++c)
+            if (P.group_of_channel[c] == g) P.group_channels.push_back(static_cast<int32_t>(c));
+        P.group_off.push_back(static_cast<int32_t>(P.group_channels.size()));
+    }
+    std::ostringstream desc;
+    desc << (transposed ? "transposed (row runs)" : "as is (column runs)") << ", " << P.G << " group(s)";
+    P.term_off.assign(1, 0);
+    int64_t nterms = 0;
+    for (int64_t g = 0; g < P.G; ++g) {
+        std::string how;
+        const std::vector<CTerm> ts = pl.plan_group(pat[first[g]], how);
+        int64_t lo = 0, hi = H;
+        for (const CTerm& t : ts) {
+            const int32_t id = pl.ensure(t.kind, t.mask);
+            P.terms.push_back({id, t.dy, t.col, t.clamp ? 1 : 0, t.coef});
+            // interior rows: h + dy inside [0, H] (clamped reads) or [0, H) (skipped reads)
+            lo = std::max<int64_t>(lo, -t.dy);
+            hi = std::min<int64_t>(hi, (t.clamp ? H + 1 : H) - t.dy);
+        }
+        P.row_lo.push_back(lo);
+        P.row_hi.push_back(std::max(lo, hi));
+        P.term_off.push_back(static_cast<int64_t>(P.terms.size()));
+        nterms += static_cast<int64_t>(ts.size());
+        desc << "; group " << g << " (channels";
+        for (int32_t i = P.group_off[g]; i < P.group_off[g + 1]; ++i) desc << " " << P.group_channels[i];
+        desc << "): " << ts.size() << " terms, " << how;
+    }
+    int64_t area = 0;
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t ci = 0; ci < C; ++ci) area += std::count(pat[c][ci].begin(), pat[c][ci].end(), uint8_t(1));
+    P.area = area;
+    const double rows = static_cast<double>(H) * static_cast<double>(P.Wv) / 8.0;
+    for (const WlTerm& t : P.terms) {
+        P.term_rel.push_back(static_cast<int64_t>(t.plane) * P.plane_size + static_cast<int64_t>(t.dy) * P.Ws + t.col);
+        P.term_coef.push_back(t.coef);
+    }
+    P.cost = rows * (pl.finish(P) + static_cast<double>(nterms) + 25.0 * static_cast<double>(P.G) + 2.0 * static_cast<double>(C));
+    P.desc = desc.str();
+    return P;
+}
+
+WlPlan choose_plan(uintptr_t window_ptr, int64_t C, int64_t k, int64_t ws0, int64_t ws1, int64_t ws2,
+                   int64_t ws3, int64_t H, int64_t W, double scale, double emax, int64_t options) {
+    const bool force_t = (options & 8) != 0, no_t = (options & 1) != 0;
+    WlPlan best;
+    bool have = false;
+    for (int t = 0; t < 2; ++t) {
+        const bool tr = t == 1;
+        if ((tr && no_t) || (!tr && force_t)) continue;
+        auto pat = read_window(window_ptr, C, k, ws0, ws1, ws2, ws3, tr);
+        WlPlan P = tr ? build_plan(pat, C, W, H, k, true, scale, emax, options)
+                      : build_plan(pat, C, H, W, k, false, scale, emax, options);
+        if (!have || P.cost < best.cost) {
+            best = std::move(P);
+            have = true;
+        }
+    }
+    return best;
+}
+
+WindowedStats stats_of(const WlPlan& P) {
+    WindowedStats s;
+    s.transposed = P.transposed;
+    s.groups = P.G;
+    s.terms = static_cast<int64_t>(P.terms.size());
+    s.area = P.area;
+    s.planes = P.nplanes;
+    s.integral_planes = P.integral_planes;
+    s.cost = P.cost;
+    s.plan = P.desc;
+    return s;
+}
+
+// ======================================================================== kernels
+
+#if AD_WL_DISPATCH
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define WL_NS wl_avx512
+#define WL_SIMD 1
+#include "windowed_kernel.inc"
+#undef WL_SIMD
+#undef WL_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+#endif
+
+#define WL_NS wl_portable
+#define WL_SIMD 0
+#include "windowed_kernel.inc"
+#undef WL_SIMD
+#undef WL_NS
+
+using PlanesFn = void (*)(const WlPlan&, const double*, const double*, double, double*);
+using DistFn = void (*)(const WlPlan&, const double*, int64_t*, double*, double*);
+using SoftmaxFn = void (*)(const WlPlan&, const double*, const double*, int, double, double*, double*, double*);
+using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, double*, double*, double*, double*);
+
+// images [k0, k0 + kn) -> y [kn][C][H][Wv] float64 (zero past W), in the kernel's orientation
+template <typename T, typename F>
+void load_images_as(const T* base, int64_t k0, int kn, const WlPlan& P, int64_t s0, int64_t s1,
+                    int64_t sh, int64_t sw, double* y, F&& conv) {
+    const int64_t C = P.C, H = P.H, W = P.W, Wv = P.Wv;
+    for (int j = 0; j < kn; ++j)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = 0; h < H; ++h) {
+                const T* src = base + (k0 + j) * s0 + c * s1 + h * sh;
+                double* dst = y + ((j * C + c) * H + h) * Wv;
+                for (int64_t w = 0; w < W; ++w) dst[w] = conv(src[w * sw]);
+                for (int64_t w = W; w < Wv; ++w) dst[w] = 0.0;
+            }
+}
+
+}  // namespace
+
+bool windowed_locality_has_avx512() { return cpu_has_avx512(); }
+
+WindowedStats windowed_locality_plan(uintptr_t window_ptr, int64_t C, int64_t k, int64_t ws0, int64_t ws1,
+                                     int64_t ws2, int64_t ws3, int64_t H, int64_t W, double scale, double emax,
+                                     int64_t options) {
+    if (window_ptr == 0 || C < 1 || k < 1 || k % 2 == 0 || H < 1 || W < 1)
+        throw std::invalid_argument("windowed_locality_plan: bad window or image size");
+    return stats_of(choose_plan(window_ptr, C, k, ws0, ws1, ws2, ws3, H, W, scale, emax, options));
+}
+
+WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64_t H0, int64_t W0, int64_t xs0,
+                                    int64_t xs1, int64_t xs2, int64_t xs3, bool x_is_double, uintptr_t train_ptr,
+                                    int64_t N, int64_t ts0, int64_t ts1, int64_t ts2, int64_t ts3, int train_kind,
+                                    uintptr_t window_ptr, int64_t k, int64_t ws0, int64_t ws1, int64_t ws2,
+                                    int64_t ws3, double a, double scale, int64_t chunk, uintptr_t out_ptr,
+                                    bool out_is_double, uintptr_t mx_ptr, uintptr_t l_ptr, uintptr_t acc_ptr,
+                                    int64_t options, bool force_portable) {
+    if (B < 1 || N < 1 || C < 1 || H0 < 1 || W0 < 1)
+        throw std::invalid_argument("windowed_locality_run: need B, N, C, H, W >= 1");
+    if (x_ptr == 0 || train_ptr == 0 || window_ptr == 0) throw std::invalid_argument("windowed_locality_run: null input");
+    if (train_kind < 0 || train_kind > 2) throw std::invalid_argument("windowed_locality_run: bad train_kind");
+    if (k < 1 || k % 2 == 0 || k > 2 * std::max(H0, W0) - 1)
+        throw std::invalid_argument("windowed_locality_run: k must be odd and at most 2 * max(H, W) - 1");
+    if (chunk < 0) throw std::invalid_argument("windowed_locality_run: chunk must be >= 0");
+    if (chunk > 0 && (mx_ptr || l_ptr || acc_ptr))
+        throw std::invalid_argument("windowed_locality_run: states exist only in exact mode (chunk = 0)");
+    if (!(a > 0.0) || !(scale > 0.0) || !std::isfinite(scale))
+        throw std::invalid_argument("windowed_locality_run: a and scale must be positive and finite");
+
+    // bound on the squared differences (train is in [-1, 1]): picks the precise-enough planes
+    double xmax = 0.0;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = 0; h < H0; ++h)
+                for (int64_t w = 0; w < W0; ++w) {
+                    const int64_t off = b * xs0 + c * xs1 + h * xs2 + w * xs3;
+                    const double v = x_is_double ? reinterpret_cast<const double*>(x_ptr)[off]
+                                                 : static_cast<double>(reinterpret_cast<const float*>(x_ptr)[off]);
+                    xmax = std::max(xmax, std::fabs(v));
+                }
+    if (!std::isfinite(xmax)) throw std::invalid_argument("windowed_locality_run: x is not finite");
+    const double emax = (xmax + a) * (xmax + a);
+    const WlPlan P = choose_plan(window_ptr, C, k, ws0, ws1, ws2, ws3, H0, W0, scale, emax, options);
+    WindowedStats stats = stats_of(P);
+    const bool tr = P.transposed;
+    const int64_t H = P.H, W = P.W, Wv = P.Wv, HW = H * Wv, G = P.G, n = C * H0 * W0;
+    // strides in the kernel's orientation
+    const int64_t xsh = tr ? xs3 : xs2, xsw = tr ? xs2 : xs3;
+    const int64_t tsh = tr ? ts3 : ts2, tsw = tr ? ts2 : ts3;
+
+    PlanesFn planes_fn = wl_portable::compute_planes;
+    DistFn dist_fn = wl_portable::compute_distances;
+    SoftmaxFn softmax_fn = wl_portable::softmax_chunk;
+    MergeFn merge_fn = wl_portable::merge_blocks;
+#if AD_WL_DISPATCH
+    if (!force_portable && cpu_has_avx512()) {
+        planes_fn = wl_avx512::compute_planes;
+        dist_fn = wl_avx512::compute_distances;
+        softmax_fn = wl_avx512::softmax_chunk;
+        merge_fn = wl_avx512::merge_blocks;
+        stats.avx512 = true;
+    }
+#endif
+
+    // queries as float64 [B][C][H][Wv], zero past W
+    auto xq = aligned_array<double>(B * C * HW);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = 0; h < H; ++h)
+                for (int64_t w = 0; w < Wv; ++w) {
+                    double v = 0.0;
+                    if (w < W) {
+                        const int64_t off = b * xs0 + c * xs1 + h * xsh + w * xsw;
+                        v = x_is_double ? reinterpret_cast<const double*>(x_ptr)[off]
+                                        : static_cast<double>(reinterpret_cast<const float*>(x_ptr)[off]);
+                    }
+                    xq[((b * C + c) * H + h) * Wv + w] = v;
+                }
+    double lut[256];
+    for (int u = 0; u < 256; ++u) lut[u] = dequantize_u8_value<double>(static_cast<uint8_t>(u));
+    auto load_images = [&](int64_t k0, int kn, double* y) {
+        if (train_kind == 0)
+            load_images_as(reinterpret_cast<const uint8_t*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
+                           [&lut](uint8_t u) { return lut[u]; });
+        else if (train_kind == 1)
+            load_images_as(reinterpret_cast<const float*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
+                           [](float v) { return static_cast<double>(v); });
+        else
+            load_images_as(reinterpret_cast<const double*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
+                           [](double v) { return v; });
+    };
+
+    // Training blocks: exact mode splits the kWlChunk-image chunks into nblk contiguous blocks;
+    // WSSM groups whole WSSM chunks. nblk depends only on N and the state budget, never on the
+    // thread count, so neither does the result.
+    const bool wssm = chunk > 0;
+    const int64_t seg = wssm ? chunk : N;               // softmax segment (WSSM chunk, or everything)
+    const int64_t nseg = ceil_div(N, seg);
+    const int64_t nitems = wssm ? nseg : ceil_div(N, kWlChunk);  // what blocks are made of
+    const int64_t per_b = (2 * G + C + (wssm ? C : 0)) * HW;     // doubles of state per query
+    constexpr int64_t kMaxBlocks = 16;
+    constexpr double kStateBudget = 1024.0 * (1 << 20);
+    int64_t nblk = std::min<int64_t>(kMaxBlocks, nitems);
+    while (nblk > 1 && 8.0 * static_cast<double>(nblk * B * per_b) > kStateBudget) --nblk;
+    const int nt = team_size();
+    // queries per unit: all of them when there are enough blocks to keep every thread busy
+    int64_t bq = B;
+    if (nblk < 2 * nt) bq = std::max<int64_t>(1, B * nblk / (2 * nt));
+    const int64_t nbg = ceil_div(B, bq);
+    const int64_t nunits = nbg * nblk;
+    stats.units = nunits;
+    std::vector<std::unique_ptr<double[], FreeDeleter>> state;
+    for (int64_t u = 0; u < nunits; ++u) state.push_back(aligned_array<double>(std::min(bq, B - (u / nblk) * bq) * per_b));
+    int64_t max_terms = 1;
+    for (int64_t g = 0; g < G; ++g) max_terms = std::max(max_terms, P.term_off[g + 1] - P.term_off[g]);
+    const int64_t nplanes = std::max<int64_t>(1, P.nplanes);
+    const int64_t scratch_len = nplanes * P.plane_size + kWlChunk * G * HW + kWlChunk * C * HW + 2 * max_terms;
+    // Small calls run on one thread: on a busy machine waking an OpenMP team can cost a
+    // scheduler time slice (tens of ms), far more than the work itself.
+    const double work = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(C * HW);
+    const int team = work < 4.0e6 ? 1 : static_cast<int>(std::min<int64_t>(nt, nunits));
+    std::vector<std::unique_ptr<double[], FreeDeleter>> scratch;
+    for (int t = 0; t < team; ++t) scratch.push_back(aligned_array<double>(scratch_len));
+    const double ninf = -std::numeric_limits<double>::infinity();
+
+    // Merge the blocks of each query in block order and write the outputs in the caller's
+    // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
+    auto* out_d = reinterpret_cast<double*>(out_ptr);
+    auto* out_f = reinterpret_cast<float*>(out_ptr);
+    auto* mx_out = reinterpret_cast<double*>(mx_ptr);
+    auto* l_out = reinterpret_cast<double*>(l_ptr);
+    auto* acc_out = reinterpret_cast<double*>(acc_ptr);
+    const double den = static_cast<double>(nseg) + 1e-8;  // every chunk's weights sum to 1
+    const int64_t merge_len = (2 * G + C) * HW + 8 * nblk;
+    std::vector<std::unique_ptr<double[], FreeDeleter>> mscratch;
+    for (int t = 0; t < team; ++t) mscratch.push_back(aligned_array<double>(merge_len));
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(team) if (team > 1)
+#endif
+    {
+        double* planes = scratch[thread_index()].get();
+        double* dbuf = planes + nplanes * P.plane_size;
+        double* ybuf = dbuf + kWlChunk * G * HW;
+        auto* ptrs = reinterpret_cast<int64_t*>(ybuf + kWlChunk * C * HW);
+        double* coefs = ybuf + kWlChunk * C * HW + max_terms;
+        std::fill(planes, planes + nplanes * P.plane_size, 0.0);  // padding stays zero
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t u = 0; u < nunits; ++u) {
+            const int64_t bg = u / nblk, blk = u % nblk;
+            const int64_t b0 = bg * bq, b1 = std::min(B, b0 + bq);
+            const int64_t i0 = nitems * blk / nblk, i1 = nitems * (blk + 1) / nblk;
+            const int64_t k0 = wssm ? i0 * seg : i0 * kWlChunk;
+            const int64_t k1 = std::min(N, wssm ? i1 * seg : i1 * kWlChunk);
+            double* st = state[u].get();
+            auto mx_of = [&](int64_t b) { return st + (b - b0) * per_b; };
+            auto reset = [&]() {
+                for (int64_t b = b0; b < b1; ++b) {
+                    double* s = mx_of(b);
+                    std::fill(s, s + G * HW, ninf);
+                    std::fill(s + G * HW, s + (2 * G + C) * HW, 0.0);
+                }
+            };
+            reset();
+            if (wssm)
+                for (int64_t b = b0; b < b1; ++b) std::fill(mx_of(b) + (2 * G + C) * HW, mx_of(b) + per_b, 0.0);
+            for (int64_t s0 = k0; s0 < k1; s0 += seg) {  // one segment (WSSM chunk) at a time
+                const int64_t s1 = std::min(k1, s0 + seg);
+                for (int64_t c0 = s0; c0 < s1; c0 += kWlChunk) {
+                    const int kn = static_cast<int>(std::min<int64_t>(kWlChunk, s1 - c0));
+                    load_images(c0, kn, ybuf);
+                    for (int64_t b = b0; b < b1; ++b) {
+                        const double* xb = xq.get() + b * C * HW;
+                        for (int j = 0; j < kn; ++j) {
+                            planes_fn(P, xb, ybuf + j * C * HW, a, planes);
+                            dist_fn(P, planes, ptrs, coefs, dbuf + j * G * HW);
+                        }
+                        double* s = mx_of(b);
+                        softmax_fn(P, dbuf, ybuf, kn, scale, s, s + G * HW, s + 2 * G * HW);
+                    }
+                }
+                if (wssm) {  // this chunk's softmax mean joins the sum, then a fresh state
+                    for (int64_t b = b0; b < b1; ++b) {
+                        double* s = mx_of(b);
+                        double* num = s + (2 * G + C) * HW;
+                        for (int64_t c = 0; c < C; ++c) {
+                            const double* lg = s + (G + P.group_of_channel[c]) * HW;
+                            const double* ac = s + (2 * G + c) * HW;
+                            for (int64_t i = 0; i < HW; ++i) num[c * HW + i] += ac[i] / lg[i];
+                        }
+                    }
+                    reset();
+                }
+            }
+        }
+        // SPEC 5 merge of each query's blocks, in block order (after the implicit barrier)
+        {
+        double* M = mscratch[thread_index()].get();
+        double* L = M + G * HW;
+        double* A = L + G * HW;
+        double* f = A + C * HW;
+        std::vector<const double*> st(static_cast<size_t>(nblk));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t bg = b / bq;
+            for (int64_t blk = 0; blk < nblk; ++blk) st[blk] = state[bg * nblk + blk].get() + (b - bg * bq) * per_b;
+            if (wssm) {
+                for (int64_t i = 0; i < C * HW; ++i) {
+                    double num = 0.0;
+                    for (int64_t blk = 0; blk < nblk; ++blk) num += st[blk][(2 * G + C) * HW + i];
+                    A[i] = num / den;
+                }
+            } else {
+                merge_fn(P, st.data(), nblk, M, L, A, f);
+            }
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t g = P.group_of_channel[c];
+                for (int64_t h = 0; h < H; ++h)
+                    for (int64_t w = 0; w < W; ++w) {
+                        const int64_t i = h * Wv + w;
+                        const int64_t o = b * n + c * H0 * W0 + (tr ? w * W0 + h : h * W0 + w);
+                        const double res = wssm ? A[c * HW + i] : A[c * HW + i] / L[g * HW + i];
+                        if (!wssm) {
+                            if (mx_out) mx_out[o] = M[g * HW + i];
+                            if (l_out) l_out[o] = L[g * HW + i];
+                            if (acc_out) acc_out[o] = A[c * HW + i];
+                        }
+                        if (out_ptr) {
+                            if (out_is_double) out_d[o] = res;
+                            else out_f[o] = static_cast<float>(res);
+                        }
+                    }
+            }
+        }
+            }
+    }
+    return stats;
+}
+
+}  // namespace analytic_diffusion
