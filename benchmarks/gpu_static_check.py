@@ -299,22 +299,26 @@ def v_wsum(kid, mod, tuners, target) -> Iterator[Variant]:
 
 
 def v_wloc(kid, mod, tuners, target) -> Iterator[Variant]:
-    # one launch shape per padded image width (ops/windowed_locality/triton.py); maxnreg is a
-    # launch option like num_warps: without it ptxas spills some shapes and modes
+    """windowed_locality_denoise: one launch shape per padded image width (no autotuning);
+    every mode for uint8 training sets, WSSM with and without state for float32, and the
+    rarer float16/float64 with state output; C = 3 channels, H = W = the width class."""
     for twp, bb, bk, th, warps, stages, maxnreg in mod._WLOC_GPU_CONFIGS:
-        B, C, H, W, N = 128, 3, twp, twp, 50000
-        for ydt, wssm, state in itertools.product(TRAIN_DTYPES, (False, True), (False, True)):
-            args = (F32, F32, Ptr(ydt), C * H * W, H * W, W, 1,  # x, shift, train and its strides
-                    I32, I64, I32, I32, I32, I32, 27, I32, F32,  # window-row tables, ld_rows, run boundaries
-                    F32, F32, F32, F32,  # out, mx, l, acc
-                    B, C, H, W, N, H // th, 50000, 256 if wssm else 50000, 0.01, -0.9, -3.0, 0.5)
+        C, H, W, N = 3, twp, twp, 50000
+        n_th = -(-H // th)
+        for wssm, state, ydt in itertools.product((False, True), (False, True), TRAIN_DTYPES):
+            if ydt != "uint8" and not state:
+                continue
+            if ydt in ("float16", "float64") and wssm:
+                continue
+            args = (F32, F32, Ptr(ydt), C * H * W, H * W, W, 1, I32, I64, I32, I32, I32, I32, 2 * 16 + 1, I32, F32,
+                    F32, F32, F32, F32, 128, C, H, W, N, n_th, N, 256 if wssm else N, 0.0052, -0.66, -0.0123, 0.005)
             mode = ("wssm" if wssm else "exact") + ("+state" if state else "")
-            yield Variant(kid, f"TWP={twp} {mode} {ydt}", args,
+            yield Variant(kid, f"{mode} {ydt} {C}x{H}x{W}", args,
                           dict(WSSM=wssm, STATE=state, IS_U8=ydt == "uint8", BB=bb, BK=bk, TH=th, TWP=twp, maxnreg=maxnreg),
                           warps, stages, {"default"}, False)
 
 
-SPECS = {"colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum, "wloc_kernel": v_wloc}
+SPECS = {"wloc_kernel": v_wloc, "colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum}
 
 
 def triton_variants(targets, only: Optional[str]) -> Tuple[List[Variant], List[str]]:

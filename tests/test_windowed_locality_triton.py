@@ -36,7 +36,7 @@ TRI = wtri.windowed_locality_denoise_triton
 TOL = 1e-4
 STEPS = ad.ddim_timesteps(10) + [10]  # 900 .. 0 and the sharp t = 10
 
-needs_interpreter = pytest.mark.skipif(not (INTERPRET and HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton (the CI's Triton step)")
+needs_interpreter = pytest.mark.triton_interpret  # collected only with TRITON_INTERPRET=1 (tests/conftest.py)
 needs_cuda_triton = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRET), reason="needs a CUDA device and Triton")
 
 
