@@ -45,7 +45,7 @@ def test_locality_denoiser_estimates_moments_when_none_given(crops):
 
 
 def test_high_noise_locality_equals_optimal(crops, crop_moments):
-    # at t = 900 every window is the whole image (SPEC notes): locality is the optimal denoiser
+    # at t = 900 every window is the whole image (docs/algorithms.md §4.2): locality is the optimal denoiser
     den = ad.LocalityDenoiser(crops[:200], moments=crop_moments)
     assert den.mask(900).all()
     x = noisy_queries(crops[200:203], ad.alpha_bar_at(900))

@@ -1,4 +1,4 @@
-"""Agreement metrics between a denoiser's predictions and a reference (SPEC 8)."""
+"""Agreement metrics between a denoiser's predictions and a reference (docs/algorithms.md §8)."""
 from __future__ import annotations
 
 import torch

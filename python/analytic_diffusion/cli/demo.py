@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
     demo.add_argument("--num-samples", type=positive_int, default=d["num_samples"], help=f"samples per method (default: {d['num_samples']})")
     demo.add_argument("--steps", type=positive_int, default=d["steps"], help=f"DDIM steps (default: {d['steps']})")
     demo.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the crops and of the initial noise (default: {d['seed']})")
-    demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, SPEC 4 (default: {d['threshold']})")
+    demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, docs/algorithms.md §4 (default: {d['threshold']})")
     demo.add_argument(
         "--patch-sizes", type=patch_sizes_arg, default=DEFAULT_PATCH_SIZES,
         help=f"odd patch sizes of the stationary statistics of the windowed locality denoiser; a step whose window reaches "
