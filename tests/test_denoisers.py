@@ -68,8 +68,8 @@ def test_metrics_against_hand_computation():
     assert ad.mse(pred, target).item() == pytest.approx(0.25)
     assert ad.r2(target, target).item() == 1.0
     # a constant target counts its variance as 1: sse 2 over n = 4 -> 1 - 2/4, finite (not -inf)
-    flat = torch.full((1, 4), 0.3)
-    assert ad.r2(flat + torch.tensor([[1.0, 1.0, 0.0, 0.0]]), flat).item() == pytest.approx(0.5, abs=1e-12)
+    flat = torch.full((1, 4), 0.3, dtype=torch.float64)
+    assert ad.r2(flat + torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64), flat).item() == pytest.approx(0.5, abs=1e-12)
     assert ad.r2(flat, flat).item() == 1.0
     with pytest.raises(ValueError, match="same shape"):
         ad.r2(pred[:1], target)
