@@ -159,7 +159,7 @@ def test_plan_of_an_inference_mode_mask():
 
 @pytest.mark.parametrize("N,unit_,splits", [(100, 16, 3), (100, 7, 4), (5, 16, 8), (1000, 256, 2), (64, 16, 4)])
 def test_split_plan_covers_the_set_with_aligned_nonempty_splits(N, unit_, splits):
-    S, L = _triton._split_plan(N, 10, torch.device("cpu"), unit_, splits)
+    S, L = _triton.split_plan(N, 10, torch.device("cpu"), unit_, splits)
     assert L % unit_ == 0 and 1 <= S <= splits
     assert (S - 1) * L < N <= S * L  # every split holds images; together they hold all
 
@@ -169,7 +169,7 @@ def test_shift_leaves_the_softmax_unchanged_and_shrinks_the_operands():
     ab = ad.alpha_bar_at(600)
     M = filt.mask(ab, 0.02).double()
     x = noisy(held, ab, 0).float()
-    c = _triton._shift(x, train, ab)
+    c = _triton.distance_shift(x, train, ab)
     assert c.shape == x.shape and torch.isfinite(c).all()
     e = (x.double()[:, None, :] - math.sqrt(ab) * unit(train)) ** 2  # [B, N, n]
     shifted = e - c.double()[:, None, :]

@@ -491,7 +491,7 @@ def _loc_blocks(device: torch.device, n: int, B: int, blocks: Optional[dict]) ->
     return blk, (blk["BM"],), False
 
 
-def _split_plan(N: int, programs: int, device: torch.device, unit: int, splits: Optional[int]) -> Tuple[int, int]:
+def split_plan(N: int, programs: int, device: torch.device, unit: int, splits: Optional[int]) -> Tuple[int, int]:
     """(number of splits, images per split): enough programs to fill the GPU, splits a
     multiple of ``unit`` images (the WSSM chunk, or the tile) and never empty."""
     if splits is None:
@@ -505,7 +505,7 @@ def _split_plan(N: int, programs: int, device: torch.device, unit: int, splits: 
     return -(-N // split_len), split_len
 
 
-def _merge_exact(mx: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
+def merge_exact(mx: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
     """Exact merge of split states along dim 0 (docs/algorithms.md §5.3)."""
     if mx.shape[0] == 1:
         return mx[0], l[0], acc[0]
@@ -517,7 +517,7 @@ def _merge_exact(mx: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
     return top, lw, (acc * w).sum(0)
 
 
-def _shift(x32: torch.Tensor, train: torch.Tensor, ab: float) -> torch.Tensor:
+def distance_shift(x32: torch.Tensor, train: torch.Tensor, ab: float) -> torch.Tensor:
     """Per-(query, pixel) shift ``c = E[(x - a y)^2]`` under a per-pixel Gaussian model of
     the training data (the posterior of y given x, from the mean and variance of up to
     _SHIFT_SAMPLE evenly spaced training images). Independent of k, so it leaves the
@@ -550,7 +550,7 @@ def _nan(shape, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
-def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, splits=None, blocks=None):
+def single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, splits=None, blocks=None):
     """Softmax over one distance per (b, k) (all windows equal, or the optimal denoiser).
     Returns out [B, n] float32, or (mx [B, 1], l [B, 1], acc [B, n])."""
     K = _denoise_kernels()
@@ -580,7 +580,7 @@ def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, s
     launches = []
     for k_base in range(0, N, per_launch):
         Nc = min(per_launch, N - k_base)
-        launches.append((k_base, Nc) + _split_plan(Nc, nb * nn, dev, unit, splits))
+        launches.append((k_base, Nc) + split_plan(Nc, nb * nn, dev, unit, splits))
     direct = len(launches) == 1 and launches[0][2] == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
     out = _nan((B, n), dev)
@@ -609,7 +609,7 @@ def _single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, s
         return out
     if wssm:
         return torch.cat([p[2] for p in parts]).sum(0) * inv_den
-    mx, l, acc = _merge_exact(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+    mx, l, acc = merge_exact(*(torch.cat([p[i] for p in parts]) for i in range(3)))
     if return_state:
         return mx.unsqueeze(1), l.unsqueeze(1), acc
     return acc / l.unsqueeze(1)
@@ -652,7 +652,7 @@ def locality_denoise_triton(
     triton_support.check_device(x, "denoiser", "x")
     plan = _plan(mask, blk["BJ"], bms)
     if plan.single:
-        res = _single_window(x, train, plan.w, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
+        res = single_window(x, train, plan.w, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
         if return_state:
             mx, l, acc = res
             return SoftmaxState(mx.expand(B, n).contiguous(), l.expand(B, n).contiguous(), acc).double()
@@ -663,7 +663,7 @@ def locality_denoise_triton(
     scale = 1.0 / (2.0 * s2 * temperature)
     split = _precision_split(plan, scale, precision)
     x32 = x.to(torch.float32)
-    c = _shift(x32, train, alpha_bar)
+    c = distance_shift(x32, train, alpha_bar)
     # E * 2^S with an exact even power of two: |E| <= (max|x| + a max|y|)^2 + a^2 lands
     # below 2^14, inside fp16's range and clear of its subnormals for small differences
     ymax = 1.0 if train.dtype == torch.uint8 else max(1.0, float(train.abs().max()))
@@ -679,7 +679,7 @@ def locality_denoise_triton(
     wssm = softmax == "wssm"
     bb_min = min(c_[0] for c_ in _LOC_GPU_CONFIGS) if tuned else blk["BB"]
     unit = chunk_size if wssm else (16 if tuned else blk["BK"])
-    n_split, split_len = _split_plan(N, -(-B // bb_min) * -(-n // max(bms)), dev, unit, splits)
+    n_split, split_len = split_plan(N, -(-B // bb_min) * -(-n // max(bms)), dev, unit, splits)
     direct = n_split == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
     out = _nan((B, n), dev)
@@ -710,7 +710,7 @@ def locality_denoise_triton(
         return out.to(x.dtype)
     if wssm:
         return (accw.sum(0) * inv_den).to(x.dtype)
-    mx, l, acc = _merge_exact(mxw, lw, accw)
+    mx, l, acc = merge_exact(mxw, lw, accw)
     if return_state:
         # the kernel's logits are shifted by scale * sum_j M[j, m] c[b, j]; undo that so the
         # state merges with other backends' states
@@ -740,7 +740,7 @@ def optimal_denoise_triton(
         return optimal_denoise_reference(x, train, alpha_bar, temperature, chunk_size, return_state)
     _check_blocks(dict(blocks or {}), ("BB", "BK", "BJ", "BN"), (("BB",), ("BK",), ("BN",)))  # the same answer on every device
     triton_support.check_device(x, "denoiser", "x")
-    res = _single_window(x, train, None, alpha_bar, temperature, "exact", chunk_size, return_state, splits=splits, blocks=blocks)
+    res = single_window(x, train, None, alpha_bar, temperature, "exact", chunk_size, return_state, splits=splits, blocks=blocks)
     if return_state:
         return SoftmaxState(*res).double()
     return res.to(x.dtype)

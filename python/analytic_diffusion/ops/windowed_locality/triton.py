@@ -25,7 +25,7 @@ kernels of ops/locality/triton.py (one fp32 distance per pair, O(B*N*n) work).
 
 Precision: direct differences only (never ``||x||^2 - 2a<x,y> + a^2||y||^2``). ``E`` is
 taken relative to a per-(query, pixel) shift ``c_b(p)`` (the expected squared difference
-under a per-pixel Gaussian model of the data, :func:`..locality.triton._shift`); it does
+under a per-pixel Gaussian model of the data, :func:`..locality.triton.distance_shift`); it does
 not depend on the training image, so it moves every logit of an output by the same
 constant and leaves the softmax unchanged, while the prefix sums (whose differences give
 the run sums) stay small. fp32 throughout; ``return_state=True`` adds the shift's window
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ... import registry
 from ...schedule import noise_level
 from .. import triton_support
-from ..locality.triton import _merge_exact, _shift, _single_window, _split_plan
+from ..locality.triton import distance_shift, merge_exact, single_window, split_plan
 from ..softmax_state import SoftmaxState
 from .reference import windowed_locality_denoise_reference
 
@@ -374,7 +374,7 @@ def windowed_locality_denoise_triton(
     dev = x.device
     if _whole_image(window, H, W):
         # one distance per (query, training image): the optimal denoiser's kernels, O(B*N*n)
-        res = _single_window(x.reshape(B, n), train.reshape(N, n), None, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
+        res = single_window(x.reshape(B, n), train.reshape(N, n), None, alpha_bar, temperature, softmax, chunk_size, return_state, splits=splits)
         if return_state:
             mx, l, acc = res
             return SoftmaxState(mx.expand(B, n).contiguous(), l.expand(B, n).contiguous(), acc).double()
@@ -388,7 +388,7 @@ def windowed_locality_denoise_triton(
     a, s2 = noise_level(alpha_bar)
     scale = 1.0 / (2.0 * s2 * temperature)
     x32 = x.to(torch.float32).contiguous()
-    shift = _shift(x32.reshape(B, n), train.reshape(N, n), alpha_bar).reshape(B, C, H, W).contiguous()
+    shift = distance_shift(x32.reshape(B, n), train.reshape(N, n), alpha_bar).reshape(B, C, H, W).contiguous()
     is_u8 = train.dtype == torch.uint8
     a_mul, a_add = (a / 127.5, -a) if is_u8 else (a, 0.0)
 
@@ -396,7 +396,7 @@ def windowed_locality_denoise_triton(
     n_th = -(-H // blk["TH"])
     nb = -(-B // blk["BB"])
     unit = chunk_size if wssm else blk["BK"]
-    n_split, split_len = _split_plan(N, nb * C * n_th, dev, unit, splits)
+    n_split, split_len = split_plan(N, nb * C * n_th, dev, unit, splits)
     direct = n_split == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
     out = _nan((B, n), dev)
@@ -419,7 +419,7 @@ def windowed_locality_denoise_triton(
         return out.to(x.dtype).reshape(B, C, H, W)
     if wssm:
         return (accw.sum(0) * inv_den).to(x.dtype).reshape(B, C, H, W)
-    mx, l, acc = _merge_exact(mxw, lw, accw)
+    mx, l, acc = merge_exact(mxw, lw, accw)
     if return_state:
         # the kernel's logits are relative to scale * (window sum of the shift); add it back
         # (float64 on the host) so that the state merges with other backends' states
