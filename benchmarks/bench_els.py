@@ -1,4 +1,4 @@
-"""ELS / LS machines (Kamb & Ganguli, SPEC 10) on CPU against their published algorithms
+"""ELS / LS machines (Kamb & Ganguli, docs/algorithms.md §10) on CPU against their published algorithms
 transcribed in torch (written out below, float32 as the published code runs), same inputs,
 same run; relative errors against the float64 reference.
 

@@ -5,7 +5,8 @@ exact result (``LocalityDenoiser.screening_error``).
 Shapes: 32x32x3 natural crops, N = 10,000 training images, B = 4 queries, float32 queries,
 threshold 0.03 (GoldDiff's CIFAR-10 setting), k_min = N/20 = 500, k_max = N/10 = 1000 (the
 CIFAR-10 ratios 2500/5000 of 50,000), coarse pooling factor 2 (to 16 x 16). N is what the
-shared 2-core machine allows in a few minutes. ``AD_BENCH_QUICK=1``: 8x8, N = 64, 3 steps.
+shared 2-core machine allows in a few minutes (N = 10,000: ~2 min; ``AD_BENCH_N=20000``: ~4 min,
+both recorded in results/golddiff_screening.md). ``AD_BENCH_QUICK=1``: 8x8, N = 64, 3 steps.
 Each step: median of ``REPEATS`` calls (each a fresh random pool), the error of the first.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 Stages: bundled natural crops (``ad.data.natural_crops``) -> train a ~125k-parameter
 3-level UNet with a sinusoidal time embedding to predict the noise -> save its
-weights with safetensors and load them back -> agreement (r2, MSE; SPEC 8) of the
+weights with safetensors and load them back -> agreement (r2, MSE; docs/algorithms.md §8) of the
 locality, Wiener and optimal denoisers with the network on held-out crops, on the
 same x_t (single step) and along each one's own DDIM trajectory -> the network's
 sensitivity field of the centre pixel (autograd) next to the Wiener field (analytic)

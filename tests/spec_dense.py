@@ -1,11 +1,11 @@
-"""Plain dense float64 transcriptions of SPEC, shared by the tests (slow, literal, obviously right)."""
+"""Plain dense float64 transcriptions of docs/algorithms.md, shared by the tests (slow, literal, obviously right)."""
 import math
 
 import torch
 
 
 def dense_locality(x, train_f, M, ab, tau=1.0):
-    """SPEC 5 transcribed literally: the full [B, N, n] softmax, float64."""
+    """docs/algorithms.md §5 transcribed literally: the full [B, N, n] softmax, float64."""
     a, s2 = math.sqrt(ab), 1.0 - ab
     diff2 = (x[:, None, :] - a * train_f[None]) ** 2  # [B, N, n]
     d = torch.einsum("bkj,jm->bkm", diff2, M.double())
@@ -26,7 +26,7 @@ def noisy_queries(clean_u8, ab, seed=0, dtype=torch.float64):
 
 
 def dense_window_mask(window, H, W):
-    """SPEC 9's dense mask from a [C, C, k, k] window, by loops over every pixel:
+    """docs/algorithms.md §9's dense mask from a [C, C, k, k] window, by loops over every pixel:
     M[(c', p + o), (c, p)] = window[c, c', o] for in-image p + o (column = output pixel)."""
     C, k = window.shape[0], window.shape[-1]
     r = k // 2
@@ -46,7 +46,7 @@ def dense_window_mask(window, H, W):
 
 
 def _patch(img, r, c, P, circular):
-    """SPEC 10's Q_p: the [C, P, P] patch of img [C, H, W] centred at (r, c), by loops;
+    """docs/algorithms.md §10's Q_p: the [C, P, P] patch of img [C, H, W] centred at (r, c), by loops;
     outside the image: wrapped (circular) or zero."""
     C, H, W = img.shape
     h = P // 2
@@ -62,7 +62,7 @@ def _patch(img, r, c, P, circular):
 
 
 def dense_els(x, train_f, P, ab, padding="circular", tau=1.0):
-    """SPEC 10 (ELS, bbELS) transcribed literally, float64: per query pixel, the list of its
+    """docs/algorithms.md §10 (ELS, bbELS) transcribed literally, float64: per query pixel, the list of its
     candidate (image, centre) pairs, the softmax over all of them, the weighted centres."""
     a, s2 = math.sqrt(ab), 1.0 - ab
     B, C, H, W = x.shape
@@ -101,7 +101,7 @@ def dense_els(x, train_f, P, ab, padding="circular", tau=1.0):
 
 
 def dense_ls(x, train_f, P, ab, tau=1.0):
-    """SPEC 10 (LS) transcribed literally: per pixel, softmax over the N images of the
+    """docs/algorithms.md §10 (LS) transcribed literally: per pixel, softmax over the N images of the
     zero-padded patch distance at the same position; all channels share the weights."""
     a, s2 = math.sqrt(ab), 1.0 - ab
     B, C, H, W = x.shape

@@ -1,4 +1,4 @@
-"""Plain dense float64 transcriptions of SPEC 11-13 (slow, literal, obviously right), in the
+"""Plain dense float64 transcriptions of docs/algorithms.md 11-13 (slow, literal, obviously right), in the
 style of spec_dense.py: full softmaxes, argsorts, one window at a time."""
 import math
 
@@ -9,14 +9,14 @@ from spec_dense import dense_locality
 
 
 def dense_optimal(x, train_f, ab, tau=1.0):
-    """SPEC 6: softmax_k(-||x - a y_k||^2 / (2 s2 tau)) over all N, float64. x [B, n], train_f [N, n]."""
+    """docs/algorithms.md §6: softmax_k(-||x - a y_k||^2 / (2 s2 tau)) over all N, float64. x [B, n], train_f [N, n]."""
     a, s2 = math.sqrt(ab), 1.0 - ab
     d = ((x[:, None, :] - a * train_f[None]) ** 2).sum(-1)
     return torch.softmax(-d / (2 * s2 * tau), dim=1) @ train_f
 
 
 def dense_scfdm(x, train_f, ab, xi, s, k=None, tau=1.0):
-    """SPEC 11: (1/M) sum_m D_opt(x + s*xi_m), D_opt restricted to the k nearest training
+    """docs/algorithms.md §11: (1/M) sum_m D_opt(x + s*xi_m), D_opt restricted to the k nearest training
     images of each smoothed point by ||x/a - y||. x [B, n], xi [M, B, n]."""
     a = math.sqrt(ab)
     outs = []
@@ -35,7 +35,7 @@ def dense_scfdm(x, train_f, ab, xi, s, k=None, tau=1.0):
 
 
 def dense_golddiff_survivors(x, train_f, image_shape, ab, r, k_min, k_max, factor):
-    """SPEC 12's selection, given the random numbers r [B, N] whose m smallest form each pool:
+    """docs/algorithms.md §12's selection, given the random numbers r [B, N] whose m smallest form each pool:
     returns per query the sorted indices of the k_t survivors."""
     N = train_f.shape[0]
     a, s2 = math.sqrt(ab), 1.0 - ab
@@ -58,13 +58,13 @@ def dense_golddiff_survivors(x, train_f, image_shape, ab, r, k_min, k_max, facto
 
 
 def dense_golddiff(x, train_f, image_shape, M, ab, r, k_min, k_max, factor, tau=1.0):
-    """SPEC 12: SPEC 5 (exact softmax) over each query's survivors only."""
+    """docs/algorithms.md §12: docs/algorithms.md §5 (exact softmax) over each query's survivors only."""
     keep, _, _ = dense_golddiff_survivors(x, train_f, image_shape, ab, r, k_min, k_max, factor)
     return torch.cat([dense_locality(x[b : b + 1], train_f[keep[b]], M, ab, tau) for b in range(x.shape[0])])
 
 
 def dense_pspc_square(x, train_f, P, ab, tau=1.0):
-    """SPEC 13: for every P x P window (top-left in [0, H-P] x [0, W-P]) the posterior mean of the
+    """docs/algorithms.md §13: for every P x P window (top-left in [0, H-P] x [0, W-P]) the posterior mean of the
     patch over the N training patches at the same position; each pixel the average of the
     means of the windows covering it. x [B, C, H, W], train_f [N, C, H, W], float64."""
     a, s2 = math.sqrt(ab), 1.0 - ab

@@ -63,7 +63,7 @@ def test_wiener_sensitivity_is_the_autograd_jacobian(tiny, t):
     assert S.shape == (2, 4, 3, 4, 4) and S.dtype == torch.float64
     J = per_sample_jacobian(lambda z: w(z, t), x)
     torch.testing.assert_close(S, J[:, pixels], rtol=1e-10, atol=1e-12)
-    # A_t / a, rows of the dense filter (SPEC 3), and the same for any x_t
+    # A_t / a, rows of the dense filter (docs/algorithms.md §3), and the same for any x_t
     ab = ad.alpha_bar_at(t)
     A = w.filter.matrix(ab) / math.sqrt(ab)
     torch.testing.assert_close(S[1].reshape(4, 48), A[pixels], rtol=1e-12, atol=1e-14)

@@ -15,7 +15,7 @@ from analytic_diffusion import _ext
 
 
 def _ref(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # The SPEC mapping, evaluated in float64 then rounded once to the output dtype.
+    # The docs/algorithms.md §1.1 mapping, evaluated in float64 then rounded once to the output dtype.
     return ((u.double() - 127.5) / 127.5).to(dtype)
 
 

@@ -45,7 +45,7 @@ def test_locality_denoiser_estimates_moments_when_none_given(crops):
 
 
 def test_high_noise_locality_equals_optimal(crops, crop_moments):
-    # at t = 900 every window is the whole image (SPEC notes): locality is the optimal denoiser
+    # at t = 900 every window is the whole image (docs/algorithms.md §4.2): locality is the optimal denoiser
     den = ad.LocalityDenoiser(crops[:200], moments=crop_moments)
     assert den.mask(900).all()
     x = noisy_queries(crops[200:203], ad.alpha_bar_at(900))
@@ -67,6 +67,10 @@ def test_metrics_against_hand_computation():
     assert ad.r2(pred, target, reduction="none").tolist() == pytest.approx([0.85, 0.25])
     assert ad.mse(pred, target).item() == pytest.approx(0.25)
     assert ad.r2(target, target).item() == 1.0
+    # a constant target counts its variance as 1: sse 2 over n = 4 -> 1 - 2/4, finite (not -inf)
+    flat = torch.full((1, 4), 0.3, dtype=torch.float64)
+    assert ad.r2(flat + torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64), flat).item() == pytest.approx(0.5, abs=1e-12)
+    assert ad.r2(flat, flat).item() == 1.0
     with pytest.raises(ValueError, match="same shape"):
         ad.r2(pred[:1], target)
 

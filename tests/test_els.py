@@ -1,5 +1,5 @@
-"""Kamb & Ganguli local score machines (SPEC 10, docs/algorithms.md §10): els_denoise (ELS,
-bbELS) and the LS / ELS denoisers against dense float64 transcriptions of SPEC 10
+"""Kamb & Ganguli local score machines (docs/algorithms.md §10, docs/algorithms.md §10): els_denoise (ELS,
+bbELS) and the LS / ELS denoisers against dense float64 transcriptions of docs/algorithms.md 10
 (tests/spec_dense.py: per pixel, the explicit list of candidate patches, by loops) on real
 crops, at DDIM steps down to t = 0; patch-size schedules and their mapping."""
 

@@ -1,4 +1,4 @@
-"""Faces vs natural images: how wide are the Wiener-derived windows (SPEC 4)?
+"""Faces vs natural images: how wide are the Wiener-derived windows (docs/algorithms.md §4)?
 
 The paper's observation: specialised data (aligned faces) keep large, face-shaped
 windows where natural images get small local ones. We check it on the bundled data,
@@ -9,7 +9,7 @@ Choices, from measurements (mask density at t = 300; ratio = faces / crops):
 
 - Faces: the 100 images plus their horizontal flips (faces are roughly mirror
   symmetric, so the flips are plausible faces). Even so the covariance has rank
-  <= 199 of n = 625; we keep the plain unbiased estimate (SPEC 2) because shrinking
+  <= 199 of n = 625; we keep the plain unbiased estimate (docs/algorithms.md §2) because shrinking
   it (cov + s * mean(diag) * I, s = 0.01 .. 0.1) changes the density by at most
   0.05 at t = 300 and does not change the comparison below.
 - Crops: ``natural_crops(3000, size=25)``, converted to grayscale with the BT.601

@@ -29,7 +29,7 @@ def test_diffusers_ddim_with_adapter_matches_ad_sample(small, kind, dtype):
     den = _denoiser(kind, small)
     ours_x0 = []
     ours = ad.sample(den, 4, (3, 8, 8), steps=10, seed=7, dtype=dtype, callback=lambda t, x, x0: ours_x0.append(x0))
-    sched = diffusers.DDIMScheduler()  # default config: the linear schedule of SPEC 1
+    sched = diffusers.DDIMScheduler()  # default config: the linear schedule of docs/algorithms.md §1
     sched.set_timesteps(10)
     unet = ad.DiffusersModelAdapter(den)
     x = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(7), dtype=dtype)  # ad.sample's x_T

@@ -1,5 +1,5 @@
-"""locality_denoise (SPEC 5), optimal and nearest (SPEC 6): every backend against the
-float64 transcription of SPEC, on random data and real crops, at several noise levels."""
+"""locality_denoise (docs/algorithms.md §5), optimal and nearest (docs/algorithms.md §6): every backend against the
+float64 transcription of docs/algorithms.md, on random data and real crops, at several noise levels."""
 import math
 
 import pytest

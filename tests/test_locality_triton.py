@@ -1,5 +1,5 @@
 """Triton backend of locality_denoise and optimal_denoise (python/analytic_diffusion/ops/locality/triton.py)
-against the float64 reference (SPEC 5, 6).
+against the float64 reference (docs/algorithms.md §5, §6).
 
 Where each part runs:
   * everywhere: the host-side planning (per-mask block lists, content keys, the cache,

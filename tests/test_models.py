@@ -1,4 +1,4 @@
-"""The other analytical models against dense float64 transcriptions of their SPEC sections
+"""The other analytical models against dense float64 transcriptions of their definitions (docs/algorithms.md §10-§13)
 (spec_dense_models.py) on real crops, at DDIM steps down to t <= 20:
 smoothed closed-form (§11), GoldDiff screening (§12), PSPC-square (§13)."""
 import math

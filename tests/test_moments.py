@@ -1,4 +1,4 @@
-"""Dataset moments (SPEC 2): exact uint8 sums, float accuracy, invariances, merge, resume, files, guards."""
+"""Dataset moments (docs/algorithms.md §2): exact uint8 sums, float accuracy, invariances, merge, resume, files, guards."""
 import numpy as np
 import pytest
 import torch
@@ -134,7 +134,7 @@ def test_load_rejects_foreign_files(tmp_path):
 
 
 def _patch_moments_by_loops(x, k):
-    """SPEC 2's patch definition, literally: every window position of every image."""
+    """docs/algorithms.md §2.7's patch definition, literally: every window position of every image."""
     B, C, H, W = x.shape
     rows = [x[b, :, i : i + k, j : j + k].reshape(-1) for b in range(B) for i in range(H - k + 1) for j in range(W - k + 1)]
     P = torch.stack(rows).double()

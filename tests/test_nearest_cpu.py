@@ -20,7 +20,7 @@ KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def dense_nearest(x, train, ab):
-    """SPEC 6 literally, float64: (index [B] (torch.argmin: the first minimum), distances [B, N])."""
+    """docs/algorithms.md §6 literally, float64: (index [B] (torch.argmin: the first minimum), distances [B, N])."""
     d = ((x.double()[:, None, :] - math.sqrt(ab) * unit(train)[None]) ** 2).sum(-1)
     return d.argmin(1), d
 
@@ -116,7 +116,7 @@ def test_four_dimensional_inputs_and_half_training_data(crops):
 
 def test_output_dtype_differs_from_train_dtype():
     """float64 images into a float32 output are rounded; uint8 into either precision is the
-    correctly rounded SPEC value in that precision."""
+    correctly rounded value of docs/algorithms.md §1.1 in that precision."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 50, generator=g, dtype=torch.float64)
     for tr in (random_train(20, 50, torch.float64, g), random_train(20, 50, torch.uint8, g)):

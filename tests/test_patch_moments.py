@@ -23,7 +23,7 @@ def _u8(shape, seed):
 
 
 def _unfold_moments(x, k):
-    """SPEC 2 literally: every k x k patch materialised, float64 mean and unbiased covariance."""
+    """docs/algorithms.md §2 literally: every k x k patch materialised, float64 mean and unbiased covariance."""
     C = x.shape[1]
     P = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, C * k * k)
     P = (P.double() - 127.5) / 127.5 if x.dtype == torch.uint8 else P.double()

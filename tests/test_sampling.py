@@ -1,4 +1,4 @@
-"""Schedule and DDIM sampler (SPEC 1, 7) against a transcription and against diffusers."""
+"""Schedule and DDIM sampler (docs/algorithms.md §1, §7) against a transcription and against diffusers."""
 import math
 
 import pytest

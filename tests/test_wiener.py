@@ -1,4 +1,4 @@
-"""Wiener filter (SPEC 3) and locality mask (SPEC 4) against dense float64 formulas."""
+"""Wiener filter (docs/algorithms.md §3) and locality mask (docs/algorithms.md §4) against dense float64 formulas."""
 import math
 
 import pytest

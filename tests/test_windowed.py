@@ -1,5 +1,5 @@
 """The windowed Wiener filter (k x k windows from patch moments) against an explicit
-per-pixel MMSE loop, autograd, the full Wiener filter (SPEC 3) and SPEC 4's masks."""
+per-pixel MMSE loop, autograd, the full Wiener filter (docs/algorithms.md §3) and docs/algorithms.md §4's masks."""
 import math
 
 import pytest
@@ -23,7 +23,7 @@ def small_patch_moments():
 
 
 def loop_estimate(pm, x, ab):
-    """SPEC's MMSE linear estimate, pixel by pixel, from the part of the window inside the image:
+    """docs/algorithms.md §9.1's MMSE linear estimate, pixel by pixel, from the part of the window inside the image:
     x0[c] = mu_cc + a S[cc, O] (ab S_OO + s2 I)^-1 (x_O - a mu_O), float64, no convolution."""
     C, k = pm.image_shape[0], pm.image_shape[1]
     r = k // 2

@@ -1,5 +1,5 @@
 """windowed_locality_denoise (docs/algorithms.md §9) against a dense float64 transcription:
-the dense mask built from the window by loops, then SPEC 5 literally."""
+the dense mask built from the window by loops, then docs/algorithms.md §5 literally."""
 import math
 
 import pytest

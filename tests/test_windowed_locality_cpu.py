@@ -1,5 +1,5 @@
 """The compiled CPU backend of windowed_locality_denoise against the dense float64
-transcription of SPEC 9 (dense mask from the window, then SPEC 5) on real crops, at every
+transcription of docs/algorithms.md 9 (dense mask from the window, then docs/algorithms.md §5) on real crops, at every
 DDIM step and below, for every planner route and both kernel copies."""
 import math
 
@@ -48,7 +48,7 @@ _MASKS: dict = {}
 
 
 def dense(x, train, window):
-    """SPEC 9 transcribed: the dense [n, n] mask built by loops (cached per window), then SPEC 5."""
+    """docs/algorithms.md §9 transcribed: the dense [n, n] mask built by loops (cached per window), then docs/algorithms.md §5."""
     B, C, H, W = x.shape
     key = (window.numpy().tobytes(), tuple(window.shape), H, W)
     if key not in _MASKS:

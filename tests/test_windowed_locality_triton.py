@@ -1,6 +1,6 @@
 """Triton backend of windowed_locality_denoise (python/analytic_diffusion/ops/windowed_locality/triton.py)
-against the dense float64 transcription of SPEC 9 (the dense mask built from the window by
-loops, then SPEC 5 literally) and the float64 reference op.
+against the dense float64 transcription of docs/algorithms.md 9 (the dense mask built from the window by
+loops, then docs/algorithms.md §5 literally) and the float64 reference op.
 
 Where each part runs:
   * everywhere: the window's run tables (checked by replaying the kernel's prefix-sum and

@@ -1,4 +1,4 @@
-// Element conversions shared by every backend (see SPEC.md section 1).
+// Element conversions shared by every backend (see docs/algorithms.md §1).
 #pragma once
 
 #include <cstdint>
@@ -7,7 +7,7 @@
 
 namespace analytic_diffusion {
 
-// uint8 pixel -> [-1, 1] float, the SPEC mapping u / 127.5 - 1, computed as
+// uint8 pixel -> [-1, 1] float, the docs/algorithms.md §1.1 mapping u / 127.5 - 1, computed as
 // (u - 127.5) / 127.5: the subtraction is exact (a half-integer), so the single
 // division gives the correctly rounded result in either precision. The Python side
 // (_validate.to_unit) uses the same formula, so every backend sees identical inputs;

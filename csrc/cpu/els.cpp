@@ -1,4 +1,4 @@
-// CPU kernel of "els_denoise" (SPEC 10, docs/algorithms.md §10).
+// CPU kernel of "els_denoise" (docs/algorithms.md §10, docs/algorithms.md §10).
 //
 // Structure (convolution by shifts). Write u' for a candidate centre in a training image y
 // and p for a query pixel; d(p, u') = ||Q_p(x)||^2 - 2a <Q_p(x), Q_u'(y)> + a^2 ||Q_u'(y)||^2
@@ -6,7 +6,7 @@
 // are box sums computed once per query / per training image. For a fixed shift
 // delta = u' - p the inner product is a P x P box sum of the product image
 // E_delta[v] = sum_c X[c, v - delta] * Y[c, v], and the pixels that have u' = p + delta among
-// their candidates form a rectangle (SPEC 10's rule: circular: every p, u' interior; zeros:
+// their candidates form a rectangle (docs/algorithms.md §10's rule: circular: every p, u' interior; zeros:
 // per axis delta = 0 for every row, delta != 0 for interior p and interior p + delta). So per
 // (query, training image, shift) the kernel
 //   1. fills E over the rectangle grown by P//2 (C multiply-adds per value),

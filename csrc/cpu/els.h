@@ -1,5 +1,5 @@
 // CPU kernel of the "els_denoise" op: the equivariant local score machine of Kamb & Ganguli,
-// circular (ELS) or zero-padded (bbELS, LS for P >= H, W) (SPEC 10, docs/algorithms.md §10).
+// circular (ELS) or zero-padded (bbELS, LS for P >= H, W) (docs/algorithms.md §10, docs/algorithms.md §10).
 //
 // Plain C++ (no pybind11, no libtorch): module.cpp binds it, owns the Python objects and
 // releases the GIL around the kernel.

@@ -1,4 +1,4 @@
-// CPU kernels of "locality_denoise" and "optimal_denoise" (SPEC 5, 6): exact, fused,
+// CPU kernels of "locality_denoise" and "optimal_denoise" (docs/algorithms.md §5, §6): exact, fused,
 // structure-aware.
 //
 // Cost model. The dense method does B*N*sum_m |window_m| multiply-adds per step. Here:
@@ -33,7 +33,7 @@
 // slot order: a group's pixels are contiguous, so its sums update with vector FMAs, and
 // eight one-pixel groups update together (transposed, no horizontal reductions).
 // Work units (fixed slices of each chunk's images, each with its own state) run under a
-// dynamic schedule and merge exactly (SPEC 5 rule) in unit order at the chunk's end.
+// dynamic schedule and merge exactly (docs/algorithms.md §5.3 rule) in unit order at the chunk's end.
 
 #include "locality_denoise.h"
 
@@ -472,7 +472,7 @@ using BlockU32Fn = void (*)(const LocalityPlan&, const double*, int64_t, const d
 
 // Training images [k0, k0 + nvalid) -> Yt [n][8] (pixel-major, for the distances) and
 // Ys [8][n] (image-major in slot order, for the weighted sums), float64, zero in the padding
-// lanes. uint8 goes through a table of the exact SPEC values.
+// lanes. uint8 goes through a table of the exact values of docs/algorithms.md §1.1.
 template <typename T, typename F>
 void fill_tile_as(double* Yt, double* Ys, const int32_t* slot_pixel, const T* base, int64_t k0,
                   int nvalid, int64_t n, int64_t ts0, int64_t ts1, F&& conv) {
@@ -700,7 +700,7 @@ bool locality_denoise_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, 
                     }
                 }
             }
-            // SPEC 5 merge of the units of each chunk, per (query, group); WSSM adds the
+            // docs/algorithms.md §5.3 merge of the units of each chunk, per (query, group); WSSM adds the
             // chunks' softmax means in chunk order
 #if defined(_OPENMP)
 #pragma omp for schedule(static)

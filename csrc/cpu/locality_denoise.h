@@ -1,4 +1,4 @@
-// CPU kernels of the "locality_denoise" and "optimal_denoise" ops (SPEC 5 and 6).
+// CPU kernels of the "locality_denoise" and "optimal_denoise" ops (docs/algorithms.md §5 and §6).
 //
 // Plain C++ (no pybind11, no libtorch), like moments.h: module.cpp binds these, owns the
 // Python objects and releases the GIL around the kernel.
@@ -82,10 +82,10 @@ LocalityPlan locality_plan_build(
     bool use_tree        // build the spanning tree (false: every group direct)
 );
 
-// The plan of the all-ones mask: one group, every pixel (the optimal denoiser, SPEC 6).
+// The plan of the all-ones mask: one group, every pixel (the optimal denoiser, docs/algorithms.md §6).
 LocalityPlan locality_plan_full(int64_t n, int64_t segment);
 
-// Softmax-weighted denoising with a plan (SPEC 5; SPEC 6 with the full plan). Logits and the
+// Softmax-weighted denoising with a plan (docs/algorithms.md §5; §6 with the full plan). Logits and the
 // softmax state are float64 whatever the input dtypes; distances are float64 too, except
 // where allow_fixed permits and the error bound below holds: then each squared difference,
 // less a per-pixel shift every image shares (min over y in [-1, 1], invisible to the

@@ -350,7 +350,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("ts3"), py::arg("train_kind"), py::arg("P"), py::arg("circular"), py::arg("a"),
           py::arg("scale"), py::arg("mx_ptr"), py::arg("l_ptr"), py::arg("acc_ptr"),
           py::call_guard<py::gil_scoped_release>(),
-          "ELS / bbELS machine (SPEC 10): writes the float64 softmax state per query pixel "
+          "ELS / bbELS machine (docs/algorithms.md §10): writes the float64 softmax state per query pixel "
           "over every candidate patch of every training image; the result is acc / l.");
     m.attr("ELS_SKIP_LOGIT") = analytic_diffusion::kElsSkipLogit;
     // windowed_locality_denoise (windowed_locality.cpp)
@@ -361,7 +361,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("ws0"), py::arg("ws1"), py::arg("ws2"), py::arg("ws3"), py::arg("a"), py::arg("scale"),
           py::arg("chunk"), py::arg("out_ptr"), py::arg("out_is_double"), py::arg("mx_ptr"), py::arg("l_ptr"),
           py::arg("acc_ptr"), py::arg("options") = 0, py::arg("force_portable") = false,
-          "Windowed locality denoising (SPEC 9): exact (chunk = 0) or WSSM; writes out and/or the "
+          "Windowed locality denoising (docs/algorithms.md §9): exact (chunk = 0) or WSSM; writes out and/or the "
           "float64 state [B, C*H*W]; returns the plan's statistics as a dict.");
     m.def("windowed_locality_plan", &analytic_diffusion::windowed_locality_plan_py, py::arg("window_ptr"),
           py::arg("C"), py::arg("k"), py::arg("ws0"), py::arg("ws1"), py::arg("ws2"), py::arg("ws3"), py::arg("H"),

@@ -1,4 +1,4 @@
-// CPU "moments" kernels: lower-triangle SYRK updates for streaming covariance (SPEC 2).
+// CPU "moments" kernels: lower-triangle SYRK updates for streaming covariance (docs/algorithms.md §2).
 //
 // uint8 path (exact). sum_k u_ki u_kj is computed with int8 dot products: with
 // s = u - 128 (u ^ 0x80 reinterpreted as int8), u_i u_j = s_i u_j + 128 u_j, so

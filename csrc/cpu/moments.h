@@ -1,4 +1,4 @@
-// CPU kernels of the "moments" op (SPEC section 2): streaming lower-triangle SYRK updates.
+// CPU kernels of the "moments" op (docs/algorithms.md §2): streaming lower-triangle SYRK updates.
 //
 // Plain C++ (no pybind11, no libtorch) so a standalone harness can link moments.cpp
 // directly; module.cpp binds these and releases the GIL around them.

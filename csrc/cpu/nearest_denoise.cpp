@@ -1,10 +1,10 @@
-// CPU kernel of "nearest_denoise" (SPEC 6): the optimal denoiser's distances with an argmin
+// CPU kernel of "nearest_denoise" (docs/algorithms.md §6): the optimal denoiser's distances with an argmin
 // in place of the softmax.
 //
 // Work: B * N * n fused multiply-adds, like optimal_denoise's distances (which this shares,
 // bit for bit: full_distances_kernel in locality_denoise.cpp), and no weighted sums. Per
 // thread, per block of 8 training images: convert the block to float64 once (Ys [8][n],
-// uint8 through a table of the exact SPEC values), then the distances of every query to it.
+// uint8 through a table of the exact values of docs/algorithms.md §1.1), then the distances of every query to it.
 // The training set is split into contiguous units of whole blocks (a few per thread, dynamic
 // schedule: a preempted thread does not hold up the others); each unit keeps per query its
 // first minimum, and the units are reduced in index order with a strict `<`, so the lowest
@@ -38,7 +38,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // work to the others, few enough that the per-unit state stays negligible.
 constexpr int64_t kUnitsPerThread = 4;
 
-// y_k as the output dtype: uint8 goes through the SPEC conversion in that precision (what
+// y_k as the output dtype: uint8 goes through the conversion of docs/algorithms.md §1.1 in that precision (what
 // the reference's to_unit(train[k], x.dtype) computes), floats are converted by rounding.
 template <typename O>
 void write_row(O* out,               // [n] out: image k in [-1, 1], float32 or float64

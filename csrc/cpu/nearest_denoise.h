@@ -1,4 +1,4 @@
-// CPU kernel of the "nearest_denoise" op (SPEC 6): out = y_{k*}, k* = argmin_k ||x - a y_k||^2.
+// CPU kernel of the "nearest_denoise" op (docs/algorithms.md §6): out = y_{k*}, k* = argmin_k ||x - a y_k||^2.
 //
 // Plain C++ (no pybind11, no libtorch), like locality_denoise.h: module.cpp binds it and
 // releases the GIL around it.

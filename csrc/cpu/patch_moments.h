@@ -1,4 +1,4 @@
-// CPU kernels of the "patch_moments" op (SPEC section 2, patch moments; docs/patch_moments.md):
+// CPU kernels of the "patch_moments" op (docs/algorithms.md §2, patch moments; docs/patch_moments.md):
 // lag-product rectangle sums, from which both the k x k patch sums and the stationary
 // (all-offsets) lag sums are read off without unfolding a single patch.
 //

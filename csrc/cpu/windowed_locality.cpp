@@ -1,4 +1,4 @@
-// CPU kernel of "windowed_locality_denoise" (SPEC 9 with SPEC 5): exact, fused, no n x n object.
+// CPU kernel of "windowed_locality_denoise" (docs/algorithms.md §9 with docs/algorithms.md §5): exact, fused, no n x n object.
 //
 // With one translation-invariant window the masked distance is a convolution of the
 // squared-difference image with the window:
@@ -25,7 +25,7 @@
 // Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images:
 // one max per chunk, one rescaling exp per chunk and one exp per logit. Work units are
 // (query range, training block) with their own state, run under a dynamic OpenMP schedule
-// and merged exactly (SPEC 5 rule) in block order, so the result depends neither on the
+// and merged exactly (docs/algorithms.md §5.3 rule) in block order, so the result depends neither on the
 // thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
 
 #include "windowed_locality.h"
@@ -761,7 +761,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 }
             }
         }
-        // SPEC 5 merge of each query's blocks, in block order (after the implicit barrier)
+        // docs/algorithms.md §5.3 merge of each query's blocks, in block order (after the implicit barrier)
         {
         double* M = mscratch[thread_index()].get();
         double* L = M + G * HW;

@@ -1,4 +1,4 @@
-// CPU kernel of the "windowed_locality_denoise" op (SPEC 9 with SPEC 5): the locality
+// CPU kernel of the "windowed_locality_denoise" op (docs/algorithms.md §9 with docs/algorithms.md §5): the locality
 // denoiser whose window is one translation-invariant [C, C, k, k] pattern cut at the
 // image border. Nothing n x n is ever formed.
 //

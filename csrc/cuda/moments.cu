@@ -1,4 +1,4 @@
-// Exact uint8 covariance sums on the GPU (SPEC section 2): s1 += sum u, and the lower
+// Exact uint8 covariance sums on the GPU (docs/algorithms.md §2): s1 += sum u, and the lower
 // triangle of s2 += sum u u^T, both int64, bit-identical to the CPU and reference
 // backends whatever the batch order or size.
 //

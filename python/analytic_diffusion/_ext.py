@@ -111,7 +111,7 @@ def _require(name: str, mod: ModuleType | None, what: str) -> ModuleType:
 
 
 def dequantize_u8(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Map a 2-D uint8 tensor ``u`` to ``u / 127.5 - 1`` in ``dtype`` (SPEC section 1).
+    """Map a 2-D uint8 tensor ``u`` to ``u / 127.5 - 1`` in ``dtype`` (docs/algorithms.md §1).
 
     ``t`` may have any strides (transposed, sliced, expanded); the result is a new
     contiguous ``[rows, cols]`` tensor on ``t``'s device, bit-identical to

@@ -1,13 +1,13 @@
 """Locality analysis: sensitivity fields and agreement with a trained network.
 
 - :func:`sensitivity` - Jacobian rows ``d x0_hat[m] / d x_t`` (the *sensitivity
-  field* of output pixel m, SPEC 3): analytic for the Wiener denoiser, batched
+  field* of output pixel m, docs/algorithms.md §3): analytic for the Wiener denoiser, batched
   vector-Jacobian products with autograd for anything else (a trained network,
   a differentiable denoiser).
 - :func:`field_similarity` - cosine and support IoU of two sets of fields.
 - :class:`ModelDenoiser` - a network ``model(x_t, t) -> eps or x0`` as a denoiser
   ``den(x_t, t) -> x0_hat`` (plugs into :func:`analytic_diffusion.sample`).
-- :func:`compare` - r2 and MSE (SPEC 8) per timestep between analytical
+- :func:`compare` - r2 and MSE (docs/algorithms.md §8) per timestep between analytical
   denoisers and a network, on the same ``x_t`` or along their own DDIM
   trajectories; :class:`Agreement` holds the result (table, plot, dict).
 
@@ -127,7 +127,7 @@ class ModelDenoiser(Denoiser):
             layer in training mode mixes the samples of a batch.
         prediction: what the model predicts, ``"epsilon"`` (the noise; then
             ``x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)``) or ``"x0"``.
-        alphas_cumprod: the schedule, float ``[T]`` (default: SPEC 1's linear one).
+        alphas_cumprod: the schedule, float ``[T]`` (default: docs/algorithms.md §1's linear one).
 
     ``den(x_t, t)`` takes float32/float64 ``[B, C, H, W]`` and an integer timestep and
     returns ``x0_hat`` with x_t's shape and dtype. It builds an autograd graph only
@@ -296,7 +296,7 @@ def field_similarity(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.02) 
             :func:`sensitivity`; a ``[P, ...]`` Wiener field against a ``[B, P, ...]``
             network field broadcasts). One field is the trailing ``[C, H, W]``.
         threshold: in (0, 1]; the support of a field ``f`` is
-            ``{ j : |f_j| >= threshold * max |f| }`` (SPEC 4's binarisation, per field;
+            ``{ j : |f_j| >= threshold * max |f| }`` (docs/algorithms.md §4's binarisation, per field;
             an all-zero field has an empty support).
 
     Returns:
@@ -362,7 +362,7 @@ class Agreement:
     """Result of :func:`compare`: agreement of each denoiser with the network per timestep.
 
     ``r2[name][i]`` and ``mse[name][i]`` belong to ``timesteps[i]`` (Python floats;
-    r2 with the network's prediction as the target, SPEC 8).
+    r2 with the network's prediction as the target, docs/algorithms.md §8).
     """
 
     protocol: str
@@ -427,7 +427,7 @@ def compare(
     dtype: torch.dtype = torch.float32,
     device=None,
 ) -> Agreement:
-    """r2 and MSE (SPEC 8) per timestep between analytical denoisers and a network.
+    """r2 and MSE (docs/algorithms.md §8) per timestep between analytical denoisers and a network.
 
     Args:
         denoisers: ``{name: den}``, each ``den(x_t, t) -> x0_hat`` (any
@@ -452,7 +452,7 @@ def compare(
         batch_size: at most this many samples per denoiser / network call.
         prediction: ``"epsilon"`` (default for networks) or ``"x0"``, what ``model``
             returns when it is a network; leave it unset for a denoiser.
-        alphas_cumprod: the schedule (default: SPEC 1's linear one).
+        alphas_cumprod: the schedule (default: docs/algorithms.md §1's linear one).
         shape: image shape ``(C, H, W)`` for ``trajectory`` without data.
         dtype, device: of ``x_t`` (float32 or float64; default CPU).
 

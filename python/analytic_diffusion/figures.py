@@ -12,7 +12,7 @@ interpolation, so in a PNG every image pixel is a crisp ``scale x scale`` square
 (a 32x32 image is otherwise unreadable) and sizes are exact (e.g. a grid is
 ``label_w + ncols * (W*scale + pad) + pad`` pixels wide).
 
-Value conventions follow SPEC 1: float images live in [-1, 1]; uint8 images are
+Value conventions follow docs/algorithms.md §1: float images live in [-1, 1]; uint8 images are
 shown as they are.
 """
 from __future__ import annotations

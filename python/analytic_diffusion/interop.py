@@ -78,7 +78,7 @@ class DiffusersModelAdapter(torch.nn.Module):
             (``scheduler.alphas_cumprod``): it turns ``x0_hat`` into epsilon and is
             passed on to the denoiser (``denoiser.with_schedule``, a copy; the
             original is unchanged), so that both read ``t`` on it. Default: the
-            denoiser's own, else SPEC 1's linear schedule, which is diffusers'
+            denoiser's own, else docs/algorithms.md §1's linear schedule, which is diffusers'
             default. A plain callable with no ``alphas_cumprod`` of its own just
             gets the timesteps.
         sample_shape: ``(C, H, W)`` reported as ``config.in_channels`` and

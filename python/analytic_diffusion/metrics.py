@@ -1,4 +1,4 @@
-"""Agreement metrics between a denoiser's predictions and a reference (SPEC 8)."""
+"""Agreement metrics between a denoiser's predictions and a reference (docs/algorithms.md §8)."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +25,9 @@ def _pair(pred: torch.Tensor, target: torch.Tensor):
 
 
 def r2(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """``1 - sum (pred - target)^2 / (n * var_unbiased(target))`` per sample ``[B]``, then averaged.
+    """``1 - sum (pred - target)^2 / (n * var_unbiased(target))`` per sample ``[B]``, then averaged
+    (docs/algorithms.md §8.1). A sample whose target has zero variance (a constant image)
+    counts its variance as 1, so its score is ``1 - mse`` rather than -inf or NaN.
 
     ``pred``, ``target``: ``[B, ...]``. Returns a float64 scalar (``reduction="mean"``)
     or ``[B]`` (``"none"``).
@@ -35,7 +37,9 @@ def r2(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> tor
     n = t.shape[1]
     if n < 2:
         raise ValueError("r2 needs at least 2 values per sample (unbiased variance)")
-    per = 1.0 - ((p - t) ** 2).sum(1) / (n * t.var(1, unbiased=True))
+    var = t.var(1, unbiased=True)
+    var = torch.where(var == 0, torch.ones_like(var), var)
+    per = 1.0 - ((p - t) ** 2).sum(1) / (n * var)
     return _reduce(per, reduction)
 
 

@@ -1,4 +1,4 @@
-"""DDIM sampling (SPEC 7), step for step what diffusers' DDIMScheduler does with its defaults
+"""DDIM sampling (docs/algorithms.md §7), step for step what diffusers' DDIMScheduler does with its defaults
 (linear schedule, "leading" spacing, eta = 0, clip_sample=True, set_alpha_to_one=True)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DDPM linear noise schedule (SPEC 1), computed exactly as diffusers does."""
+"""The DDPM linear noise schedule (docs/algorithms.md §1), computed exactly as diffusers does."""
 from __future__ import annotations
 
 import math

@@ -36,7 +36,7 @@ __all__ = ["CLIError", "PROG", "build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Analytical (training-free) diffusion denoisers: locality, Wiener, optimal and nearest.",
+        description="Analytical (training-free) diffusion denoisers: locality (full or windowed statistics), Wiener, optimal and nearest.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

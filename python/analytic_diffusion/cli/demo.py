@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     d = DEFAULTS
     demo = sub.add_parser(
         "demo",
-        help="sample bundled natural crops with all four denoisers; write a grid, locality maps and a JSON summary",
+        help="sample bundled natural crops with five denoisers (Wiener, optimal, nearest, locality with full and with windowed statistics); write a grid, window maps and a JSON summary",
         description="Estimate moments of bundled natural-image crops, build locality masks, sample the same seeds "
         "with the Wiener, optimal, nearest and locality denoisers, and write grid.png, locality.png (or --figure-format) and summary.json.",
     )
@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
     demo.add_argument("--num-samples", type=positive_int, default=d["num_samples"], help=f"samples per method (default: {d['num_samples']})")
     demo.add_argument("--steps", type=positive_int, default=d["steps"], help=f"DDIM steps (default: {d['steps']})")
     demo.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the crops and of the initial noise (default: {d['seed']})")
-    demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, SPEC 4 (default: {d['threshold']})")
+    demo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, docs/algorithms.md §4 (default: {d['threshold']})")
     demo.add_argument(
         "--patch-sizes", type=patch_sizes_arg, default=DEFAULT_PATCH_SIZES,
         help=f"odd patch sizes of the stationary statistics of the windowed locality denoiser; a step whose window reaches "

@@ -401,7 +401,7 @@ def add_parser(sub) -> None:
     lo.add_argument("--pixels", nargs="+", type=_pixel_arg, default=None, metavar="PIXEL", help="output pixels to probe: 'centre' (default) or ROW,COL; several allowed")
     lo.add_argument("--channel", type=int, default=None, help="output channel of the probed pixels (default: the middle one, green for RGB)")
     lo.add_argument("--timesteps", nargs="+", default=None, metavar="T", help="timesteps, e.g. 900 500 100 or 900,500,100 (default: the 10 DDIM steps 900, 800, ..., 0)")
-    lo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, SPEC 4 (default: {d['threshold']})")
+    lo.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"mask threshold, docs/algorithms.md §4 (default: {d['threshold']})")
     lo.add_argument("--out", default=d["out"], help=f"output folder (default: {d['out']})")
     lo.add_argument("--model", default=None, metavar="MODULE:CLASS", help="a trained torch.nn.Module class, importable from the current folder; called as model(x_t, t)")
     lo.add_argument("--checkpoint", default=None, metavar="FILE", help="its state_dict: .safetensors, or a torch.save file (read with weights_only=True)")

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     sa.add_argument("-n", "--num", type=positive_int, default=8, help="number of samples (default: 8)")
     sa.add_argument("--out", required=True, help="output folder")
     sa.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    sa.add_argument("--threshold", type=finite_float, default=0.02, help="locality mask threshold, SPEC 4 (default: 0.02)")
+    sa.add_argument("--threshold", type=finite_float, default=0.02, help="locality mask threshold, docs/algorithms.md §4 (default: 0.02)")
     sa.add_argument("--temperature", type=float, default=1.0, help="softmax temperature tau (default: 1)")
     sa.add_argument("--softmax", choices=("exact", "wssm"), default="exact", help="locality softmax: exact, or the published code's WSSM (default: exact)")
     sa.add_argument("--chunk-size", type=positive_int, default=256, help="training images per chunk (memory; the WSSM chunks) (default: 256)")

@@ -1,6 +1,6 @@
 """Datasets: small built-in image sets, and loaders for the user's own data.
 
-Conventions (SPEC.md section 1): images are ``[N, C, H, W]``. uint8 images are
+Conventions (docs/algorithms.md §1): images are ``[N, C, H, W]``. uint8 images are
 kept as uint8 (4x smaller than float32; ``u`` stands for ``u / 127.5 - 1``).
 Float images are kept in their own dtype and **must already be in [-1, 1]**:
 nothing here can tell a [-1, 1] dataset from a [0, 1] one (e.g. torchvision's

@@ -1,4 +1,4 @@
-"""The value convention (SPEC 1) in both directions: uint8 ``u`` stands for the float
+"""The value convention (docs/algorithms.md §1) in both directions: uint8 ``u`` stands for the float
 ``u / 127.5 - 1`` in [-1, 1]."""
 from __future__ import annotations
 

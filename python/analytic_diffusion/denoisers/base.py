@@ -76,7 +76,7 @@ class TrainSetDenoiser(Denoiser):
 
     def _merged(self, state) -> torch.Tensor:
         # Each rank holds a shard of the training set: the softmax states of the shards
-        # merge exactly (SPEC 5), so every rank returns the full-dataset result.
+        # merge exactly (docs/algorithms.md §5.3), so every rank returns the full-dataset result.
         group = None if self.process_group is True else self.process_group
         return all_reduce_state(state, group).result()
 

@@ -13,7 +13,7 @@ from .base import Denoiser, TrainSetDenoiser
 
 
 class OptimalDenoiser(TrainSetDenoiser):
-    """The empirical optimal denoiser: exact softmax over the whole training set (SPEC 6).
+    """The empirical optimal denoiser: exact softmax over the whole training set (docs/algorithms.md §6).
 
     ``process_group``: a torch.distributed group (or ``True`` for the default group)
     when ``train`` is this rank's shard of the training set; every rank then returns
@@ -38,7 +38,7 @@ class OptimalDenoiser(TrainSetDenoiser):
 
 
 class NearestDenoiser(TrainSetDenoiser):
-    """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (SPEC 6), the first
+    """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (docs/algorithms.md §6), the first
     one on ties.
 
     ``process_group``: a torch.distributed group (or ``True`` for the default group)
@@ -61,7 +61,7 @@ class NearestDenoiser(TrainSetDenoiser):
 
 
 class WienerDenoiser(Denoiser):
-    """The optimal linear denoiser ``mean + A_t (x/a - mean)`` from dataset moments (SPEC 3).
+    """The optimal linear denoiser ``mean + A_t (x/a - mean)`` from dataset moments (docs/algorithms.md §3).
 
     ``moments``: :class:`Moments`, or a :class:`WienerFilter` already built from them
     (several denoisers can then share one eigendecomposition).

@@ -1,4 +1,4 @@
-"""The local score machines of Kamb & Ganguli (docs/algorithms.md §10, SPEC 10): LS (the
+"""The local score machines of Kamb & Ganguli (docs/algorithms.md §10, docs/algorithms.md §10): LS (the
 windowed locality op with a full box window) and ELS / bbELS (the ``els_denoise`` op), with
 patch-size schedules (:mod:`.schedules`)."""
 from __future__ import annotations

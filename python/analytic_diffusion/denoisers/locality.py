@@ -15,7 +15,7 @@ from .base import TrainSetDenoiser
 
 
 class LocalityDenoiser(TrainSetDenoiser):
-    """The paper's locality denoiser (SPEC 5) with Wiener-derived windows (SPEC 4).
+    """The paper's locality denoiser (docs/algorithms.md §5) with Wiener-derived windows (docs/algorithms.md §4).
 
     ``train``: uint8 or float ``[N, C, H, W]`` (or any source ``data.load_images``
     takes); ``moments``: the statistics the windows come from.

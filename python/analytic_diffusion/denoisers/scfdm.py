@@ -38,7 +38,7 @@ class SmoothedCFDMDenoiser(TrainSetDenoiser):
     Noise: every call draws ``xi = torch.randn((M, B, n), generator=generator, dtype=float64)``
     on the CPU (then moved to x_t's device), so a run is reproducible from ``seed`` (or the
     ``generator`` given). The smoothed points are formed in float64; the output has x_t's
-    dtype. The sampler computes the DDIM eps from the unsmoothed ``x_t`` (SPEC §11): this
+    dtype. The sampler computes the DDIM eps from the unsmoothed ``x_t`` (docs/algorithms.md §11): this
     denoiser only returns ``x0_hat``.
 
     Published settings: :meth:`from_preset` (``presets.published.SCFDM``: M = 10, s = 0.1, or

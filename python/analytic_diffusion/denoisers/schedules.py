@@ -1,5 +1,5 @@
 """Patch-size schedules of the Kamb & Ganguli local score machines (docs/algorithms.md §10,
-SPEC 10): the published presets, their mapping to this library's timesteps, and
+docs/algorithms.md §10): the published presets, their mapping to this library's timesteps, and
 :func:`calibrate`, which derives a schedule from any network.
 
 The presets are the ``files/scales_*.pt`` lists of github Kambm/convolutional_diffusion

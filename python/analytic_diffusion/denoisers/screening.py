@@ -2,7 +2,7 @@
 that runs its exact softmax (§5) over a per-query subset of the training set.
 
 Conventions checked against the published code (github shangxinyi/GoldDiff, methods/base.py
-``_get_knn_subset_and_distances`` and methods/ours.py), which agrees with SPEC §12:
+``_get_knn_subset_and_distances`` and methods/ours.py), which agrees with docs/algorithms.md §12:
 
 - ``lam = 1 - sqrt(1 - ab_t)`` clamped to [0, 1] ("locality_factor = 1 - noise_level",
   noise_level = sqrt(beta_prod_t));
@@ -10,7 +10,7 @@ Conventions checked against the published code (github shangxinyi/GoldDiff, meth
   query ("pre-sampling": the m smallest of ``torch.rand(B, N)``), fresh at every step;
 - coarse: the k_max nearest within the pool by the unmasked ``||A(x_t) - a*A(y)||^2``, A =
   average pooling by ``factor`` (GoldDiff: ``low_res_dim`` = the largest divisor of the
-  resolution <= 16 for CIFAR-10, i.e. factor 2 at 32 px; SPEC: factor 4 at 64 px);
+  resolution <= 16 for CIFAR-10, i.e. factor 2 at 32 px; docs/algorithms.md §12: factor 4 at 64 px);
 - fine: the ``k_t = max(k_min, round(k_max - (k_max - k_min)*lam))`` nearest of those by the
   unmasked full-resolution ``||x_t - a*y||^2``;
 - then the exact (``weight_method: ss``) masked softmax of §5 over those k_t images only.
@@ -23,7 +23,7 @@ only where float32 rounding reorders near-ties. GoldDiff's StreamingSoftmax retu
 ``acc / (l + 1e-8)`` with ``l >= 1`` (a relative bias below 1e-8); the exact softmax here
 divides by ``l``. GoldDiff clamps k_min and k_max to N the same
 way; its comment in configs/defaults.yaml ("afhq 32, celeba-hq 32") suggests a 32 x 32 coarse
-grid (factor 2) for the 64 px sets, where SPEC says factor 4: ``pool_size`` selects either.
+grid (factor 2) for the 64 px sets, where docs/algorithms.md §12 says factor 4: ``pool_size`` selects either.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ class WindowedWienerDenoiser(Denoiser):
         image_shape: optional default ``(C, H, W)`` (needed only for flat ``[B, n]``
             input and for :meth:`sensitivity` without an explicit shape); ``x_t`` of any
             ``H, W`` works.
-        alphas_cumprod: the schedule (default: SPEC 1's linear schedule).
+        alphas_cumprod: the schedule (default: docs/algorithms.md §1's linear schedule).
 
     ``x_t``: float32/float64 ``[B, C, H, W]``; the output has its shape and dtype.
     """

@@ -1,4 +1,4 @@
-"""The Wiener (optimal linear) denoiser (SPEC 3) and the locality mask (SPEC 4).
+"""The Wiener (optimal linear) denoiser (docs/algorithms.md §3) and the locality mask (docs/algorithms.md §4).
 
 One float64 eigendecomposition ``cov = U diag(lam) U^T`` serves every timestep:
 the filter ``A_t = U diag(g) U^T`` with ``g = ab*lam / (ab*lam + s2)`` is applied
@@ -13,7 +13,7 @@ import torch
 from .._validate import check_alpha_bar, check_positive, check_threshold
 from ..ops.moments import Moments
 
-DIAG_EPS = 1e-6  # |A_ii| below this is replaced by 1 in the mask normalisation (SPEC 4)
+DIAG_EPS = 1e-6  # |A_ii| below this is replaced by 1 in the mask normalisation (docs/algorithms.md §4)
 
 
 class WienerFilter:
@@ -92,7 +92,7 @@ class WienerFilter:
         return rows.reshape(len(idx), *shape) if shape else rows
 
     def mask(self, alpha_bar: float, threshold: float = 0.02) -> torch.Tensor:
-        """The locality mask of SPEC 4 from this filter (see :func:`locality_mask`)."""
+        """The locality mask of docs/algorithms.md §4 from this filter (see :func:`locality_mask`)."""
         return mask_from_wiener_matrix(self.matrix(alpha_bar), threshold)
 
 
@@ -103,7 +103,7 @@ def wiener_matrix(cov: Union[Moments, torch.Tensor, WienerFilter], alpha_bar: fl
 
 
 def mask_from_wiener_matrix(A: torch.Tensor, threshold: float = 0.02) -> torch.Tensor:
-    """SPEC 4 from a dense ``A_t``: bool ``[n, n]`` if ``threshold > 0`` else float64 weights."""
+    """docs/algorithms.md §4 from a dense ``A_t``: bool ``[n, n]`` if ``threshold > 0`` else float64 weights."""
     threshold = check_threshold(threshold)
     d = A.diagonal().clone()
     d[d.abs() < DIAG_EPS] = 1.0
@@ -114,7 +114,7 @@ def mask_from_wiener_matrix(A: torch.Tensor, threshold: float = 0.02) -> torch.T
 
 
 def locality_mask(cov: Union[Moments, torch.Tensor, WienerFilter], alpha_bar: float, threshold: float = 0.02) -> torch.Tensor:
-    """The locality mask at noise level ``alpha_bar`` (SPEC 4).
+    """The locality mask at noise level ``alpha_bar`` (docs/algorithms.md §4).
 
     ``threshold > 0``: bool ``[n, n]``, ``M[j, m]`` is True when pixel j is in the
     window of output pixel m (column m is the window). ``threshold <= 0``: the

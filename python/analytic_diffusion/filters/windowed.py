@@ -1,5 +1,5 @@
 """The windowed Wiener filter: the optimal linear denoiser restricted to k x k windows,
-from stationary patch moments (SPEC 2), for images whose full covariance does not fit.
+from stationary patch moments (docs/algorithms.md §2), for images whose full covariance does not fit.
 
 Derivation. Let ``y_w`` be the clean ``C*k*k`` window centred at an output pixel, with
 patch mean ``mu`` and patch covariance ``S`` (the stationary patch moments), and
@@ -13,7 +13,7 @@ The minimum-MSE *linear* estimate of the clean centre value of channel c (index
 i.e. ``x0_hat[c] = mu_cc + w_c . (x_w - a mu)`` with ``w_c = a (ab S + s2 I)^-1 S[:, cc]``.
 With ``S = V diag(lam) V^T`` this is ``w_c = (V diag(g) V^T)[cc] / a``, ``g = ab lam /
 (ab lam + s2)``: row ``cc`` of the patch-sized Wiener filter divided by ``a``, exactly
-like the Jacobian ``A_t / a`` of the full filter (SPEC 3). Stacking ``w_c`` over the
+like the Jacobian ``A_t / a`` of the full filter (docs/algorithms.md §3). Stacking ``w_c`` over the
 output channels gives a convolution kernel ``K [C_out, C_in, k, k]`` (``torch`` conv2d is a
 cross-correlation, so ``K[c, c', i, j]`` multiplies input pixel ``(h + i - r, w + j - r)``,
 matching the patch vector's (channel, row, column) order) and a bias
@@ -71,7 +71,7 @@ def _runs(size: int, r: int) -> List[Tuple[int, int, int, int]]:
 
 
 class WindowedWiener:
-    """The Wiener filter of SPEC 3 restricted to k x k windows, from patch moments.
+    """The Wiener filter of docs/algorithms.md §3 restricted to k x k windows, from patch moments.
 
     Args:
         patch_moments: :class:`Moments` with ``kind == "patch"`` and ``image_shape ==
@@ -159,7 +159,7 @@ class WindowedWiener:
         the image on each side (all 0 away from the borders). Returns ``(weight, bias)``:
         float64 ``weight [C_out, C_in, k, k]`` (zero on the cut rows/columns) and
         ``bias [C_out]`` with ``x0_hat[c] = sum(weight[c] * x_window) + bias[c]``; the
-        weight is the Jacobian ``d x0_hat / d x_t`` (``A / a`` in SPEC 3's terms).
+        weight is the Jacobian ``d x0_hat / d x_t`` (``A / a`` in docs/algorithms.md §3's terms).
         Solved once per (timestep, cuts) in float64 and cached.
         """
         ab = check_alpha_bar(alpha_bar)
@@ -271,9 +271,9 @@ class WindowedWiener:
         return self.sensitivity(ab, torch.arange(n), shape).reshape(n, n) * math.sqrt(ab)
 
     def mask(self, alpha_bar: float, threshold: float = 0.02) -> torch.Tensor:
-        """The locality window pattern, the windowed analogue of SPEC 4.
+        """The locality window pattern, the windowed analogue of docs/algorithms.md §4.
 
-        SPEC 4 gives output pixel m the window ``{j : |A[m, j] / A[j, j]| >= threshold *
+        docs/algorithms.md §4 gives output pixel m the window ``{j : |A[m, j] / A[j, j]| >= threshold *
         max |Mt|}`` for the (symmetric) full filter. Here ``A[m, j]`` is the interior
         kernel (times ``a``) and ``A[j, j]`` the centre weight of input channel c', so::
 
@@ -321,7 +321,7 @@ class WindowedWiener:
         return float(count) / (n * n)
 
     def dense_mask(self, alpha_bar: float, threshold: float = 0.02, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """The [n, n] locality mask for :class:`LocalityDenoiser` (SPEC 4's layout): column m
+        """The [n, n] locality mask for :class:`LocalityDenoiser` (docs/algorithms.md §4's layout): column m
         is the window of output pixel m, i.e. :meth:`mask`'s pattern of m's channel placed
         at m and clipped to the image. bool ``[n, n]`` (float64 weights if ``threshold <= 0``).
 

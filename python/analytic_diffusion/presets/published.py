@@ -1,6 +1,6 @@
 """Published settings of the analytical models, as plain dicts (no behaviour here).
 
-Every value cites the file it was read from. Where only docs/algorithms.md (= SPEC) states
+Every value cites the file it was read from. Where only the specification (docs/algorithms.md) states
 a value and the published repository's file could not be read here, the comment says so.
 Dataset keys: ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"celeba_hq"``, ``"afhq"``.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 # Keys: num_smoothing (M, smoothing draws per step), smoothing (s, std of the smoothing
 # noise added to x_t), top_k (k nearest training images by ||x/a - y||, None = all N),
 # temperature (tau).
-# Source: SPEC §11 ("Defaults in the published configs: M = 10, s = 0.1 (1 for MNIST),
+# Source: docs/algorithms.md §11 ("Defaults in the published configs: M = 10, s = 0.1 (1 for MNIST),
 # k = 200, tau = 1"). The authors' repository (github cscarv) has no stored snapshot here,
 # so the per-dataset files could not be re-read; two public re-implementations were read
 # for conventions only (kir0ul/closed-form-diffusion algo.py: fresh N(0, I) draws every
@@ -20,11 +20,11 @@ from __future__ import annotations
 # kir0ul/CFDMs src/scores.py SmoothedDEANN: k nearest neighbours of each smoothed point
 # z_m / t, i.e. per smoothing draw).
 SCFDM = {
-    "default": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # SPEC §11
-    "cifar10": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # SPEC §11
-    "celeba_hq": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # SPEC §11
-    "afhq": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # SPEC §11
-    "mnist": {"num_smoothing": 10, "smoothing": 1.0, "top_k": 200, "temperature": 1.0},  # SPEC §11 ("1 for MNIST")
+    "default": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # docs/algorithms.md §11
+    "cifar10": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # docs/algorithms.md §11
+    "celeba_hq": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # docs/algorithms.md §11
+    "afhq": {"num_smoothing": 10, "smoothing": 0.1, "top_k": 200, "temperature": 1.0},  # docs/algorithms.md §11
+    "mnist": {"num_smoothing": 10, "smoothing": 1.0, "top_k": 200, "temperature": 1.0},  # docs/algorithms.md §11 ("1 for MNIST")
 }
 
 # ---------------------------------------------------------------------------------------
@@ -34,8 +34,8 @@ SCFDM = {
 # temperature, pool_size (side of the average-pooled image of the coarse stage).
 # cifar10: configs/ours/cifar10.yaml (k_min: 2500, k_max: 5000, mask_threshold: 0.030,
 #   temperature: 1.0, low_res_dim: 16, weight_method: ss = exact streaming softmax).
-# The other datasets: SPEC §12 (their config files are not in the stored snapshot of the
-#   repository). pool_size 16 ("about 16 x 16": factor 2 at 32 px, 4 at 64 px) follows SPEC
+# The other datasets: docs/algorithms.md §12 (their config files are not in the stored snapshot of the
+#   repository). pool_size 16 ("about 16 x 16": factor 2 at 32 px, 4 at 64 px) follows docs/algorithms.md §12
 #   §12; note that configs/defaults.yaml carries the comment
 #   "#cifar-10 16, fashon-mnist 32, afhq 32, celeba-hq 32", which suggests low_res_dim 32
 #   (factor 2) for the 64 px sets and no pooling for 28 px (Fashion-)MNIST (GoldDiff's
@@ -44,10 +44,10 @@ SCFDM = {
 #   <= pool_size), see analytic_diffusion.denoisers.screening.pool_factor.
 GOLDDIFF = {
     "cifar10": {"k_min": 2500, "k_max": 5000, "threshold": 0.03, "temperature": 1.0, "pool_size": 16},  # configs/ours/cifar10.yaml
-    "celeba_hq": {"k_min": 1500, "k_max": 3000, "threshold": 0.03, "temperature": 1.0, "pool_size": 16},  # SPEC §12
-    "afhq": {"k_min": 1000, "k_max": 2000, "threshold": 0.04, "temperature": 1.0, "pool_size": 16},  # SPEC §12
-    "mnist": {"k_min": 3000, "k_max": 6000, "threshold": 0.02, "temperature": 1.0, "pool_size": 16},  # SPEC §12
-    "fashion_mnist": {"k_min": 3000, "k_max": 6000, "threshold": 0.02, "temperature": 1.0, "pool_size": 16},  # SPEC §12
+    "celeba_hq": {"k_min": 1500, "k_max": 3000, "threshold": 0.03, "temperature": 1.0, "pool_size": 16},  # docs/algorithms.md §12
+    "afhq": {"k_min": 1000, "k_max": 2000, "threshold": 0.04, "temperature": 1.0, "pool_size": 16},  # docs/algorithms.md §12
+    "mnist": {"k_min": 3000, "k_max": 6000, "threshold": 0.02, "temperature": 1.0, "pool_size": 16},  # docs/algorithms.md §12
+    "fashion_mnist": {"k_min": 3000, "k_max": 6000, "threshold": 0.02, "temperature": 1.0, "pool_size": 16},  # docs/algorithms.md §12
 }
 
 # ---------------------------------------------------------------------------------------

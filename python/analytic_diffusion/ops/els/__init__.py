@@ -1,5 +1,5 @@
 """``els_denoise``: the equivariant local score machine of Kamb & Ganguli, circular (ELS) or
-zero-padded (bbELS) (docs/algorithms.md §10, SPEC 10).
+zero-padded (bbELS) (docs/algorithms.md §10, docs/algorithms.md §10).
 
 Validated public entry dispatching to the registered backends (``reference.py`` and the
 compiled ``cpu.py`` in this folder)."""

@@ -1,5 +1,5 @@
 """Reference implementation of ``els_denoise``: pure PyTorch, float64-capable
-(docs/algorithms.md §10, SPEC 10).
+(docs/algorithms.md §10, docs/algorithms.md §10).
 
 Every pixel belongs to one *group*: a rectangle of pixels that share one candidate set,
 itself a rectangle of candidate centres (in every training image):
@@ -81,7 +81,7 @@ def els_denoise_reference(
     chunk_size: int = 64,
     return_state: bool = False,
 ):
-    """SPEC 10: ``out[b, :, p] = sum_q softmax_q(-||Q_p(x) - a q||^2 / (2 s2 tau)) centre(q)``
+    """docs/algorithms.md §10: ``out[b, :, p] = sum_q softmax_q(-||Q_p(x) - a q||^2 / (2 s2 tau)) centre(q)``
     over the candidate patches ``q`` of pixel p (see the module docstring)."""
     dt = compute_dtype(x)
     B, C, H, W = x.shape

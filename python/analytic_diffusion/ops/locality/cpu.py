@@ -4,7 +4,7 @@ runs of consecutive pixels, each costing two lookups in per-segment prefix sums 
 squared differences (one for a lone pixel); a spanning tree lets a window start from a
 similar one. Distances, logits and softmax state are float64 (direct differences, never the
 expanded form), so float32 and float64 queries are both exact to rounding; the online
-softmax is merged across threads with the SPEC 5 rule. Plans are cached by mask content (LRU
+softmax is merged across threads with the docs/algorithms.md §5.3 rule. Plans are cached by mask content (LRU
 of 32), so a sampler that passes the same masks every run builds each plan once; an op that
 is given the same mask tensor again skips even the hashing. Real-valued masks (threshold <= 0)
 that are not 0/1 fall back to the float64 reference. All-ones windows (the optimal

@@ -1,7 +1,7 @@
 """Reference implementations of ``locality_denoise`` and ``optimal_denoise``: pure
 PyTorch, float64-capable.
 
-These are the executable form of SPEC 5 and 6. They favour clarity over speed
+These are the executable form of docs/algorithms.md §5 and §6. They favour clarity over speed
 (they form ``[B, chunk, n]`` squared differences and multiply by the dense mask,
 like the published code) but use the exact online softmax, direct differences
 ``(x - a*y)^2`` (never the cancelling expanded form), and bounded memory.
@@ -41,7 +41,7 @@ def locality_denoise_reference(
     chunk_size: int = 256,
     return_state: bool = False,
 ):
-    """SPEC 5. ``out[b, m] = sum_k softmax_k(-d[b, k, m] / (2 s2 tau)) y[k, m]`` with
+    """docs/algorithms.md §5. ``out[b, m] = sum_k softmax_k(-d[b, k, m] / (2 s2 tau)) y[k, m]`` with
     ``d[b, k, m] = sum_j M[j, m] (x[b, j] - a y[k, j])^2``.
 
     Returns ``[B, n]`` in x's dtype, or a :class:`SoftmaxState` (exact mode).
@@ -87,7 +87,7 @@ def optimal_denoise_reference(
     chunk_size: int = 256,
     return_state: bool = False,
 ):
-    """SPEC 6: ``out = sum_k softmax_k(-||x - a y_k||^2 / (2 s2 tau)) y_k`` over all N, exact."""
+    """docs/algorithms.md §6: ``out = sum_k softmax_k(-||x - a y_k||^2 / (2 s2 tau)) y_k`` over all N, exact."""
     dt = compute_dtype(x)
     B, n = x.shape
     a, s2 = noise_level(alpha_bar)

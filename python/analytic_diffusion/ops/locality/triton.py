@@ -38,7 +38,7 @@ differences (CUDA cores, no fp16), ``wsum_kernel`` streams them with an online
 softmax and accumulates ``p @ y`` (fp32 FMA dot, never TF32) per output tile.
 
 Splits of the training set (grid axis 2) give small query batches enough programs;
-their partial states are merged on the host exactly (SPEC 5). WSSM restarts the
+their partial states are merged on the host exactly (docs/algorithms.md §5.3). WSSM restarts the
 softmax at every chunk of ``chunk_size`` images (tiles start at chunk starts, the
 last tile of a chunk is masked) and sums the chunk means; splits are chunk-aligned.
 
@@ -506,7 +506,7 @@ def _split_plan(N: int, programs: int, device: torch.device, unit: int, splits: 
 
 
 def _merge_exact(mx: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
-    """Exact merge of split states along dim 0 (SPEC 5)."""
+    """Exact merge of split states along dim 0 (docs/algorithms.md §5.3)."""
     if mx.shape[0] == 1:
         return mx[0], l[0], acc[0]
     top = mx.amax(0)

@@ -26,7 +26,7 @@ def _shape_arg(n: ShapeLike) -> Tuple[int, Optional[Tuple[int, ...]]]:
 
 
 class MomentAccumulator:
-    """Streaming mean/covariance over vectors of length ``n`` (SPEC 2).
+    """Streaming mean/covariance over vectors of length ``n`` (docs/algorithms.md §2).
 
     ``MomentAccumulator(n)`` with ``n`` an int or an image shape ``(C, H, W)``.
     ``update(batch)`` takes uint8 or float ``[B, n]`` / ``[B, C, H, W]``;

@@ -17,7 +17,7 @@ _BLOCK_VALUES = 1 << 24  # bound on the [B, chunk, n] temporaries, in elements
 
 
 def nearest_denoise_reference(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, chunk_size: int = 256, return_state: bool = False):
-    """SPEC 6: ``y_{k*}``, ``k* = argmin_k ||x - a y_k||^2`` (the first index on ties).
+    """docs/algorithms.md §6: ``y_{k*}``, ``k* = argmin_k ||x - a y_k||^2`` (the first index on ties).
     ``return_state``: a :class:`NearestState` (distances in x's compute dtype, widened)."""
     dt = compute_dtype(x)
     B, n = x.shape

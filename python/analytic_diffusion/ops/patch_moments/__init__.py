@@ -62,7 +62,7 @@ def check_images(images, channels: int, name: str = "images") -> torch.Tensor:
 
 
 class PatchMomentAccumulator:
-    """Stationary k x k patch moments (SPEC 2) over images ``[B, C, H, W]``.
+    """Stationary k x k patch moments (docs/algorithms.md §2) over images ``[B, C, H, W]``.
 
     The patch vector at position p is the ``C*k*k`` values (C, then row, then column) of
     the window whose top-left corner is p, over every position where the window fits.
@@ -193,7 +193,7 @@ def estimate_patch_moments(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_every: int = 100,
 ) -> Moments:
-    """Stationary k x k patch moments of a dataset in one streaming pass (SPEC 2).
+    """Stationary k x k patch moments of a dataset in one streaming pass (docs/algorithms.md §2).
 
     ``data``: anything :func:`analytic_diffusion.data.iter_batches` takes, images
     ``[N, C, H, W]`` uint8 or float in [-1, 1]. ``patch_size``: odd k <= H, W. ``backend``:

@@ -1,7 +1,7 @@
 """The full stationary covariance: per-lag autocovariances over all offsets up to the image
 size, as patch moments of any window size (docs/patch_moments.md).
 
-Model. SPEC 2's patch moments average over the positions where a k x k window fits, which
+Model. docs/algorithms.md §2's patch moments average over the positions where a k x k window fits, which
 for k > H is none. At high noise the true window is most of the image, so for large k this
 module uses the stationary model directly: the covariance between the pixel of channel c at
 q and the pixel of channel c' at q + e depends only on the lag e = (di, dj), and is
@@ -20,7 +20,7 @@ The k x k patch moments are then ``mean[(c, i, j)] = m_c`` and ``cov[(c,i,j), (c
 Cov_{(i'-i, j'-j)}[c, c']``, for any odd k (k up to 2 max(H, W) - 1 reaches every lag inside
 the image), returned as :class:`Moments` of kind "patch" with ``image_shape (C, k, k)`` so
 :class:`analytic_diffusion.WindowedWiener` takes them directly. (For k <= H, W this differs from
-SPEC 2's patch moments only in which pixel pairs are averaged: all pairs at a lag instead of the
+docs/algorithms.md §2's patch moments only in which pixel pairs are averaged: all pairs at a lag instead of the
 pairs inside fitting windows.)
 
 Computation. The lag sums ``A_e[c,c'] = sum_b sum_q x[b,c,q] x[b,c',q+e]`` are a cross-

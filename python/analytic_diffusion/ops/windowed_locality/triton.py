@@ -34,7 +34,7 @@ merge with other backends'. float64 queries run the reference implementation (th
 kernel cannot deliver float64 accuracy; documented fallback).
 
 Splits of the training set (grid axis 2) give small query batches enough programs; their
-partial states are merged exactly on the host (SPEC 5). WSSM restarts the softmax at every
+partial states are merged exactly on the host (docs/algorithms.md §5.3). WSSM restarts the softmax at every
 chunk of ``chunk_size`` images and sums the chunk means; splits are chunk-aligned.
 """
 from __future__ import annotations
