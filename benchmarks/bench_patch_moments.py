@@ -22,6 +22,14 @@ FLOAT_CASES = [(8, 3, 16, 3)] if QUICK else [(64, 3, 64, 15)]
 STAT_CASES = [(8, 3, 8)] if QUICK else [(32, 3, 64)]
 
 
+def _timed(benchmark, fn, rounds, warmup_rounds=0):
+    """(fn(), median seconds): pytest-benchmark's timing, or one timed call of our own when
+    benchmarks are disabled (``--benchmark-disable`` in CI keeps no stats)."""
+    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    stats = getattr(benchmark, "stats", None)
+    return out, (stats.stats.median if stats is not None else time_call(fn, repeats=1, warmup=0))
+
+
 def _images(N, C, size, seed=0):
     return torch.randint(0, 256, (N, C, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
@@ -29,8 +37,7 @@ def _images(N, C, size, seed=0):
 @pytest.mark.parametrize("N,C,size,k", SUMS_CASES)
 def test_patch_sums_uint8(benchmark, record, N, C, size, k):
     x = _images(N, C, size)
-    s1, s2 = benchmark.pedantic(lambda: pm_cpu.patch_sums(x, k), rounds=1 if QUICK else 3, iterations=1, warmup_rounds=1)
-    seconds = benchmark.stats.stats.median
+    (s1, s2), seconds = _timed(benchmark, lambda: pm_cpu.patch_sums(x, k), 1 if QUICK else 3, warmup_rounds=1)
     ref_s = time_call(lambda: pm_ref.patch_sums(x, k), repeats=1, warmup=0)
     r1, r2 = pm_ref.BACKEND.patch_sums(x, k)
     exact = torch.equal(s2, r2) and torch.equal(s1, r1)
@@ -47,8 +54,7 @@ def test_patch_sums_uint8(benchmark, record, N, C, size, k):
 def test_patch_sums_float64(benchmark, record, N, C, size, k):
     x = (_images(N, C, size).double() - 127.5) / 127.5
     shift = x.mean((0, 2, 3))
-    s1, s2 = benchmark.pedantic(lambda: pm_cpu.patch_sums(x, k, shift), rounds=1 if QUICK else 2, iterations=1)
-    seconds = benchmark.stats.stats.median
+    (s1, s2), seconds = _timed(benchmark, lambda: pm_cpu.patch_sums(x, k, shift), 1 if QUICK else 2)
     ref_s = time_call(lambda: pm_ref.patch_sums(x - shift.reshape(1, -1, 1, 1), k), repeats=1, warmup=0)
     _, r2 = pm_ref.patch_sums(x - shift.reshape(1, -1, 1, 1), k)
     err = float((s2 - r2).abs().max() / r2.abs().max())
@@ -61,8 +67,7 @@ def test_patch_sums_float64(benchmark, record, N, C, size, k):
 @pytest.mark.parametrize("N,C,size", STAT_CASES)
 def test_stationary_fft_vs_direct(benchmark, record, N, C, size):
     x = _images(N, C, size, seed=1)
-    fft = benchmark.pedantic(lambda: StationaryMomentAccumulator(C, method="fft").update(x), rounds=1 if QUICK else 2, iterations=1)
-    seconds = benchmark.stats.stats.median
+    fft, seconds = _timed(benchmark, lambda: StationaryMomentAccumulator(C, method="fft").update(x), 1 if QUICK else 2)
     direct_s = time_call(lambda: StationaryMomentAccumulator(C, method="direct", backend="cpu").update(x), repeats=1, warmup=0)
     direct = StationaryMomentAccumulator(C, method="direct", backend="cpu").update(x)
     exact = torch.equal(fft._A, direct._A)
