@@ -279,3 +279,11 @@ def test_raw_cuda_rejects_host_pointer():
     dst = torch.empty(2, 3, device="cuda")
     with pytest.raises(ValueError, match="device-accessible"):
         mod.dequantize_u8(src.data_ptr(), dst.data_ptr(), 2, 3, 3, 1, False, 0)
+
+
+def test_a_cpu_backend_without_its_kernels_names_itself():
+    from analytic_diffusion import _ext
+
+    assert not _ext.cpu_has(("no_such_kernel",))
+    with pytest.raises(RuntimeError, match="the CPU nearest backend needs the compiled extension analytic_diffusion._C.*built without the nearest kernels.*backend='reference'"):
+        _ext.require_cpu(("no_such_kernel",), "nearest")

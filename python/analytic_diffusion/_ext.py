@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_module", "cuda_module", "build_info", "dequantize_u8"]
+__all__ = ["cpu_module", "cuda_module", "cpu_has", "require_cpu", "build_info", "dequantize_u8"]
 
 _CPU_NAME = "analytic_diffusion._C"
 _CUDA_NAME = "analytic_diffusion._C_cuda"
@@ -45,6 +45,24 @@ def _load(name: str) -> ModuleType | None:
 def cpu_module() -> ModuleType | None:
     """The compiled CPU extension ``analytic_diffusion._C``, or ``None`` if unavailable."""
     return _load(_CPU_NAME)
+
+
+def cpu_has(symbols) -> bool:
+    """``_C`` loads and has every one of ``symbols`` (a backend's availability probe)."""
+    mod = cpu_module()
+    return mod is not None and all(hasattr(mod, s) for s in symbols)
+
+
+def require_cpu(symbols, what: str) -> ModuleType:
+    """``_C`` for a CPU backend that calls ``symbols``, or a ``RuntimeError`` naming the
+    backend (``what``) and why the module is unusable."""
+    if cpu_has(symbols):
+        return cpu_module()
+    reason = build_info()["cpu"].get("error") or f"it was built without the {what} kernels"
+    raise RuntimeError(
+        f"the CPU {what} backend needs the compiled extension {_CPU_NAME}, which is not usable ({reason}). "
+        "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
+    )
 
 
 def cuda_module() -> ModuleType | None:

@@ -22,19 +22,11 @@ _KINDS = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 def available() -> bool:
     """``_C`` loads and has the ELS kernel."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the ELS kernel"
-        raise RuntimeError(
-            f"the CPU els_denoise backend needs the compiled extension analytic_diffusion._C, which is not usable "
-            f"({reason}). Rebuild it, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "els_denoise")
 
 
 def els_denoise_cpu(x, train, patch_size, alpha_bar, padding="circular", temperature=1.0, chunk_size=64, return_state=False):

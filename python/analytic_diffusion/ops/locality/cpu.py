@@ -25,7 +25,6 @@ from .plan_cache import PlanCache
 from .reference import locality_denoise_reference
 from ...schedule import noise_level
 
-_NAME = "analytic_diffusion._C"
 _SYMBOLS = ("locality_plan_build", "locality_plan_full", "locality_denoise_run", "LocalityPlan")
 _plans = PlanCache(max_entries=32)  # (mask content, segment, use_tree) -> _C.LocalityPlan
 _full_lock = threading.Lock()
@@ -34,19 +33,11 @@ _full_plans: dict = {}  # n -> plan of the all-ones mask
 
 def available() -> bool:
     """``_C`` loads and has the locality kernels."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the locality kernels"
-        raise RuntimeError(
-            f"the CPU locality backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
-            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "locality")
 
 
 def is_binary(mask: torch.Tensor) -> bool:

@@ -22,25 +22,16 @@ import torch
 
 from ... import _ext, registry
 
-_NAME = "analytic_diffusion._C"
 _SYMBOLS = ("u8_syrk_update", "f64_syrk_update", "u8_moments_finalize")
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the moments kernels"
-        raise RuntimeError(
-            f"the CPU moments backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
-            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "moments")
 
 
 def available() -> bool:
     """``_C`` loads and has the moments kernels."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def has_vnni() -> bool:

@@ -19,26 +19,17 @@ from ... import _ext, registry
 from ...schedule import noise_level
 from .state import NearestState
 
-_NAME = "analytic_diffusion._C"
 _SYMBOLS = ("nearest_denoise_run",)
 _TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def available() -> bool:
     """``_C`` loads and has the nearest kernel."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the nearest kernel"
-        raise RuntimeError(
-            f"the CPU nearest backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
-            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "nearest")
 
 
 def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force_portable: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,14 +18,12 @@ import torch
 from ... import _ext, registry
 from .layout import patch_s2, window_sums
 
-_NAME = "analytic_diffusion._C"
 _SYMBOLS = ("lag_rect_sums",)
 
 
 def available() -> bool:
     """``_C`` loads and has the patch-moments kernels."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def has_vnni() -> bool:
@@ -35,14 +33,7 @@ def has_vnni() -> bool:
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the patch-moments kernels"
-        raise RuntimeError(
-            f"the CPU patch_moments backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
-            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "patch_moments")
 
 
 def lag_rect_sums(

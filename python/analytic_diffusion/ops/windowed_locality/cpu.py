@@ -32,26 +32,17 @@ from ..softmax_state import SoftmaxState
 
 __all__ = ["available", "windowed_locality_denoise_cpu", "windowed_plan"]
 
-_NAME = "analytic_diffusion._C"
 _SYMBOLS = ("windowed_locality_run", "windowed_locality_plan")
 _TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def available() -> bool:
     """``_C`` loads and has the windowed locality kernel."""
-    mod = _ext.cpu_module()
-    return mod is not None and all(hasattr(mod, s) for s in _SYMBOLS)
+    return _ext.cpu_has(_SYMBOLS)
 
 
 def _module():
-    mod = _ext.cpu_module()
-    if mod is None or not all(hasattr(mod, s) for s in _SYMBOLS):
-        reason = _ext.build_info()["cpu"].get("error") or "it was built without the windowed locality kernel"
-        raise RuntimeError(
-            f"the CPU windowed locality backend needs the compiled extension {_NAME}, which is not usable ({reason}). "
-            "Reinstall with `pip install --no-build-isolation -v .`, or use backend='reference'."
-        )
-    return mod
+    return _ext.require_cpu(_SYMBOLS, "windowed locality")
 
 
 def _window_u8(window: torch.Tensor) -> torch.Tensor:
