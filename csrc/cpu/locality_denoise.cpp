@@ -760,3 +760,129 @@ bool locality_denoise_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, 
 }
 
 }  // namespace analytic_diffusion
+
+// ======================================================================== pruned runs
+namespace analytic_diffusion {
+namespace {
+
+// Training image k -> dst [n] float64 in [-1, 1] (uint8 through the exact table).
+void gather_row(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n, int64_t ts0, int64_t ts1,
+                const double* lut) {
+    if (kind == 0) {
+        const uint8_t* r = reinterpret_cast<const uint8_t*>(train_ptr) + k * ts0;
+        for (int64_t j = 0; j < n; ++j) dst[j] = lut[r[j * ts1]];
+    } else if (kind == 1) {
+        const float* r = reinterpret_cast<const float*>(train_ptr) + k * ts0;
+        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<double>(r[j * ts1]);
+    } else {
+        const double* r = reinterpret_cast<const double*>(train_ptr) + k * ts0;
+        for (int64_t j = 0; j < n; ++j) dst[j] = r[j * ts1];
+    }
+}
+
+}  // namespace
+
+void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64_t xs0, int64_t xs1,
+                     bool x_is_double, uintptr_t train_ptr, int64_t N, int64_t ts0, int64_t ts1,
+                     int train_kind, double a, double scale, uintptr_t offsets_ptr, uintptr_t index_ptr,
+                     bool argmin, uintptr_t out_ptr, bool out_is_double, uintptr_t mx_ptr, uintptr_t l_ptr,
+                     uintptr_t acc_ptr, uintptr_t arg_ptr, bool force_portable) {
+    const int64_t n = plan.n;
+    if (!plan.full) throw std::invalid_argument("full_pruned_run: needs the all-ones plan (locality_plan_full)");
+    if (B < 1 || N < 1) throw std::invalid_argument("full_pruned_run: need B >= 1 and N >= 1");
+    if (x_ptr == 0 || train_ptr == 0 || offsets_ptr == 0 || index_ptr == 0)
+        throw std::invalid_argument("full_pruned_run: null input");
+    if (train_kind < 0 || train_kind > 2) throw std::invalid_argument("full_pruned_run: bad train_kind");
+    if (!(a > 0.0) || !(scale > 0.0) || !std::isfinite(scale))
+        throw std::invalid_argument("full_pruned_run: a and scale must be positive and finite");
+    const auto* off = reinterpret_cast<const int64_t*>(offsets_ptr);
+    const auto* idx = reinterpret_cast<const int64_t*>(index_ptr);
+    for (int64_t b = 0; b < B; ++b) {
+        if (off[b + 1] <= off[b]) throw std::invalid_argument("full_pruned_run: every query needs >= 1 image");
+    }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = off[b]; i < off[b + 1]; ++i)
+            if (idx[i] < 0 || idx[i] >= N || (i > off[b] && idx[i] <= idx[i - 1]))
+                throw std::invalid_argument("full_pruned_run: indices must be ascending within [0, N) per query");
+    BlockFn block = ld_portable::process_block_full;
+    FullDistancesFn dist8 = ld_portable::full_distances8;
+#if AD_LD_DISPATCH
+    if (!force_portable && cpu_has_avx512()) {
+        block = ld_avx512::process_block_full;
+        dist8 = ld_avx512::full_distances8;
+    }
+#endif
+    double lut[256];
+    for (int u = 0; u < 256; ++u) lut[u] = dequantize_u8_value<double>(static_cast<uint8_t>(u));
+    const int nt = team_size();
+    std::vector<std::unique_ptr<double[], FreeDeleter>> scratch;
+    // per thread: Ys [8][n], the query [n], acc [n], distances [8]
+    for (int t = 0; t < nt; ++t) scratch.push_back(aligned_array<double>(kLdLanes * n + 2 * n + kLdLanes));
+    auto* out_d = reinterpret_cast<double*>(out_ptr);
+    auto* out_f = reinterpret_cast<float*>(out_ptr);
+    auto* mx_out = reinterpret_cast<double*>(mx_ptr);
+    auto* l_out = reinterpret_cast<double*>(l_ptr);
+    auto* acc_out = reinterpret_cast<double*>(acc_ptr);
+    auto* arg_out = reinterpret_cast<int64_t*>(arg_ptr);
+    const int team = static_cast<int>(std::min<int64_t>(nt, B));
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(team) if (team > 1)
+#endif
+    {
+        double* Ys = scratch[thread_index()].get();
+        double* xb = Ys + kLdLanes * n;
+        double* acc = xb + n;
+        double* d = acc + n;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t j = 0; j < n; ++j)
+                xb[j] = x_is_double ? reinterpret_cast<const double*>(x_ptr)[b * xs0 + j * xs1]
+                                    : static_cast<double>(reinterpret_cast<const float*>(x_ptr)[b * xs0 + j * xs1]);
+            double mx = -std::numeric_limits<double>::infinity(), l = 0.0;
+            double best = std::numeric_limits<double>::infinity();
+            int64_t barg = -1;
+            std::fill(acc, acc + n, 0.0);
+            for (int64_t i0 = off[b]; i0 < off[b + 1]; i0 += kLdLanes) {
+                const int nvalid = static_cast<int>(std::min<int64_t>(kLdLanes, off[b + 1] - i0));
+                // gather the block's images (ascending indices: the same order as the unpruned run)
+                for (int q = 0; q < nvalid; ++q) gather_row(Ys + q * n, train_ptr, train_kind, idx[i0 + q], n, ts0, ts1, lut);
+                if (nvalid < kLdLanes) std::fill(Ys + nvalid * n, Ys + kLdLanes * n, 0.0);
+                if (argmin) {
+                    dist8(xb, Ys, n, a, d);
+                    for (int q = 0; q < nvalid; ++q)
+                        if (d[q] < best) {  // strict: the lowest index keeps a tie
+                            best = d[q];
+                            barg = idx[i0 + q];
+                        }
+                } else {
+                    block(plan, xb, 1, nullptr, Ys, nvalid, a, scale, nullptr, d, &mx, &l, acc);
+                }
+            }
+            if (argmin) {
+                if (arg_out) arg_out[b] = barg;
+                if (l_out) l_out[b] = best;
+                if (out_ptr) {
+                    gather_row(Ys, train_ptr, train_kind, barg, n, ts0, ts1, lut);
+                    for (int64_t j = 0; j < n; ++j) {
+                        if (out_is_double) out_d[b * n + j] = Ys[j];
+                        else out_f[b * n + j] = static_cast<float>(Ys[j]);
+                    }
+                }
+                continue;
+            }
+            if (mx_out) mx_out[b] = mx;
+            if (l_out) l_out[b] = l;
+            for (int64_t j = 0; j < n; ++j) {
+                if (acc_out) acc_out[b * n + j] = acc[j];
+                if (out_ptr) {
+                    if (out_is_double) out_d[b * n + j] = acc[j] / l;
+                    else out_f[b * n + j] = static_cast<float>(acc[j] / l);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace analytic_diffusion

@@ -129,6 +129,20 @@ bool locality_denoise_run(
     bool force_portable     // true: plain C++ kernel even where the AVX-512 one runs
 );
 
+// The optimal denoiser (argmin = false) or nearest (argmin = true) over a per-query subset of
+// the training set (docs/algorithms.md §14: the survivors of certified pruning): query b sees
+// images index[offsets[b] .. offsets[b+1]) (int64, ascending, at least one), in that order,
+// with the distances and online softmax of locality_denoise_run's all-ones plan (bit-identical
+// distances; the same order of images as an unpruned run). Parallel over queries.
+// Outputs (0 = not wanted): out [B, n] (float64 if out_is_double else float32); softmax: mx, l
+// [B] float64 and acc [B, n] float64 (the state); argmin: arg [B] int64 (lowest index on ties)
+// and l [B] its float64 distance.
+void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64_t xs0, int64_t xs1,
+                     bool x_is_double, uintptr_t train_ptr, int64_t N, int64_t ts0, int64_t ts1,
+                     int train_kind, double a, double scale, uintptr_t offsets_ptr, uintptr_t index_ptr,
+                     bool argmin, uintptr_t out_ptr, bool out_is_double, uintptr_t mx_ptr, uintptr_t l_ptr,
+                     uintptr_t acc_ptr, uintptr_t arg_ptr, bool force_portable);
+
 // True when locality_denoise_run uses the AVX-512 kernel (compiled in and supported here).
 bool locality_has_avx512();
 

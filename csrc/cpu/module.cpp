@@ -327,6 +327,15 @@ PYBIND11_MODULE(_C, m) {
           "Softmax-weighted denoising with a plan: exact (chunk = 0) or WSSM (chunk > 0); "
           "writes out [B, n] and/or the float64 state mx, l [B, G], acc [B, n]. Returns "
           "whether fixed-point distances were used (allow_fixed and within the error bound).");
+    m.def("full_pruned_run", &analytic_diffusion::full_pruned_run, py::arg("plan"), py::arg("x_ptr"),
+          py::arg("B"), py::arg("x_stride0"), py::arg("x_stride1"), py::arg("x_is_double"),
+          py::arg("train_ptr"), py::arg("N"), py::arg("train_stride0"), py::arg("train_stride1"),
+          py::arg("train_kind"), py::arg("a"), py::arg("scale"), py::arg("offsets_ptr"),
+          py::arg("index_ptr"), py::arg("argmin"), py::arg("out_ptr"), py::arg("out_is_double"),
+          py::arg("mx_ptr"), py::arg("l_ptr"), py::arg("acc_ptr"), py::arg("arg_ptr"),
+          py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
+          "Optimal (softmax) or nearest (argmin) over each query's subset of the training set "
+          "(offsets [B + 1], ascending indices, int64): the survivors of certified pruning.");
     m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
     m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
           "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");

@@ -20,17 +20,17 @@ import threading
 import torch
 
 from ... import _ext, registry
+from .. import pruning
+from ..pruning import last_stats  # noqa: F401  (re-exported: the benchmarks read it here)
 from ..softmax_state import SoftmaxState
 from .plan_cache import PlanCache
 from .reference import locality_denoise_reference
 from ...schedule import noise_level
 
-_SYMBOLS = ("locality_plan_build", "locality_plan_full", "locality_denoise_run", "LocalityPlan")
+_SYMBOLS = ("locality_plan_build", "locality_plan_full", "locality_denoise_run", "full_pruned_run", "LocalityPlan")
 _plans = PlanCache(max_entries=32)  # (mask content, segment, use_tree) -> _C.LocalityPlan
 _full_lock = threading.Lock()
 _full_plans: dict = {}  # n -> plan of the all-ones mask
-
-
 def available() -> bool:
     """``_C`` loads and has the locality kernels."""
     return _ext.cpu_has(_SYMBOLS)
@@ -69,7 +69,8 @@ def locality_plan(mask: torch.Tensor, *, segment: int = 0, use_tree: bool = True
     return _plans.get(mask, (int(segment), bool(use_tree)), build)
 
 
-def _full_plan(n: int):
+def full_plan(n: int):
+    """The cached plan of the all-ones mask for n pixels (the optimal denoiser; ``full_pruned_run`` takes it)."""
     with _full_lock:
         plan = _full_plans.get(n)
     if plan is None:
@@ -98,6 +99,7 @@ def _run(plan, x: torch.Tensor, train: torch.Tensor, alpha_bar: float, temperatu
         train = train.float()  # float16 / bfloat16 images: exact in float32
     B, n = x.shape
     N = train.shape[0]
+    pruning.set_stats(B * N, 0)
     if plan.n != n:
         raise ValueError(f"plan is for n = {plan.n}, the queries have n = {n}")
     a, s2 = noise_level(alpha_bar)
@@ -138,9 +140,43 @@ def locality_denoise_cpu(x, train, mask, alpha_bar, temperature=1.0, softmax="ex
     return _run(plan, x, train, alpha_bar, temperature, 0 if softmax == "exact" else chunk_size, return_state, True)
 
 
-def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, return_state=False):
-    """Backend of ``ops.optimal_denoise``: the one-group plan, O(N n)."""
-    return _run(_full_plan(x.shape[1]), x, train, alpha_bar, temperature, 0, return_state, False)
+# Below this many training images the bound's GEMM and per-query calls cost more than they save.
+PRUNE_MIN_N = 256
+# Pruning pays only when most pairs are skipped (the survivors run one kernel call per query).
+PRUNE_MAX_KEPT = 0.5
+
+
+def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, return_state=False, prune=True):
+    """Backend of ``ops.optimal_denoise``: the one-group plan, O(N n); with ``prune`` (default)
+    certified pruning (docs/algorithms.md §14): images whose weight is provably below
+    ``2^-64 / N`` of a kept image's are never read. :func:`last_stats` counts what was skipped."""
+    B, n = x.shape
+    N = train.shape[0]
+    plan = full_plan(n)
+    if not prune or N < PRUNE_MIN_N:
+        return _run(plan, x, train, alpha_bar, temperature, 0, return_state, False)
+    offsets, index = pruning.survivors(x, train, alpha_bar, pruning.softmax_margin(N, alpha_bar, temperature))
+    kept = int(index.numel())
+    if kept > PRUNE_MAX_KEPT * B * N:
+        return _run(plan, x, train, alpha_bar, temperature, 0, return_state, False)
+    if train.dtype not in _TRAIN_KIND:
+        train = train.float()
+    a, s2 = noise_level(alpha_bar)
+    nan = float("nan")
+    # outputs start as NaN so that anything the kernel failed to write is visible
+    out = None if return_state else torch.full((B, n), nan, dtype=x.dtype)
+    mx = l = acc = None
+    if return_state:
+        mx, l, acc = (torch.full(s, nan, dtype=torch.float64) for s in ((B, 1), (B, 1), (B, n)))
+    _module().full_pruned_run(
+        plan, x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
+        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        a, 1.0 / (2.0 * s2 * temperature), offsets.data_ptr(), index.data_ptr(), False,
+        0 if out is None else out.data_ptr(), x.dtype == torch.float64,
+        0 if mx is None else mx.data_ptr(), 0 if l is None else l.data_ptr(), 0 if acc is None else acc.data_ptr(), 0,
+    )
+    pruning.set_stats(B * N, B * N - kept)
+    return SoftmaxState(mx, l, acc) if return_state else out
 
 
 registry.register("locality_denoise", "cpu", locality_denoise_cpu, devices=("cpu",), priority=10, is_available=available, prepare=locality_plan)

@@ -17,9 +17,11 @@ import torch
 
 from ... import _ext, registry
 from ...schedule import noise_level
+from .. import pruning
+from ..locality.cpu import full_plan
 from .state import NearestState
 
-_SYMBOLS = ("nearest_denoise_run",)
+_SYMBOLS = ("nearest_denoise_run", "full_pruned_run")
 _TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
@@ -62,10 +64,49 @@ def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force
     return out, index, dist
 
 
-def nearest_denoise_cpu(x, train, alpha_bar, chunk_size=256, return_state=False):
+# Below this many training images the bound costs more than it saves.
+PRUNE_MIN_N = 256
+PRUNE_MAX_KEPT = 0.5
+
+
+def nearest_pruned_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float):
+    """:func:`nearest_run` with certified pruning (docs/algorithms.md §14): an image is skipped only
+    when a proven lower bound on its distance exceeds a proven upper bound on the smallest, so
+    the result (index, lowest on ties, and its float64 distance, bit for bit) is the unpruned
+    one. Returns None where pruning would not pay (then run :func:`nearest_run`)."""
+    B, n = x.shape
+    N = train.shape[0]
+    if N < PRUNE_MIN_N:
+        return None
+    offsets, index = pruning.survivors(x, train, alpha_bar, 0.0)
+    kept = int(index.numel())
+    if kept > PRUNE_MAX_KEPT * B * N:
+        return None
+    if train.dtype not in _TRAIN_KIND:
+        train = train.float()
+    a, _ = noise_level(alpha_bar)
+    out = torch.full((B, n), float("nan"), dtype=x.dtype)
+    arg = torch.full((B,), -1, dtype=torch.int64)
+    dist = torch.full((B,), float("nan"), dtype=torch.float64)
+    _module().full_pruned_run(
+        full_plan(n), x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
+        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        a, 1.0, offsets.data_ptr(), index.data_ptr(), True,
+        out.data_ptr(), x.dtype == torch.float64, 0, dist.data_ptr(), 0, arg.data_ptr(),
+    )
+    pruning.set_stats(B * N, B * N - kept)
+    return out, arg, dist
+
+
+def nearest_denoise_cpu(x, train, alpha_bar, chunk_size=256, return_state=False, prune=True):
     """Backend of ``ops.nearest_denoise`` (reference signature; inputs validated).
-    ``chunk_size`` is a memory knob of the reference only."""
-    out, index, dist = nearest_run(x, train, alpha_bar)
+    ``chunk_size`` is a memory knob of the reference only; ``prune`` (default) skips images
+    that provably cannot be the nearest (docs/algorithms.md §14; same result)."""
+    res = nearest_pruned_run(x, train, alpha_bar) if prune else None
+    if res is None:
+        pruning.set_stats(x.shape[0] * train.shape[0], 0)
+        res = nearest_run(x, train, alpha_bar)
+    out, index, dist = res
     return NearestState(dist, index, out) if return_state else out
 
 

@@ -1,0 +1,193 @@
+"""Certified pruning of whole-image distances (docs/algorithms.md §14), shared by the CPU
+backends of ``optimal_denoise`` (ops/locality) and ``nearest_denoise`` (ops/nearest).
+
+A training image is skipped for a query only when a proven lower bound on its distance
+``d_k = ||x - a y_k||^2`` exceeds a proven upper bound ``U`` on the smallest distance by a
+margin ``delta``: for the softmax, ``delta = (64 ln 2 + ln N) / scale`` makes every skipped
+weight smaller than ``2^-64 / N`` times the weight of an image that is kept, so all of them
+together change the normaliser by less than ``2^-64`` relative and the output by less than
+``2^-63`` (absolute, images in [-1, 1]); for the argmin, ``delta = 0``.
+
+The lower bound (docs/algorithms.md §14.1) is the expanded distance
+``||x||^2 - 2a <x, y_k> + a^2 ||y_k||^2`` with the cross terms from one float32 GEMM
+``[B, n] x [n, N]`` (exact float32 operands: uint8 images as ``u - 127.5``), minus a proven
+bound on its error: a float32 dot product of length n with one more rounding of x is off by at
+most ``gamma_{n+1} sum_j |x_j| |y_j| <= gamma_{n+1} ||x|| ||y||`` for any summation order
+(Higham, Accuracy and Stability, Thm 3.1 / §3.5), ``gamma_m = m u / (1 - m u)``,
+``u = 2^-24``; the float64 parts add at most ``(4n + 64) 2^-53 (||x|| + a ||y||)^2``. The
+expanded form cancels at low noise (docs/algorithms.md §5.7), which only makes the bound
+looser, never wrong: the subtracted error bound holds whatever the cancellation. The
+float32 GEMM runs only when torch computes float32 matmuls in IEEE float32
+(``torch.get_float32_matmul_precision() == "highest"``, no oneDNN bf16/tf32 override);
+otherwise the same bound is computed in float64 (``u = 2^-53``).
+
+The upper bound: the exact float64 distances (direct differences) of the ``CANDIDATES``
+images with the smallest lower bounds; the smallest, enlarged by its own rounding bound.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from typing import Tuple
+
+import torch
+
+from .._validate import to_unit
+from ..schedule import noise_level
+
+__all__ = ["TrainFeatures", "train_features", "survivors", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "softmax_margin", "fp32_gemm_is_ieee"]
+
+CANDIDATES = 4  # exact distances per query for the upper bound
+_CHUNK = 2048  # images converted to float64 at a time (2048 x 3072 x 8 B = 50 MB)
+_U = 2.0**-53  # float64 unit roundoff
+
+_stats = threading.local()
+
+
+def last_stats() -> dict:
+    """Counters of this thread's last pruned CPU call (optimal, nearest, locality):
+    ``pairs`` (query x image pairs), ``skipped`` (pairs whose distance the kernel never
+    computed) and ``skipped_fraction``. Empty before the first call; a debugging and
+    benchmarking hook."""
+    return dict(getattr(_stats, "value", {}))
+
+
+def set_stats(pairs: int, skipped: int) -> None:
+    """Record the counters :func:`last_stats` returns (called by the backends)."""
+    _stats.value = {"pairs": int(pairs), "skipped": int(skipped), "skipped_fraction": skipped / pairs if pairs else 0.0}
+
+
+def fp32_gemm_is_ieee() -> bool:
+    """Whether torch's CPU float32 matmul is plain IEEE float32 (the error bound of the module
+    docstring assumes it): no reduced-precision setting is active."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    prec = getattr(mk, "fp32_precision", None) if mk is not None else None
+    return prec in (None, "none", "ieee")
+
+
+class TrainFeatures:
+    """Per training set (computed once, cached by identity and version): ``Y`` ``[N, n]``
+    float32 exact copies of the images, uint8 as ``u - 127.5`` (``scale`` = 1/127.5 maps them
+    to [-1, 1]; a float32 training set is used in place, float64 is kept as float64), and
+    ``y2`` / ``ynorm`` float64 ``[N]``: squared norms and norms in [-1, 1] units."""
+
+    def __init__(self, train: torch.Tensor):
+        N, n = train.shape
+        self.n, self.N = n, N
+        if train.dtype == torch.uint8:
+            self.Y = torch.empty(N, n, dtype=torch.float32)
+            for k0 in range(0, N, _CHUNK):
+                self.Y[k0 : k0 + _CHUNK] = train[k0 : k0 + _CHUNK].to(torch.float32).sub_(127.5)
+            self.scale = 1.0 / 127.5
+        elif train.dtype == torch.float64:
+            self.Y, self.scale = train, 1.0
+        else:
+            self.Y, self.scale = train.to(torch.float32), 1.0  # float32 in place; float16/bfloat16 exactly
+        norms = []
+        for k0 in range(0, N, _CHUNK):
+            norms.append(to_unit(train[k0 : k0 + _CHUNK], torch.float64).pow(2).sum(1))
+        self.y2 = torch.cat(norms)
+        self.ynorm = self.y2.sqrt()
+
+    def dots(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """``(<x, y_k> [B, N] float64, g)``: the cross terms and ``g`` with
+        ``|computed - exact| <= g ||x|| ||y_k||``."""
+        n = self.n
+        if self.Y.dtype == torch.float32 and fp32_gemm_is_ieee():
+            u = 2.0**-24
+            d = (x.to(torch.float32) @ self.Y.T).to(torch.float64) * self.scale
+        else:
+            u = _U
+            xd = x.to(torch.float64)
+            d = torch.cat([xd @ self.Y[k0 : k0 + _CHUNK].to(torch.float64).T for k0 in range(0, self.N, _CHUNK)], 1) * self.scale
+        m = n + 2  # n products and sums, one rounding of x, one of the scaling
+        return d, m * u / (1.0 - m * u) * (1.0 + 1e-6)
+
+
+_cache_lock = threading.RLock()  # re-entrant: a weakref callback (_forget) can run inside a locked section when gc collects a training set
+_cache: dict = {}  # (id(base), data_ptr, shape, stride, dtype) -> (weakref to base, version, TrainFeatures)
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+def train_features(train: torch.Tensor) -> TrainFeatures:
+    """The cached :class:`TrainFeatures` of ``train`` ``[N, n]`` (uint8 or float in [-1, 1]).
+    Reused while the tensor it was computed from -- or, for a view such as the ops' flattened
+    ``[N, n]`` of an ``[N, C, H, W]`` set, the tensor it views -- is alive, unchanged (its
+    version counter, which views share) and seen through the same address, shape and
+    strides; anything else recomputes (a stale entry would make the bound wrong)."""
+    base = train._base if train._base is not None else train
+    ver = _version(train)
+    sig = (train.data_ptr(), tuple(train.shape), tuple(train.stride()), train.dtype)
+    key = (id(base),) + sig
+    if ver is not None:
+        with _cache_lock:
+            hit = _cache.get(key)
+        if hit is not None and hit[0]() is base and hit[1] == ver:
+            return hit[2]
+    feats = TrainFeatures(train)
+    if ver is not None:
+        ref = weakref.ref(base, lambda _r, key=key: _forget(key))
+        with _cache_lock:
+            _cache[key] = (ref, ver, feats)
+            while len(_cache) > 4:
+                _cache.pop(next(iter(_cache)))
+    return feats
+
+
+def _forget(key) -> None:
+    with _cache_lock:
+        _cache.pop(key, None)
+
+
+def clear_feature_cache() -> None:
+    """Forget every cached :class:`TrainFeatures` (tests, memory)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def softmax_margin(N: int, alpha_bar: float, temperature: float) -> float:
+    """``delta`` of the module docstring for a softmax over N images: a distance margin whose
+    logit is ``64 ln 2 + ln N`` (docs/algorithms.md §14.2)."""
+    _, s2 = noise_level(alpha_bar)
+    return (64.0 * math.log(2.0) + math.log(max(N, 1))) * 2.0 * s2 * temperature
+
+
+def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets [B + 1], index)`` int64 (CSR): per query b, ``index[offsets[b]:offsets[b+1]]`` are the ascending indices of the training images whose distance may lie
+    within ``margin`` of the smallest: every image with ``d_k <= min_j d_j + margin`` is
+    listed (proof in the module docstring and docs/algorithms.md §14.1), the others may be
+    dropped. ``x`` float32/float64 ``[B, n]``, ``train`` ``[N, n]`` (uint8 or float), CPU."""
+    B, n = x.shape
+    N = train.shape[0]
+    a, _ = noise_level(alpha_bar)
+    tf = train_features(train)
+    xf = x.to(torch.float64)
+    x2 = xf.pow(2).sum(1)  # [B]
+    xn = x2.sqrt()
+    dots, g = tf.dots(xf)
+    est = x2[:, None] + (a * a) * tf.y2[None, :] - (2.0 * a) * dots  # [B, N]
+    err = (2.0 * a * g) * xn[:, None] * tf.ynorm[None, :] + (4 * n + 64) * _U * (xn[:, None] + a * tf.ynorm[None, :]) ** 2
+    lb = est - err
+    # upper bound: exact distances of the few images with the smallest estimates
+    c = min(CANDIDATES, N)
+    cand = torch.topk(est, c, dim=1, largest=False).indices  # [B, c]
+    yc = to_unit(train[cand.reshape(-1)], torch.float64).reshape(B, c, n)
+    dc = (xf[:, None, :] - a * yc).pow(2).sum(2)  # direct differences, float64
+    # enlarged by its rounding bound: each term's error is below 3u (|x| + a|y|)^2 and the
+    # sum adds gamma_n; (4n + 64) u (||x|| + a ||y||)^2 covers both
+    dc = dc + (4 * n + 64) * _U * (xn[:, None] + a * tf.ynorm[cand]) ** 2
+    U = torch.minimum(dc.min(1).values, (est + err).min(1).values)
+    keep = lb <= (U + margin)[:, None]
+    rows, cols = torch.nonzero(keep, as_tuple=True)  # row-major: ascending per query
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=B), 0)
+    return offsets, cols.contiguous()

@@ -1,0 +1,176 @@
+"""Certified pruning (docs/algorithms.md §14; ops/pruning.py) in the CPU backends of optimal_denoise and
+nearest_denoise: the bound never drops an image that matters, pruning really skips images, and
+the pruned results equal the unpruned kernel's (within 1e-12 relative) and the float64
+reference, adversarially: duplicated training images, queries equal to (scaled) training
+images, near-duplicates one grey level apart, t <= 10 and t >= 900, uint8 and float data,
+non-contiguous inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import analytic_diffusion as ad
+from analytic_diffusion.ops import merge_states, nearest_denoise_reference, optimal_denoise_reference, pruning
+from analytic_diffusion.ops.locality import cpu as locality_cpu
+from analytic_diffusion.ops.nearest import cpu as nearest_cpu
+
+pytestmark = pytest.mark.skipif(not locality_cpu.available(), reason="compiled module _C not built")
+
+N, B, SIZE = 600, 5, 8  # N above the backends' PRUNE_MIN_N
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def data(kind: str, seed: int = 0):
+    """Natural crops with adversarial structure: images 1 and 2 duplicate image 0, image 4 is
+    image 3 one grey level brighter in one pixel."""
+    u = ad.data.natural_crops(N + B, size=SIZE, seed=seed).reshape(N + B, -1)
+    u[1] = u[0]
+    u[2] = u[0]
+    u[4] = u[3]
+    u[4, 7] = min(int(u[3, 7]) + 1, 255) if int(u[3, 7]) < 255 else 254
+    train, held = u[:N], u[N:]
+    if kind == "float32":
+        train = (train.double() / 127.5 - 1).float()
+    elif kind == "float64":
+        train = train.double() / 127.5 - 1
+    return train, held
+
+
+def queries(held, t, train, exact_index=None, seed=0):
+    ab = ad.alpha_bar_at(t)
+    g = torch.Generator().manual_seed(seed + t)
+    y0 = held.double() / 127.5 - 1
+    x = math.sqrt(ab) * y0 + math.sqrt(1 - ab) * torch.randn(y0.shape, generator=g, dtype=torch.float64)
+    if exact_index is not None:  # query 0 is exactly a * (a duplicated training image)
+        y = train[exact_index].double()
+        x[0] = math.sqrt(ab) * (y / 127.5 - 1 if train.dtype == torch.uint8 else y)
+    return x, ab
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32", "float64"])
+@pytest.mark.parametrize("t", [0, 5, 10, 100, 300, 900, 999])
+def test_survivors_contain_every_image_that_matters(kind, t):
+    """The guarantee itself: every image with d_k <= min d + margin survives (float64 truth)."""
+    train, held = data(kind)
+    x, ab = queries(held, t, train, exact_index=0)
+    margin = pruning.softmax_margin(N, ab, 1.0)
+    offsets, index = pruning.survivors(x, train, ab, margin)
+    a = math.sqrt(ab)
+    y = train.double() / 127.5 - 1 if train.dtype == torch.uint8 else train.double()
+    d = ((x[:, None, :] - a * y[None]) ** 2).sum(-1)
+    for b in range(B):
+        kept = set(index[offsets[b] : offsets[b + 1]].tolist())
+        must = set(torch.nonzero(d[b] <= d[b].min() + margin).reshape(-1).tolist())
+        assert must <= kept
+        assert torch.all(index[offsets[b] + 1 : offsets[b + 1]] > index[offsets[b] : offsets[b + 1] - 1])  # ascending
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32", "float64"])
+@pytest.mark.parametrize("t", [0, 5, 10, 100, 300, 900])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float64])
+def test_optimal_pruned_equals_unpruned(kind, t, xdtype):
+    train, held = data(kind)
+    x, ab = queries(held, t, train, exact_index=1)
+    x = x.to(xdtype)
+    full = locality_cpu.optimal_denoise_cpu(x, train, ab, prune=False)
+    pruned = locality_cpu.optimal_denoise_cpu(x, train, ab)
+    stats = pruning.last_stats()
+    assert stats["pairs"] == B * N
+    if t <= 100:  # sharp softmax: most images are provably irrelevant
+        assert stats["skipped_fraction"] > 0.5
+    assert not torch.isnan(pruned).any()
+    assert pruned.dtype == xdtype
+    assert rel(pruned, full) <= (1e-12 if xdtype == torch.float64 else 1e-7)
+    ref = optimal_denoise_reference(x.double(), train, ab)
+    assert rel(pruned, ref) <= (1e-10 if xdtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 10, 200])
+def test_optimal_pruned_state_is_mergeable(t):
+    """States of two shards, each pruned on its own, merge to the unpruned whole (§5.3)."""
+    train, held = data("uint8", seed=3)
+    x, ab = queries(held, t, train, exact_index=2)
+    whole = locality_cpu.optimal_denoise_cpu(x, train, ab, return_state=True, prune=False)
+    s1 = locality_cpu.optimal_denoise_cpu(x, train[:300], ab, return_state=True)
+    skipped1 = pruning.last_stats()["skipped"]
+    s2 = locality_cpu.optimal_denoise_cpu(x, train[300:], ab, return_state=True)
+    assert skipped1 + pruning.last_stats()["skipped"] > 0
+    merged = merge_states(s1, s2)
+    assert rel(merged.result(), whole.result()) < 1e-12
+    # the max logit is an image that is always kept: identical
+    assert torch.equal(torch.maximum(s1.mx, s2.mx), whole.mx)
+
+
+@pytest.mark.parametrize("t", [0, 10])
+def test_optimal_near_duplicates_keep_their_weight(t):
+    """Query = a * image 3; image 4 differs by one grey level in one pixel: at t <= 10 its weight
+    is a sizeable fraction, so it must survive, and the output is the unpruned one."""
+    train, held = data("uint8")
+    x, ab = queries(held, t, train)
+    x[0] = math.sqrt(ab) * (train[3].double() / 127.5 - 1)
+    full = locality_cpu.optimal_denoise_cpu(x, train, ab, prune=False)
+    pruned = locality_cpu.optimal_denoise_cpu(x, train, ab)
+    assert pruning.last_stats()["skipped_fraction"] > 0.9
+    assert rel(pruned, full) < 1e-12
+    assert not torch.equal(full[0], train[3].double() / 127.5 - 1)  # image 4 contributes
+
+
+def test_optimal_pruned_non_contiguous_inputs_unchanged():
+    train, held = data("uint8")
+    x, ab = queries(held, 10, train)
+    xt = x.t().contiguous().t()  # column-major [B, n]
+    tr = torch.stack([train, train], 2).reshape(N, -1)[:, ::2]  # element stride 2
+    assert torch.equal(tr, train)
+    x_copy, tr_copy = xt.clone(), tr.clone()
+    out = ad.ops.optimal_denoise(xt, tr, ab, backend="cpu")
+    assert pruning.last_stats()["skipped"] > 0
+    assert torch.equal(xt, x_copy) and torch.equal(tr, tr_copy)
+    assert rel(out, optimal_denoise_reference(x, train, ab)) < 1e-10
+
+
+def test_feature_cache_follows_in_place_writes():
+    """The cached norms belong to the data: an in-place write recomputes them (else the bound
+    would be wrong)."""
+    train, held = data("float64")
+    x, ab = queries(held, 0, train)
+    ad.ops.optimal_denoise(x, train, ab, backend="cpu")
+    train[:] = torch.flip(train, [0])  # same tensor, new content
+    out = ad.ops.optimal_denoise(x, train, ab, backend="cpu")
+    assert rel(out, optimal_denoise_reference(x, train, ab)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+@pytest.mark.parametrize("t", [0, 10, 300, 900])
+def test_nearest_pruned_equals_unpruned(kind, t):
+    train, held = data(kind)
+    x, ab = queries(held, t, train, exact_index=2)  # a tie among images 0, 1, 2: index 0 must win
+    full = nearest_cpu.nearest_denoise_cpu(x, train, ab, return_state=True, prune=False)
+    pruned = nearest_cpu.nearest_denoise_cpu(x, train, ab, return_state=True)
+    assert pruning.last_stats()["skipped_fraction"] > 0.5
+    assert pruned.index[0].item() == 0
+    assert torch.equal(pruned.index, full.index)
+    assert torch.equal(pruned.dist, full.dist)  # the same compiled distances, bit for bit
+    assert torch.equal(pruned.index, nearest_denoise_reference(x, train, ab, return_state=True).index)
+    out = ad.ops.nearest_denoise(x, train, ab, backend="cpu")
+    assert torch.equal(out, nearest_denoise_reference(x, train, ab))
+
+
+def test_pruned_run_rejects_bad_subsets():
+    train, held = data("uint8")
+    x, ab = queries(held, 10, train)
+    mod = locality_cpu._module()
+    plan = locality_cpu.full_plan(x.shape[1])
+    out = torch.empty_like(x)
+    for offsets, index in [([0, 2, 2, 3, 4, 5], [0, 1, 2, 3, 4]),  # an empty query
+                           ([0, 2, 3, 4, 5, 6], [1, 0, 2, 3, 4, 5]),  # not ascending
+                           ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, N])]:  # out of range
+        off, idx = torch.tensor(offsets), torch.tensor(index)
+        with pytest.raises(ValueError, match="full_pruned_run"):
+            mod.full_pruned_run(plan, x.data_ptr(), B, x.stride(0), x.stride(1), True, train.data_ptr(), N,
+                                train.stride(0), train.stride(1), 0, 0.9, 1.0, off.data_ptr(), idx.data_ptr(),
+                                False, out.data_ptr(), True, 0, 0, 0, 0)
