@@ -141,6 +141,18 @@ def test_interp_odd_sizes_float_train_noncontiguous_tiles_and_splits(padding, P,
 
 
 @needs_interpreter
+def test_interp_launches_bounded_by_int32_candidate_indices(monkeypatch):
+    # at most _MAX_CANDIDATES (image, centre) pairs per launch: here 2 images of 5 x 6
+    # circular P = 3 (12 centres each) per launch, 7 images -> 4 launches, merged exactly
+    pool = crops(9, 9)[:, :, :5, :6]
+    ab = ad.alpha_bar_at(50)
+    x = noisy_queries(pool[7:], ab, seed=9).float()
+    monkeypatch.setattr(etri, "_MAX_CANDIDATES", 24)
+    out = TRI(x, pool[:7], 3, ab)
+    assert torch.isfinite(out).all() and rel(out, REF(x.double(), pool[:7], 3, ab)) < TOL
+
+
+@needs_interpreter
 def test_interp_one_channel_near_copies_a_far_query_and_ls():
     # C = 1 (centres padded to 16 channels for tl.dot); queries that are near-copies of
     # training images at t = 10 (the best candidate is the query's own patch) and a query

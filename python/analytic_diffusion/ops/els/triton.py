@@ -8,7 +8,9 @@ rectangle of pixels sharing one rectangle of candidate centres; circular: one gr
 The *query rows* of a group are its (query, pixel) pairs, its *candidates* the (training
 image, centre) pairs. A host-built tile table lists, per program, the group and the
 first of its ``BQ`` query rows (``_tiles``); grid axis 1 splits the training set (the
-split states merge exactly on the host, docs/algorithms.md §5.3).
+split states merge exactly on the host, docs/algorithms.md §5.3). Candidate indices are
+int32, so one launch takes at most ``_MAX_CANDIDATES`` (image, centre) pairs per pixel;
+larger training sets run several launches whose states merge the same way.
 
 Kernel (``els_kernel``): per block of ``BC`` candidates the distances
 ``D [BQ, BC] = sum_{c, i, j} (X[c, p + o] - a * Y_k[c, u + o])^2`` (``o = (i, j) - P//2``)
@@ -47,7 +49,8 @@ from .reference import els_denoise_reference, els_groups
 # gpu_static_check.py compiles it for sm_80 and sm_90 in every mode.
 ELS_GPU_CONFIG = (64, 64, 4, 8, 2)
 _INTERP_VALUES = 1 << 19  # interpreter: bound on BQ * BC * KB (few, large numpy operations)
-_TILE_FIELDS = 10  # q0, Qg, npix, pr0, pc0, npc, cr0, cc0, ncc, ncand
+_TILE_FIELDS = 10
+_MAX_CANDIDATES = (1 << 31) - (1 << 16)  # int32 candidate indices, with room for one block past the end  # q0, Qg, npix, pr0, pc0, npc, cr0, cc0, ncc, ncand
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,26 +271,35 @@ def els_denoise_triton(
     x32 = x.to(torch.float32).contiguous()
     is_u8 = train.dtype == torch.uint8
     a_mul, a_add = (a / 127.5, -a) if is_u8 else (a, 0.0)
-    n_split, split_len = split_plan(N, tiles.shape[0], dev, 1, splits)
-    direct = n_split == 1 and not return_state
+    # candidate indices (image, centre) are int32 in the kernel: launches of at most
+    # _MAX_CANDIDATES // ncand images (e.g. 33000 256x256 images at P = 3 per launch)
+    most_cand = int(tiles[:, 9].max()) if tiles.numel() else 1
+    per_launch = max(1, _MAX_CANDIDATES // max(1, most_cand))
+    plans = [(k0, min(per_launch, N - k0)) for k0 in range(0, N, per_launch)]
+    plans = [(k0, n) + split_plan(n, tiles.shape[0], dev, 1, splits) for k0, n in plans]
+    direct = len(plans) == 1 and plans[0][2] == 1 and not return_state
     out = _nan((B, C, H, W), dev)
-    if direct:
-        mxw = lw = accw = out
-    else:
-        mxw, lw = _nan((n_split, B, H, W), dev), _nan((n_split, B, H, W), dev)
-        accw = _nan((n_split, B, C, H, W), dev)
     sk, sc, sh, sw = train.stride()
     launch = {k: blk[k] for k in ("num_warps", "num_stages")} if dev.type == "cuda" else {}
     kern = _kernels()
+    parts = []
     with triton_support.launch_context(x):
-        kern[(tiles.shape[0], n_split)](
-            x32, train, sk, sc, sh, sw, tiles, out, mxw, lw, accw,
-            B, C, H, W, N, P, split_len, a_mul, a_add, -scale,
-            CIRCULAR=padding == "circular", STATE=not direct, IS_U8=is_u8,
-            BQ=blk["BQ"], BC=blk["BC"], KB=blk["KB"], CP=_pow2_at_least(C, 16), **launch,
-        )
+        for k0, n, n_split, split_len in plans:
+            if direct:
+                mxw = lw = accw = out
+            else:
+                mxw, lw = _nan((n_split, B, H, W), dev), _nan((n_split, B, H, W), dev)
+                accw = _nan((n_split, B, C, H, W), dev)
+                parts.append((mxw, lw, accw))
+            kern[(tiles.shape[0], n_split)](
+                x32, train[k0 : k0 + n], sk, sc, sh, sw, tiles, out, mxw, lw, accw,
+                B, C, H, W, n, P, split_len, a_mul, a_add, -scale,
+                CIRCULAR=padding == "circular", STATE=not direct, IS_U8=is_u8,
+                BQ=blk["BQ"], BC=blk["BC"], KB=blk["KB"], CP=_pow2_at_least(C, 16), **launch,
+            )
     if direct:
         return out.to(x.dtype)
+    mxw, lw, accw = (torch.cat(f) for f in zip(*parts))
     mx, l, acc = merge_exact(mxw[:, :, None], lw[:, :, None], accw)  # [B, 1, H, W] (shared by channels), [B, C, H, W]
     if return_state:
         rep = lambda t: t.expand(B, C, H, W).reshape(B, -1)  # noqa: E731
