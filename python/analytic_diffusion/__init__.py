@@ -46,7 +46,7 @@ try:  # one version source: the installed package's metadata (pyproject.toml)
 except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
 
-_LAZY = ("data", "figures")  # scikit-image, Pillow, matplotlib: loaded on first use, not at import
+_LAZY = ("data", "figures", "runs")  # scikit-image, Pillow, matplotlib: loaded on first use, not at import
 
 
 def __getattr__(name):
@@ -95,6 +95,7 @@ __all__ = [
     "mse",
     "ops",
     "r2",
+    "runs",
     "sample",
     "sensitivity",
     "wiener_matrix",
