@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import ops
+from . import ops, presets
 from ._ext import build_info
 from .registry import available_backends
 from .ops import (
@@ -94,6 +94,7 @@ __all__ = [
     "locality_mask",
     "mse",
     "ops",
+    "presets",
     "r2",
     "runs",
     "sample",
