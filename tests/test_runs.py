@@ -126,4 +126,6 @@ def test_describe_denoiser_keeps_settings_only(tiny):
     d = describe_denoiser(ad.LocalityDenoiser(data, m, threshold=0.05, softmax="wssm", chunk_size=512))
     assert d["class"] == "LocalityDenoiser" and d["threshold"] == 0.05 and d["chunk_size"] == 512
     assert d["train"] == {"count": 200, "shape": [3, 4, 4], "dtype": "torch.uint8"}
-    assert json.loads(json.dumps(d)) == d and "moments" not in d
+    assert json.loads(json.dumps(d)) == d and d["moments"] == {"class": "Moments", "count": 200, "extra": {}, "image_shape": [3, 4, 4], "kind": "full"}
+    els = describe_denoiser(ad.presets.build("els", data, "cifar10"))
+    assert els["padding"] == "zeros" and els["schedule"]["preset"] == "cifar10-unet" and len(els["schedule"]["scales"]) == 20

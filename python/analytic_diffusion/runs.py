@@ -57,20 +57,23 @@ def _json_value(v):
     return None
 
 
-def describe_denoiser(den) -> dict:
+def describe_denoiser(den, _depth: int = 0) -> dict:
     """The settings of a denoiser as JSON: ``{"class": ..., <public simple attributes>}``
-    (threshold, temperature, softmax, chunk_size, backend, preset, ...; tensors, training
-    sets and caches are left out). For ``config.json``."""
+    (threshold, temperature, softmax, chunk_size, backend, scaled, ...), with the objects it
+    holds (a patch-size schedule, a screening, moments) described one level down; tensors,
+    training sets, logs and caches are left out. For ``config.json``."""
     out = {"class": type(den).__name__}
     if hasattr(den, "train") and isinstance(getattr(den, "train"), torch.Tensor):
         tr = den.train
         out["train"] = {"count": int(tr.shape[0]), "shape": list(tr.shape[1:]), "dtype": str(tr.dtype)}
     for k, v in sorted(vars(den).items()) if hasattr(den, "__dict__") else ():
-        if k.startswith("_") or k in ("train", "alphas_cumprod", "process_group"):
+        if k.startswith("_") or k in ("train", "alphas_cumprod", "process_group") or k.endswith("_log"):
             continue
         j = _json_value(v)
         if j is not None or v is None:
             out[k] = j
+        elif _depth == 0 and hasattr(v, "__dict__") and not isinstance(v, (torch.Tensor, torch.nn.Module, type)):
+            out[k] = describe_denoiser(v, 1)
     return out
 
 
