@@ -466,7 +466,8 @@ class Agreement:
     - ``seconds[name][i]``, ``peak_memory[name][i]``: wall-clock seconds of the denoiser's
       call at ``timesteps[i]`` (all ``num_samples`` samples; CUDA synchronised) and the peak
       memory in bytes during it, of kind ``memory_kind`` (``"cuda_max_memory_allocated"``,
-      ``"cpu_peak_rss"``: the process's peak resident set, or ``None``: not measurable).
+      ``"cpu_peak_rss"``: the process's peak resident set, or ``None``: not measurable;
+      measuring resets the process's ``VmHWM`` / CUDA peak counters).
     - ``final[name]``: ``{"r2", "mse", "seconds_per_step", "peak_memory", "setup_seconds"}``.
       ``r2``/``mse``: for ``single`` and ``trajectory`` what the paper's code reports, the
       trajectory agreement at the last step (the denoiser's sample, i.e. its last ``x0_hat``

@@ -197,6 +197,8 @@ def run(args) -> int:
                 raise CLIError(f"--holdout images are {tuple(holdout.shape[1:])}, the training images {tuple(data.shape[1:])}")
             if args.num_samples > holdout.shape[0]:
                 raise CLIError(f"--num-samples {args.num_samples} exceeds the {holdout.shape[0]} held-out images")
+    if args.protocol == "single_step" and args.holdout is None:
+        say("note: --protocol single_step without --holdout noises training images (--data); the papers use held-out images")
     shape = tuple(int(v) for v in data.shape[1:])
     N, n = data.shape[0], data[0].numel()
     what = (f"torchvision {args.torchvision} at {args.data}" if args.torchvision else str(args.data)) + f": {N} images {'x'.join(map(str, shape))}"
