@@ -174,3 +174,12 @@ def test_pruned_run_rejects_bad_subsets():
             mod.full_pruned_run(plan, x.data_ptr(), B, x.stride(0), x.stride(1), True, train.data_ptr(), N,
                                 train.stride(0), train.stride(1), 0, 0.9, 1.0, off.data_ptr(), idx.data_ptr(),
                                 False, out.data_ptr(), True, 0, 0, 0, 0)
+
+
+def test_nearest_unscaled_pruned():
+    """``scaled=False`` (alpha_bar taken as 1): the pruned backend agrees with the reference."""
+    train, held = data("uint8")
+    x, ab = queries(held, 300, train, exact_index=1)
+    out = ad.ops.nearest_denoise(x, train, ab, backend="cpu", scaled=False)
+    assert pruning.last_stats()["skipped"] > 0
+    assert torch.equal(out, ad.ops.nearest_denoise(x, train, ab, backend="reference", scaled=False))
