@@ -19,7 +19,7 @@ checked against the float64 reference in tests/test_locality_cpu.py).
 Shapes: 32x32x3 natural crops (``ad.data.natural_crops``: random crops of the bundled photos,
 as many as asked), N = 20,000 training images (``AD_BENCH_N``), B = 16 held-out queries
 (noisy copies of held-out crops), threshold 0.02, the 10 DDIM steps t = 900 ... 0.
-``AD_BENCH_QUICK=1``: 8x8, N = 64, B = 2, 3 steps (seconds). Full size: ~10 min on 2 cores;
+``AD_BENCH_QUICK=1``: 8x8, N = 320 (above the backends' PRUNE_MIN_N, so the pruned path runs), B = 2, 3 steps (seconds). Full size: ~10 min on 2 cores;
 the table goes to benchmarks/results/pruning.md and .json (machine named in the header).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from analytic_diffusion.ops.locality import cpu as locality_cpu
 from conftest import QUICK, rel_err, write_bench_table
 
 SIZE = 8 if QUICK else 32
-N_TRAIN = 64 if QUICK else int(os.environ.get("AD_BENCH_N", 20000))
+N_TRAIN = 320 if QUICK else int(os.environ.get("AD_BENCH_N", 20000))
 N_DENSE = N_TRAIN if QUICK else max(1, N_TRAIN // 20)
 BATCH = 2 if QUICK else 16
 N_MOMENTS = 400 if QUICK else 5000
