@@ -31,6 +31,7 @@ import threading
 import weakref
 from typing import Tuple
 
+import numpy as np
 import torch
 
 from .._validate import to_unit
@@ -92,17 +93,19 @@ class TrainFeatures:
         self.y2 = torch.cat(norms)
         self.ynorm = self.y2.sqrt()
 
-    def dots(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """``(<x, y_k> [B, N] float64, g)``: the cross terms and ``g`` with
+    def dots(self, x: torch.Tensor) -> Tuple[np.ndarray, float]:
+        """``(<x, y_k> [B, N], g)``: the cross terms (float64 numpy) and ``g`` with
         ``|computed - exact| <= g ||x|| ||y_k||``."""
         n = self.n
         if self.Y.dtype == torch.float32 and fp32_gemm_is_ieee():
             u = 2.0**-24
-            d = (x.to(torch.float32) @ self.Y.T).to(torch.float64) * self.scale
+            d = (x.to(torch.float32) @ self.Y.T).numpy().astype(np.float64)
         else:
             u = _U
             xd = x.to(torch.float64)
-            d = torch.cat([xd @ self.Y[k0 : k0 + _CHUNK].to(torch.float64).T for k0 in range(0, self.N, _CHUNK)], 1) * self.scale
+            d = torch.cat([xd @ self.Y[k0 : k0 + _CHUNK].to(torch.float64).T for k0 in range(0, self.N, _CHUNK)], 1).numpy()
+        if self.scale != 1.0:
+            d *= self.scale
         m = n + 2  # n products and sums, one rounding of x, one of the scaling
         return d, m * u / (1.0 - m * u) * (1.0 + 1e-6)
 
@@ -138,7 +141,7 @@ def train_features(train: torch.Tensor) -> TrainFeatures:
         ref = weakref.ref(base, lambda _r, key=key: _forget(key))
         with _cache_lock:
             _cache[key] = (ref, ver, feats)
-            while len(_cache) > 4:
+            while len(_cache) > 8:
                 _cache.pop(next(iter(_cache)))
     return feats
 
@@ -171,23 +174,33 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     a, _ = noise_level(alpha_bar)
     tf = train_features(train)
     xf = x.to(torch.float64)
-    x2 = xf.pow(2).sum(1)  # [B]
-    xn = x2.sqrt()
+    # Everything after the GEMM is [B, N] elementwise work: numpy, single-threaded (a torch
+    # op this small costs more in thread wake-ups than in arithmetic on a shared machine).
+    x2 = xf.pow(2).sum(1).numpy()  # [B]
+    xn = np.sqrt(x2)[:, None]
+    y2, ynorm = tf.y2.numpy()[None, :], tf.ynorm.numpy()[None, :]
     dots, g = tf.dots(xf)
-    est = x2[:, None] + (a * a) * tf.y2[None, :] - (2.0 * a) * dots  # [B, N]
-    err = (2.0 * a * g) * xn[:, None] * tf.ynorm[None, :] + (4 * n + 64) * _U * (xn[:, None] + a * tf.ynorm[None, :]) ** 2
-    lb = est - err
+    est = dots
+    est *= -2.0 * a
+    est += x2[:, None]
+    est += (a * a) * y2  # [B, N]
+    err = (xn + a * ynorm) ** 2
+    err *= (4 * n + 64) * _U
+    err += (2.0 * a * g) * xn * ynorm
     # upper bound: exact distances of the few images with the smallest estimates
     c = min(CANDIDATES, N)
-    cand = torch.topk(est, c, dim=1, largest=False).indices  # [B, c]
-    yc = to_unit(train[cand.reshape(-1)], torch.float64).reshape(B, c, n)
-    dc = (xf[:, None, :] - a * yc).pow(2).sum(2)  # direct differences, float64
+    cand = np.argpartition(est, c - 1, axis=1)[:, :c] if c < N else np.tile(np.arange(N), (B, 1))
+    cand_t = torch.from_numpy(np.ascontiguousarray(cand)).long()
+    yc = to_unit(train[cand_t.reshape(-1)], torch.float64).reshape(B, c, n)
+    dc = (xf[:, None, :] - a * yc).pow(2).sum(2).numpy()  # direct differences, float64
     # enlarged by its rounding bound: each term's error is below 3u (|x| + a|y|)^2 and the
     # sum adds gamma_n; (4n + 64) u (||x|| + a ||y||)^2 covers both
-    dc = dc + (4 * n + 64) * _U * (xn[:, None] + a * tf.ynorm[cand]) ** 2
-    U = torch.minimum(dc.min(1).values, (est + err).min(1).values)
-    keep = lb <= (U + margin)[:, None]
-    rows, cols = torch.nonzero(keep, as_tuple=True)  # row-major: ascending per query
-    offsets = torch.zeros(B + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=B), 0)
-    return offsets, cols.contiguous()
+    dc = dc + (4 * n + 64) * _U * (xn + a * tf.ynorm.numpy()[cand]) ** 2
+    U = np.minimum(dc.min(1), (est + err).min(1))
+    est -= err  # the lower bounds L_k
+    keep = est <= (U + margin)[:, None]
+    rows, cols = np.nonzero(keep)  # row-major: ascending per query
+    offsets = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=B), out=offsets[1:])
+    return torch.from_numpy(offsets), torch.from_numpy(cols.astype(np.int64))
+
