@@ -11,6 +11,8 @@ Subcommands, one module each:
 - ``locality`` (:mod:`.locality`): Wiener sensitivity fields and locality-mask
   windows of chosen pixels across timesteps, as figures and a JSON/markdown table;
   optionally a trained network's fields beside them.
+- ``reproduce`` (:mod:`.reproduce`): trains a small UNet on bundled crops (or loads one)
+  and compares every analytical denoiser with it, as a run folder (docs/reproduction.md).
 
 Errors. User errors - bad arguments, unreadable or unusable input files and data,
 a network that fails, a missing device, an unwritable output (OSError), running out
@@ -27,7 +29,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, locality, sample, stats
+from . import demo, locality, reproduce, sample, stats
 from .common import PROG, CLIError
 
 __all__ = ["CLIError", "PROG", "build_parser", "main"]
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (demo, stats, sample, locality):
+    for command in (demo, stats, sample, locality, reproduce):
         command.add_parser(sub)
     return p
 
