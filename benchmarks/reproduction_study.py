@@ -51,6 +51,110 @@ def cmd_train(a) -> None:
     print(json.dumps({k2: v for k2, v in info.items() if k2 != "loss_curve"}))
 
 
+class EdgeToFull(ad.Denoiser):
+    """The windowed locality denoiser, except at the steps whose window reaches the edge of
+    its largest patch: there the full-covariance locality denoiser (the full-image path).
+    The issue-11 alternative to keeping the too-small window."""
+
+    name = "windowed->full"
+
+    def __init__(self, windowed, full):
+        super().__init__(windowed.alphas_cumprod)
+        self.windowed, self.full = windowed, full
+
+    def switched(self, t) -> bool:
+        return bool(self.windowed.window_info(t)["touches_edge"])
+
+    def denoise(self, x, t, alpha_bar):
+        return (self.full if self.switched(t) else self.windowed)(x, t)
+
+
+def study_denoisers(train, methods, threshold=0.02):
+    """{name: denoiser} of the study: the reproduce command's set plus the variants."""
+    from analytic_diffusion.cli.reproduce import build_denoisers
+
+    base = [m for m in methods if m in ("wiener", "optimal", "nearest", "locality", "ls", "pspc", "scfdm")]
+    dens = build_denoisers(train, base, threshold=threshold)
+    size = train.shape[-1]
+    moments = dens["locality"].moments if "locality" in dens else ad.estimate_moments(train)
+    pm = {k: ad.estimate_patch_moments(train, k) for k in (5, 9, 15) if k <= size}
+    stat = ad.estimate_stationary_moments(train)  # every lag inside the image: k = 2*size - 1
+    full = dens.get("locality") or ad.LocalityDenoiser(train, moments, threshold=threshold)
+    extra = {
+        "locality_thr0.01": lambda: ad.LocalityDenoiser(train, moments, threshold=0.01),
+        "locality_thr0.05": lambda: ad.LocalityDenoiser(train, moments, threshold=0.05),
+        "wiener_stationary": lambda: ad.WindowedWienerDenoiser(stat),
+        "win_k5": lambda: ad.LocalityDenoiser(train, pm[5], threshold=threshold),
+        "win_k9": lambda: ad.LocalityDenoiser(train, pm[9], threshold=threshold),
+        "win_5_9_15": lambda: ad.LocalityDenoiser(train, list(pm.values()), threshold=threshold),
+        "win_5_9_15_stat": lambda: ad.LocalityDenoiser(train, list(pm.values()) + [stat], threshold=threshold),
+        "win_stat": lambda: ad.LocalityDenoiser(train, stat, threshold=threshold),
+        "win_k9_to_full": lambda: EdgeToFull(ad.LocalityDenoiser(train, pm[9], threshold=threshold), full),
+        "win_5_9_15_to_full": lambda: EdgeToFull(ad.LocalityDenoiser(train, list(pm.values()), threshold=threshold), full),
+    }
+    for m in methods:
+        if m in extra:
+            dens[m] = extra[m]()
+    return {m: dens[m] for m in methods}
+
+
+ALL_METHODS = ("wiener", "optimal", "nearest", "locality", "locality_thr0.01", "locality_thr0.05", "wiener_stationary",
+               "win_k5", "win_k9", "win_5_9_15", "win_5_9_15_stat", "win_stat", "win_k9_to_full", "win_5_9_15_to_full",
+               "ls", "pspc", "scfdm")
+
+
+def cmd_eval(a) -> None:
+    from analytic_diffusion.metrics import mse, r2
+
+    torch.set_num_threads(a.threads)
+    model = load_unet(Path(a.ckpt_dir) / f"{a.name}.safetensors")
+    meta = model.checkpoint_metadata
+    train = ad.data.natural_crops(int(meta["num_train"]), size=int(meta["size"]), seed=int(meta["seed"]))
+    shape = tuple(train.shape[1:])
+    methods = a.methods.split(",") if a.methods else list(ALL_METHODS)
+    net = ad.ModelDenoiser(model, "epsilon")
+    ref = {}
+    t0 = time.perf_counter()
+    ad.sample(net, a.num_samples, shape, steps=a.steps, seed=a.seed, callback=lambda t, x, x0: ref.__setitem__(t, x0.clone()))
+    net_s = time.perf_counter() - t0
+    ts = list(ref)
+    res = {"name": a.name, "network": meta, "num_samples": a.num_samples, "steps": a.steps, "seed": a.seed, "timesteps": ts,
+           "network_seconds": net_s, "methods": {}}
+    dens = study_denoisers(train, methods, a.threshold)
+    for m, d in dens.items():
+        rows = []
+
+        def cb(t, x, x0, rows=rows):
+            with torch.no_grad():
+                nx0 = net(x, t)  # the network on this method's own x_t: protocol 'single'
+            rows.append({
+                "t": t,
+                "trajectory_r2": float(r2(x0, ref[t])), "trajectory_mse": float(mse(x0, ref[t])),
+                "single_r2": float(r2(x0, nx0)), "single_mse": float(mse(x0, nx0)),
+            })
+            if t == ts[-1]:
+                per = r2(x0, ref[t], reduction="none")
+                rows[-1]["final_r2_per_sample_std"] = float(per.std())
+
+        t0 = time.perf_counter()
+        ad.sample(d, a.num_samples, shape, steps=a.steps, seed=a.seed, callback=cb)
+        entry = {"seconds": time.perf_counter() - t0, "steps": rows,
+                 "final_r2": rows[-1]["trajectory_r2"], "final_mse": rows[-1]["trajectory_mse"],
+                 "final_r2_sem": rows[-1]["final_r2_per_sample_std"] / a.num_samples ** 0.5,
+                 "single_r2_mean": sum(r["single_r2"] for r in rows) / len(rows),
+                 "trajectory_r2_mean": sum(r["trajectory_r2"] for r in rows) / len(rows)}
+        inner = d.windowed if isinstance(d, EdgeToFull) else d
+        if getattr(inner, "windowed", False) is True:
+            entry["windows"] = [inner.window_info(t) for t in ts]
+        if isinstance(d, EdgeToFull):
+            entry["full_image_steps"] = [t for t in ts if d.switched(t)]
+        res["methods"][m] = entry
+        print(f"{m:22s} final r2 {entry['final_r2']:+.3f} (+-{entry['final_r2_sem']:.3f})  single mean {entry['single_r2_mean']:+.3f}  "
+              f"traj mean {entry['trajectory_r2_mean']:+.3f}  {entry['seconds']:.1f} s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"eval_{a.name}{a.suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -66,9 +170,21 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--ckpt-dir", default="/tmp/rep_ckpt")
     t.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("eval")
+    e.add_argument("--name", required=True)
+    e.add_argument("--num-samples", type=int, default=32)
+    e.add_argument("--steps", type=int, default=10)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threshold", type=float, default=0.02)
+    e.add_argument("--methods", default="", help="comma-separated subset of " + ", ".join(ALL_METHODS))
+    e.add_argument("--suffix", default="", help="appended to the result file's name")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--ckpt-dir", default="/tmp/rep_ckpt")
     a = p.parse_args(argv)
     if a.cmd == "train":
         cmd_train(a)
+    else:
+        cmd_eval(a)
     return 0
 
 

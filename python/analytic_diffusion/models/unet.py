@@ -224,7 +224,7 @@ def load_unet(path: Union[str, Path], device=None) -> SmallUNet:
     (default CPU). Reads safetensors only (never a pickle). The extra metadata is in the
     returned model's ``checkpoint_metadata`` dict. Raises ValueError naming the file when it
     is not such a checkpoint."""
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -234,7 +234,7 @@ def load_unet(path: Union[str, Path], device=None) -> SmallUNet:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         weights = load_file(str(path))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a SmallUNet checkpoint (metadata format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
