@@ -11,6 +11,10 @@ Subcommands, one module each:
 - ``locality`` (:mod:`.locality`): Wiener sensitivity fields and locality-mask
   windows of chosen pixels across timesteps, as figures and a JSON/markdown table;
   optionally a trained network's fields beside them.
+- ``compare`` (:mod:`.compare`): analytical denoisers (published presets with ``--preset``)
+  against a trained network (``--model MODULE:CLASS --checkpoint FILE``, or a diffusers
+  UNet2DModel folder) under the protocols of docs/algorithms.md §8.2, written as a run
+  folder (config.json, metrics.json, table.md, figures, samples).
 - ``reproduce`` (:mod:`.reproduce`): trains a small UNet on bundled crops (or loads one)
   and compares every analytical denoiser with it, as a run folder (docs/reproduction.md).
 
@@ -29,7 +33,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, locality, reproduce, sample, stats
+from . import compare, demo, locality, reproduce, sample, stats
 from .common import PROG, CLIError
 
 __all__ = ["CLIError", "PROG", "build_parser", "main"]
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (demo, stats, sample, locality, reproduce):
+    for command in (demo, stats, sample, locality, compare, reproduce):
         command.add_parser(sub)
     return p
 
