@@ -98,7 +98,7 @@ def study_denoisers(train, methods, threshold=0.02):
     return {m: dens[m] for m in methods}
 
 
-ALL_METHODS = ("wiener", "optimal", "nearest", "locality", "locality_thr0.01", "locality_thr0.05", "wiener_stationary",
+ALL_METHODS = ("wiener", "optimal", "nearest", "locality", "locality_thr0.01", "locality_thr0.05",
                "win_k5", "win_k9", "win_5_9_15", "win_5_9_15_stat", "win_stat", "win_k9_to_full", "win_5_9_15_to_full",
                "ls", "pspc", "scfdm")
 

@@ -143,20 +143,19 @@ def quick_run(tmp_path_factory):
 def test_reproduce_quick_writes_run_folder(quick_run):
     rc, out = quick_run
     assert rc == 0
-    for name in ("config.json", "metrics.json", "table.md", "model.safetensors"):
+    for name in ("config.json", "metrics.json", "table.md", "model.safetensors", "agreement.png", "samples.png", "samples.npz"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert config["methods"] == list(DEFAULT_METHODS)
+    assert config["methods"] == list(DEFAULT_METHODS) and config["protocol"] == "single"
     assert config["image_shape"] == [3, 8, 8]
-    assert config["network"]["steps"] == 5 and config["network"]["num_train"] == 64
-    ag = metrics["agreement"]
-    assert ag["names"] == list(DEFAULT_METHODS) and ag["timesteps"] == [666, 333, 0]
+    assert config["network_training"]["steps"] == 5 and config["network_training"]["num_train"] == 64
+    assert [w["t"] for w in config["windowed_steps"]] == [666, 333, 0]
+    assert metrics["timesteps"] == [666, 333, 0] and list(metrics["methods"]) == list(DEFAULT_METHODS)
     for k in DEFAULT_METHODS:
-        vals = ag["r2"][k] + ag["mse"][k]
-        assert len(vals) == 6 and all(math.isfinite(v) for v in vals), k
-        assert metrics["final"][k]["r2"] == ag["r2"][k][-1]
-    assert [w["t"] for w in metrics["windowed_steps"]] == [666, 333, 0]
+        m = metrics["methods"][k]
+        vals = [r["r2"] for r in m["per_step"]] + [r["mse"] for r in m["per_step"]] + [m["final"]["r2"], m["final"]["mse"]]
+        assert len(vals) == 8 and all(math.isfinite(v) for v in vals), k
     table = (out / "table.md").read_text()
     assert all(f"| {k} |" in table for k in DEFAULT_METHODS)
 
@@ -167,11 +166,12 @@ def test_reproduce_from_checkpoint_gives_the_same_numbers(quick_run, tmp_path):
     rc2 = cli.main(["reproduce", "--quick", "--checkpoint", str(out / "model.safetensors"), "--methods", "wiener,locality",
                     "--out", str(tmp_path), "--no-progress", "--threads", "1"])
     assert rc2 == 0
-    first = json.loads((out / "metrics.json").read_text())["agreement"]
-    again = json.loads((tmp_path / "metrics.json").read_text())["agreement"]
-    assert again["names"] == ["wiener", "locality"]
-    for k in again["names"]:
-        assert again["r2"][k] == first["r2"][k] and again["mse"][k] == first["mse"][k]
+    first = json.loads((out / "metrics.json").read_text())["methods"]
+    again = json.loads((tmp_path / "metrics.json").read_text())["methods"]
+    assert list(again) == ["wiener", "locality"]
+    for k in again:
+        assert [r["r2"] for r in again[k]["per_step"]] == [r["r2"] for r in first[k]["per_step"]]
+        assert again[k]["final"]["r2"] == first[k]["final"]["r2"]
     assert not (tmp_path / "model.safetensors").exists()  # nothing trained
 
 

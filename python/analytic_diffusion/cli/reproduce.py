@@ -69,8 +69,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=finite_float, default=d["threshold"], help=f"locality threshold, docs/algorithms.md §4 (default: {d['threshold']})")
     p.add_argument("--patch-sizes", default=d["patch_sizes"], help=f"odd patch sizes of the windowed locality denoiser's statistics (default: {d['patch_sizes']})")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: all but els)")
-    p.add_argument("--protocol", choices=("single", "trajectory"), default=None,
-                   help="compare protocol (default: single, the paper's, where this library's compare has it; else trajectory)")
+    p.add_argument("--protocol", choices=("single", "trajectory"), default="single",
+                   help="compare protocol, docs/algorithms.md §8.2 (default: single, the paper's); the final r2 of both is the "
+                   "trajectory r2 at the last step")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     add_common_args(p, "backend of the denoisers' ops")
     p.set_defaults(func=run)
@@ -166,7 +167,7 @@ def _settings(args) -> dict:
 
 def run(args) -> int:
     import analytic_diffusion as ad
-    from .. import analysis
+    from ..runs import run_compare
     from ..models import SmallUNet, load_unet, save_unet, train_unet
 
     t_start = time.perf_counter()
@@ -177,9 +178,7 @@ def run(args) -> int:
     methods = _methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    protocol = args.protocol or ("single" if "single" in analysis._PROTOCOLS else "trajectory")
-    if protocol not in analysis._PROTOCOLS:
-        raise CLIError(f"--protocol {protocol} is not available in this version of compare (it has {', '.join(analysis._PROTOCOLS)})")
+    protocol = args.protocol
     timings: Dict[str, object] = {}
     model = None
     training: dict = {}
@@ -218,27 +217,24 @@ def run(args) -> int:
         say(f"  trained in {timings['training']:.1f} s: loss {training['loss_first']:.4f} -> {training['loss_last']:.4f}")
     with timed(timings, "denoisers"), user_input():
         dens = build_denoisers(train, methods, threshold=args.threshold, patch_sizes=patch_sizes, backend=args.backend, progress=progress)
-    with timed(timings, "compare"):
-        res = ad.compare(dens, model, train, protocol=protocol, num_samples=s["num_samples"], seed=args.seed,
-                         steps=s["steps"], prediction="epsilon", device=dev)
-    timings["total"] = time.perf_counter() - t_start
-
-    final = {k: {"r2": res.r2[k][-1], "mse": res.mse[k][-1]} for k in res.names}
     windows = []
-    if "locality_windowed" in dens:
-        windows = [dens["locality_windowed"].window_info(t) for t in res.timesteps]
+    if "locality_windowed" in dens:  # which statistics each step's window came from (docs/algorithms.md §9)
+        windows = [dens["locality_windowed"].window_info(t) for t in ad.ddim_timesteps(s["steps"])]
     config = {
-        "command": "reproduce", "args": args_dict(args), "settings": s, "protocol": protocol, "methods": methods,
-        "patch_sizes": patch_sizes, "image_shape": list(train.shape[1:]), "network": training,
-        "versions": versions(), "build_info": ad.build_info(), "device": str(dev),
+        "command": "reproduce", "args": args_dict(args), "settings": s, "methods": methods, "threshold": args.threshold,
+        "patch_sizes": patch_sizes, "data": f"ad.data.natural_crops({N}, size={size}, seed={args.seed})",
+        "network_training": training, "windowed_steps": windows, "cli_versions": versions(), "build_info": ad.build_info(),
     }
-    metrics = {"agreement": res.to_dict(), "final": final, "windowed_steps": windows, "timings_s": timings}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    lines = ["| method | final r2 | final MSE |", "|:---|---:|---:|"]
-    lines += [f"| {k} | {v['r2']:.4f} | {v['mse']:.4g} |" for k, v in final.items()]
-    (out / "table.md").write_text("\n".join(lines) + "\n\nPer step:\n\n" + res.table() + "\n")
-    res.plot(out / "agreement.png")
-    say("\n".join(lines))
+    with timed(timings, "compare"):
+        run_compare(dens, model, out_dir=out, shape=tuple(train.shape[1:]), protocol=protocol, steps=s["steps"],
+                    num_samples=s["num_samples"], seed=args.seed, prediction="epsilon", device=dev, config=config,
+                    title=f"reproduce: {len(methods)} analytical denoisers against a {model.num_parameters}-parameter UNet "
+                    f"on {N} natural {size}x{size} crops", keep_images=min(4, s["num_samples"]), progress=progress)
+    timings["total"] = time.perf_counter() - t_start
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["timings_s"] = timings
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    table = (out / "table.md").read_text()
+    say(table.split("\n\n## Per step")[0])
     say(f"done in {timings['total']:.1f} s; wrote {out}/")
     return 0
