@@ -134,15 +134,16 @@ def cmd_eval(a) -> None:
             })
             if t == ts[-1]:
                 per = r2(x0, ref[t], reduction="none")
-                rows[-1]["final_r2_per_sample_std"] = float(per.std())
+                rows[-1]["final_r2_per_sample"] = [float(v) for v in per]
 
         t0 = time.perf_counter()
         ad.sample(d, a.num_samples, shape, steps=a.steps, seed=a.seed, callback=cb)
         entry = {"seconds": time.perf_counter() - t0, "steps": rows,
                  "final_r2": rows[-1]["trajectory_r2"], "final_mse": rows[-1]["trajectory_mse"],
-                 "final_r2_sem": rows[-1]["final_r2_per_sample_std"] / a.num_samples ** 0.5,
+                 "final_r2_per_sample": rows[-1].pop("final_r2_per_sample"),
                  "single_r2_mean": sum(r["single_r2"] for r in rows) / len(rows),
                  "trajectory_r2_mean": sum(r["trajectory_r2"] for r in rows) / len(rows)}
+        entry["final_r2_sem"] = float(torch.tensor(entry["final_r2_per_sample"]).std()) / a.num_samples ** 0.5
         inner = d.windowed if isinstance(d, EdgeToFull) else d
         if getattr(inner, "windowed", False) is True:
             entry["windows"] = [inner.window_info(t) for t in ts]
@@ -153,6 +154,80 @@ def cmd_eval(a) -> None:
               f"traj mean {entry['trajectory_r2_mean']:+.3f}  {entry['seconds']:.1f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"eval_{a.name}{a.suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def cmd_novelty(a) -> None:
+    """Does the network generalise or memorise? RMS distance ([-1, 1] units) of each final
+    sample to its nearest training crop, for the network and a few denoisers (same x_T)."""
+    torch.set_num_threads(a.threads)
+    out = {}
+    for name in a.names.split(","):
+        model = load_unet(Path(a.ckpt_dir) / f"{name}.safetensors")
+        meta = model.checkpoint_metadata
+        train = ad.data.natural_crops(int(meta["num_train"]), size=int(meta["size"]), seed=int(meta["seed"]))
+        flat = ad.data.to_unit_range(train).reshape(train.shape[0], -1)
+        shape = tuple(train.shape[1:])
+        dens = {"network": ad.ModelDenoiser(model, "epsilon"), **study_denoisers(train, ["wiener", "optimal", "locality"])}
+        row = {}
+        for k, d in dens.items():
+            x = ad.sample(d, a.num_samples, shape, steps=10, seed=a.seed).float().reshape(a.num_samples, -1)
+            dist = torch.cdist(x, flat).min(1).values / flat.shape[1] ** 0.5
+            row[k] = {"mean_rms_to_nearest": float(dist.mean()), "min_rms_to_nearest": float(dist.min())}
+        out[name] = row
+        print(name, {k: round(v["mean_rms_to_nearest"], 3) for k, v in row.items()}, flush=True)
+    (RESULTS / f"novelty{a.suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _paired(res, a, b):
+    """Mean and standard error of the per-sample difference of final r2, a - b (same x_T)."""
+    x = torch.tensor(res["methods"][a]["final_r2_per_sample"]) - torch.tensor(res["methods"][b]["final_r2_per_sample"])
+    return float(x.mean()), float(x.std()) / len(x) ** 0.5
+
+
+def _order(res, names):
+    f = {k: res["methods"][k]["final_r2"] for k in names if k in res["methods"]}
+    return " > ".join(sorted(f, key=lambda k: -f[k]))
+
+
+def cmd_table(a) -> None:
+    """Markdown tables of docs/reproduction.md from the eval_*.json files."""
+    runs = {}
+    for name in a.names.split(","):
+        ev = RESULTS / f"eval_{name}.json"
+        if ev.is_file():
+            runs[name] = json.loads(ev.read_text())
+    print("### Runs (one factor varied at a time from `base`)\n")
+    print("| run | params | N crops | train steps | final loss | train s | wiener | locality (full cov) | optimal | "
+          "locality windowed 5,9,15 | wiener - locality (paired) | ordering |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
+    for name, r in runs.items():
+        m, net = r["methods"], r["network"]
+        cell = lambda k: f"{m[k]['final_r2']:+.3f} ± {m[k]['final_r2_sem']:.3f}" if k in m else "-"
+        d, e = _paired(r, "wiener", "locality")
+        print(f"| {name} | {net['parameters']} | {net['num_train']} | {net['steps']} | {net['loss_last']:.4f} | {net['train_seconds']:.0f} | "
+              f"{cell('wiener')} | {cell('locality')} | {cell('optimal')} | {cell('win_5_9_15')} | {d:+.3f} ± {e:.3f} | "
+              f"{_order(r, ('wiener', 'locality', 'optimal'))} |")
+    for name, r in runs.items():
+        print(f"\n### All methods, run `{name}` ({r['num_samples']} samples, {r['steps']} DDIM steps, seed {r['seed']})\n")
+        print("| method | final r2 (trajectory, last step) | mean trajectory r2 over steps | mean `single` r2 over steps t > 0 | "
+              "`single` r2 at t = 500 | seconds (sampling) |")
+        print("|:---|---:|---:|---:|---:|---:|")
+        for k, e in r["methods"].items():
+            single = [row["single_r2"] for row in e["steps"] if row["t"] > 0]
+            mid = [row["single_r2"] for row in e["steps"] if row["t"] == 500]
+            print(f"| {k} | {e['final_r2']:+.3f} ± {e['final_r2_sem']:.3f} | {e['trajectory_r2_mean']:+.3f} | "
+                  f"{sum(single) / len(single):+.3f} | {mid[0] if mid else float('nan'):+.3f} | {e['seconds']:.1f} |")
+        wins = {k: e for k, e in r["methods"].items() if "windows" in e}
+        if wins:
+            print(f"\nWindow per step (run `{name}`): patch size k used / radius / `E` = reaches the edge of the largest patch; "
+                  "`full` = the full-image path\n")
+            ts = r["timesteps"]
+            print("| method | " + " | ".join(f"t={t}" for t in ts) + " |")
+            print("|:---|" + "---:|" * len(ts))
+            for k, e in wins.items():
+                full = set(e.get("full_image_steps", []))
+                cells = ["full" if w["t"] in full else f"{w['patch_size']}/{w['radius']}{' E' if w['touches_edge'] else ''}" for w in e["windows"]]
+                print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:
@@ -180,11 +255,24 @@ def main(argv=None) -> int:
     e.add_argument("--suffix", default="", help="appended to the result file's name")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--ckpt-dir", default="/tmp/rep_ckpt")
+    nv = sub.add_parser("novelty")
+    nv.add_argument("--names", required=True)
+    nv.add_argument("--num-samples", type=int, default=32)
+    nv.add_argument("--seed", type=int, default=0)
+    nv.add_argument("--suffix", default="")
+    nv.add_argument("--threads", type=int, default=1)
+    nv.add_argument("--ckpt-dir", default="/tmp/rep_ckpt")
+    tb = sub.add_parser("table")
+    tb.add_argument("--names", default="base,steps1000,steps6000,n256,w48")
     a = p.parse_args(argv)
     if a.cmd == "train":
         cmd_train(a)
-    else:
+    elif a.cmd == "eval":
         cmd_eval(a)
+    elif a.cmd == "novelty":
+        cmd_novelty(a)
+    else:
+        cmd_table(a)
     return 0
 
 
