@@ -78,12 +78,16 @@ def study_denoisers(train, methods, threshold=0.02):
     size = train.shape[-1]
     moments = dens["locality"].moments if "locality" in dens else ad.estimate_moments(train)
     pm = {k: ad.estimate_patch_moments(train, k) for k in (5, 9, 15) if k <= size}
-    stat = ad.estimate_stationary_moments(train)  # every lag inside the image: k = 2*size - 1
+    stat = ad.estimate_stationary_moments(train) if any("stat" in m for m in methods) else None  # every lag: k = 2*size - 1
     full = dens.get("locality") or ad.LocalityDenoiser(train, moments, threshold=threshold)
     extra = {
         "locality_thr0.01": lambda: ad.LocalityDenoiser(train, moments, threshold=0.01),
         "locality_thr0.05": lambda: ad.LocalityDenoiser(train, moments, threshold=0.05),
-        "wiener_stationary": lambda: ad.WindowedWienerDenoiser(stat),
+        # the published code's arithmetic (docs/algorithms.md §5 WSSM): the mean of per-chunk softmax means.
+        # CIFAR-10: chunks of 512 (its loader batch), 98 chunks; here 512 (4 chunks) or 21 (98 chunks, as CIFAR-10)
+        "locality_wssm512": lambda: ad.LocalityDenoiser(train, moments, threshold=threshold, softmax="wssm", chunk_size=512),
+        "locality_wssm21": lambda: ad.LocalityDenoiser(train, moments, threshold=threshold, softmax="wssm", chunk_size=21),
+        "optimal_wssm21": lambda: ad.LocalityDenoiser(train, moments, threshold=1e-300, softmax="wssm", chunk_size=21),
         "win_k5": lambda: ad.LocalityDenoiser(train, pm[5], threshold=threshold),
         "win_k9": lambda: ad.LocalityDenoiser(train, pm[9], threshold=threshold),
         "win_5_9_15": lambda: ad.LocalityDenoiser(train, list(pm.values()), threshold=threshold),
@@ -207,6 +211,37 @@ def cmd_table(a) -> None:
         print(f"| {name} | {net['parameters']} | {net['num_train']} | {net['steps']} | {net['loss_last']:.4f} | {net['train_seconds']:.0f} | "
               f"{cell('wiener')} | {cell('locality')} | {cell('optimal')} | {cell('win_5_9_15')} | {d:+.3f} ± {e:.3f} | "
               f"{_order(r, ('wiener', 'locality', 'optimal'))} |")
+    pairs = [("wiener", "locality"), ("locality", "optimal"), ("locality_thr0.05", "locality"), ("win_5_9_15", "locality"),
+             ("win_5_9_15_to_full", "win_5_9_15"), ("win_5_9_15_stat", "win_5_9_15"), ("win_k9_to_full", "win_k9"),
+             ("win_k9", "win_5_9_15"), ("pspc", "wiener"), ("ls", "locality")]
+    print("\n### Paired differences of final r2 (same x_T; mean ± standard error over the samples)\n")
+    print("| a - b | " + " | ".join(runs) + " |")
+    print("|:---|" + "---:|" * len(runs))
+    for a_, b_ in pairs:
+        cells = []
+        for r in runs.values():
+            if a_ in r["methods"] and b_ in r["methods"]:
+                d, e = _paired(r, a_, b_)
+                cells.append(f"{d:+.3f} ± {e:.3f}")
+            else:
+                cells.append("-")
+        print(f"| {a_} - {b_} | " + " | ".join(cells) + " |")
+    sweep = {}
+    for f in sorted(RESULTS.glob("eval_base_thr*.json")):
+        sweep[f.stem.split("_thr")[1]] = json.loads(f.read_text())
+    if sweep and "base" in runs:
+        sweep = {"0.02": runs["base"], **sweep}
+        print("\n### Threshold sweep, run `base` (final r2; windowed: keep k = 15 at the edge vs the full-image path there)\n")
+        print("| threshold | locality (full cov) | windowed 5,9,15 | windowed 5,9,15 -> full at the edge | paired: -> full minus keep | "
+              "steps on the full-image path |")
+        print("|---:|---:|---:|---:|---:|:---|")
+        for thr, r in sweep.items():
+            m = r["methods"]
+            d, e = _paired(r, "win_5_9_15_to_full", "win_5_9_15")
+            print(f"| {thr} | {m['locality']['final_r2']:+.3f} ± {m['locality']['final_r2_sem']:.3f} | "
+                  f"{m['win_5_9_15']['final_r2']:+.3f} ± {m['win_5_9_15']['final_r2_sem']:.3f} | "
+                  f"{m['win_5_9_15_to_full']['final_r2']:+.3f} ± {m['win_5_9_15_to_full']['final_r2_sem']:.3f} | {d:+.3f} ± {e:.3f} | "
+                  f"{', '.join(map(str, m['win_5_9_15_to_full'].get('full_image_steps', [])))} |")
     for name, r in runs.items():
         print(f"\n### All methods, run `{name}` ({r['num_samples']} samples, {r['steps']} DDIM steps, seed {r['seed']})\n")
         print("| method | final r2 (trajectory, last step) | mean trajectory r2 over steps | mean `single` r2 over steps t > 0 | "

@@ -148,6 +148,8 @@ def test_reproduce_quick_writes_run_folder(quick_run):
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert config["methods"] == list(DEFAULT_METHODS) and config["protocol"] == "single"
+    assert config["method_settings"]["locality_cifar10"]["softmax"] == "wssm"
+    assert config["method_settings"]["locality_cifar10"]["threshold"] == 0.05
     assert config["image_shape"] == [3, 8, 8]
     assert config["network_training"]["steps"] == 5 and config["network_training"]["num_train"] == 64
     assert [w["t"] for w in config["windowed_steps"]] == [666, 333, 0]

@@ -31,7 +31,7 @@ from .common import (
 #: Every method ``--methods`` accepts, in the order of the table. ``els`` (bbELS) is not in
 #: the default set: its cost grows as n * N * (H-P+1)(W-P+1) * P^2 per query (minutes here).
 METHODS = (
-    "wiener", "optimal", "nearest", "locality", "locality_windowed", "ls", "els", "pspc", "scfdm",
+    "wiener", "optimal", "nearest", "locality", "locality_cifar10", "locality_windowed", "ls", "els", "pspc", "scfdm",
 )
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "els")
 
@@ -108,7 +108,9 @@ def build_denoisers(
     """The analytical denoisers of the reproduction, ``{name: denoiser}`` in ``methods``' order.
 
     ``train``: uint8 ``[N, C, H, W]``, the network's training crops. Full moments (for
-    ``wiener`` and ``locality``, docs/algorithms.md §2-§5) and patch moments of each size in
+    ``wiener``, ``locality`` and ``locality_cifar10``, the latter with the locality paper's
+    CIFAR-10 settings: WSSM over chunks of 512 images, threshold 0.05, docs/algorithms.md
+    §5, §8.2; docs/algorithms.md §2-§5) and patch moments of each size in
     ``patch_sizes`` (for ``locality_windowed``, §9: a step whose window reaches the edge of a
     smaller patch uses the next larger one) are estimated from it. ``ls``/``els`` use Kamb &
     Ganguli's CIFAR-10 UNet patch schedule (§10), ``pspc`` the published CIFAR-10 schedule
@@ -116,7 +118,7 @@ def build_denoisers(
     denoisers. ``backend`` goes to every denoiser that takes one."""
     import analytic_diffusion as ad
 
-    need_full = any(m in methods for m in ("wiener", "locality"))
+    need_full = any(m in methods for m in ("wiener", "locality", "locality_cifar10"))
     moments = ad.estimate_moments(train, progress=progress) if need_full else None
     out: Dict[str, object] = {}
     for m in methods:
@@ -128,6 +130,8 @@ def build_denoisers(
             out[m] = ad.NearestDenoiser(train, backend=backend)
         elif m == "locality":
             out[m] = ad.LocalityDenoiser(train, moments, threshold=threshold, backend=backend)
+        elif m == "locality_cifar10":  # the paper's CIFAR-10 arithmetic: WSSM over chunks of 512, threshold 0.05
+            out[m] = ad.LocalityDenoiser.from_preset(train, "cifar10", moments, backend=backend)
         elif m == "locality_windowed":
             pm = [ad.estimate_patch_moments(train, k, progress=progress) for k in patch_sizes]
             out[m] = ad.LocalityDenoiser(train, pm, threshold=threshold, backend=backend)
