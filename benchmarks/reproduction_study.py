@@ -242,6 +242,27 @@ def cmd_table(a) -> None:
                   f"{m['win_5_9_15']['final_r2']:+.3f} ± {m['win_5_9_15']['final_r2_sem']:.3f} | "
                   f"{m['win_5_9_15_to_full']['final_r2']:+.3f} ± {m['win_5_9_15_to_full']['final_r2_sem']:.3f} | {d:+.3f} ± {e:.3f} | "
                   f"{', '.join(map(str, m['win_5_9_15_to_full'].get('full_image_steps', [])))} |")
+    wssm = {thr: RESULTS / f"eval_base_wssm_thr{thr}.json" for thr in ("0.02", "0.05")}
+    if "base" in runs and all(f.is_file() for f in wssm.values()):
+        print("\n### Softmax arithmetic, run `base` (final r2): exact vs the published WSSM (mean of per-chunk softmax means)\n")
+        print("| threshold | exact | WSSM, chunks of 512 (4 chunks; CIFAR-10's chunk size) | WSSM, chunks of 21 (98 chunks, as CIFAR-10's 50000/512) |")
+        print("|---:|---:|---:|---:|")
+        exact = {"0.02": runs["base"]["methods"]["locality"]}
+        f05 = RESULTS / "eval_base_thr0.05.json"
+        if f05.is_file():
+            exact["0.05"] = json.loads(f05.read_text())["methods"]["locality"]
+        for thr, f in wssm.items():
+            m = json.loads(f.read_text())["methods"]
+            c = lambda e: f"{e['final_r2']:+.3f} ± {e['final_r2_sem']:.3f}" if e else "-"
+            print(f"| {thr} | {c(exact.get(thr))} | {c(m.get('locality_wssm512'))} | {c(m.get('locality_wssm21'))} |")
+        m05 = json.loads(wssm["0.05"].read_text())["methods"]["locality_wssm512"]
+        x = torch.tensor(runs["base"]["methods"]["wiener"]["final_r2_per_sample"]) - torch.tensor(m05["final_r2_per_sample"])
+        print(f"\nWiener minus the paper's CIFAR-10 setting (WSSM 512, threshold 0.05), paired over the same x_T: "
+              f"{float(x.mean()):+.3f} ± {float(x.std()) / len(x) ** 0.5:.3f}.")
+        m = json.loads(wssm["0.02"].read_text())["methods"]
+        if "optimal_wssm21" in m:
+            print(f"\nThe optimal denoiser with WSSM over 98 chunks of 21: {m['optimal_wssm21']['final_r2']:+.3f} ± "
+                  f"{m['optimal_wssm21']['final_r2_sem']:.3f} (exact: {runs['base']['methods']['optimal']['final_r2']:+.3f}).")
     for name, r in runs.items():
         print(f"\n### All methods, run `{name}` ({r['num_samples']} samples, {r['steps']} DDIM steps, seed {r['seed']})\n")
         print("| method | final r2 (trajectory, last step) | mean trajectory r2 over steps | mean `single` r2 over steps t > 0 | "

@@ -38,7 +38,7 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m != "els")
 #: The default run: what docs/reproduction.md measures (about 5 minutes of training on one
 #: CPU core, a 279k-parameter UNet, 2048 16x16 crops).
 DEFAULTS = dict(size=16, num_train=2048, width=24, train_steps=3000, batch_size=32, lr=3e-3,
-                num_samples=16, steps=10, seed=0, threshold=0.02, patch_sizes="5,9,15", out="reproduce_out")
+                num_samples=32, steps=10, seed=0, threshold=0.02, patch_sizes="5,9,15", out="reproduce_out")
 #: ``--quick``: seconds, for tests and CI (a tiny network that has barely started to learn).
 QUICK = dict(size=8, num_train=64, width=4, train_steps=5, batch_size=8, num_samples=2, steps=3)
 
