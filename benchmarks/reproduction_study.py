@@ -273,6 +273,13 @@ def cmd_table(a) -> None:
             mid = [row["single_r2"] for row in e["steps"] if row["t"] == 500]
             print(f"| {k} | {e['final_r2']:+.3f} ± {e['final_r2_sem']:.3f} | {e['trajectory_r2_mean']:+.3f} | "
                   f"{sum(single) / len(single):+.3f} | {mid[0] if mid else float('nan'):+.3f} | {e['seconds']:.1f} |")
+        ts = r["timesteps"]
+        print(f"\n`single` r2 per step (run `{name}`): the network on each method's own x_t\n")
+        print("| method | " + " | ".join(f"t={t}" for t in ts) + " |")
+        print("|:---|" + "---:|" * len(ts))
+        for k in ("wiener", "optimal", "nearest", "locality", "locality_thr0.05", "win_k5", "win_k9", "win_5_9_15", "pspc"):
+            if k in r["methods"]:
+                print(f"| {k} | " + " | ".join(f"{row['single_r2']:+.2f}" for row in r["methods"][k]["steps"]) + " |")
         wins = {k: e for k, e in r["methods"].items() if "windows" in e}
         if wins:
             print(f"\nWindow per step (run `{name}`): patch size k used / radius / `E` = reaches the edge of the largest patch; "
