@@ -263,6 +263,22 @@ def cmd_table(a) -> None:
         if "optimal_wssm21" in m:
             print(f"\nThe optimal denoiser with WSSM over 98 chunks of 21: {m['optimal_wssm21']['final_r2']:+.3f} ± "
                   f"{m['optimal_wssm21']['final_r2_sem']:.3f} (exact: {runs['base']['methods']['optimal']['final_r2']:+.3f}).")
+    f128 = RESULTS / "eval_base_s128.json"
+    if f128.is_file():
+        r = json.loads(f128.read_text())
+        print(f"\n### Issue 11 with {r['num_samples']} samples, run `base`: when the window reaches the edge of its patch\n")
+        print("| method | final r2 | mean `single` r2, t > 0 | steps on the full-image path |")
+        print("|:---|---:|---:|:---|")
+        for k, e in r["methods"].items():
+            single = [row["single_r2"] for row in e["steps"] if row["t"] > 0]
+            print(f"| {k} | {e['final_r2']:+.3f} ± {e['final_r2_sem']:.3f} | {sum(single) / len(single):+.3f} | "
+                  f"{', '.join(map(str, e.get('full_image_steps', []))) or '-'} |")
+        print("\n| paired difference of final r2 | mean ± s.e. |\n|:---|---:|")
+        for a_, b_ in (("win_5_9_15_to_full", "win_5_9_15"), ("win_k9_to_full", "win_k9"), ("win_5_9_15", "win_k9"),
+                       ("win_5_9_15", "locality"), ("wiener", "locality"), ("wiener", "win_5_9_15")):
+            if a_ in r["methods"] and b_ in r["methods"]:
+                d, e = _paired(r, a_, b_)
+                print(f"| {a_} - {b_} | {d:+.3f} ± {e:.3f} |")
     for name, r in runs.items():
         print(f"\n### All methods, run `{name}` ({r['num_samples']} samples, {r['steps']} DDIM steps, seed {r['seed']})\n")
         print("| method | final r2 (trajectory, last step) | mean trajectory r2 over steps | mean `single` r2 over steps t > 0 | "
