@@ -263,6 +263,14 @@ def cmd_table(a) -> None:
         if "optimal_wssm21" in m:
             print(f"\nThe optimal denoiser with WSSM over 98 chunks of 21: {m['optimal_wssm21']['final_r2']:+.3f} ± "
                   f"{m['optimal_wssm21']['final_r2_sem']:.3f} (exact: {runs['base']['methods']['optimal']['final_r2']:+.3f}).")
+    nov = {}
+    for f in sorted(RESULTS.glob("novelty*.json")):
+        nov.update(json.loads(f.read_text()))
+    if nov:
+        print("\n### Novelty: mean RMS distance ([-1, 1] units) of the 32 final samples to the nearest training crop\n")
+        print("| run | network | Wiener | optimal | locality (full cov, 0.02) |\n|:---|---:|---:|---:|---:|")
+        for n, row in nov.items():
+            print(f"| {n} | " + " | ".join(f"{row[k]['mean_rms_to_nearest']:.3f}" for k in ("network", "wiener", "optimal", "locality")) + " |")
     f128 = RESULTS / "eval_base_s128.json"
     if f128.is_file():
         r = json.loads(f128.read_text())
