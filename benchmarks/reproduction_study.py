@@ -229,19 +229,28 @@ def cmd_table(a) -> None:
     sweep = {}
     for f in sorted(RESULTS.glob("eval_base_thr*.json")):
         sweep[f.stem.split("_thr")[1]] = json.loads(f.read_text())
+    stat = {"0.02": runs["base"]} if "base" in runs else {}
+    for f in sorted(RESULTS.glob("eval_base_stat_thr*.json")):
+        stat[f.stem.split("_thr")[1]] = json.loads(f.read_text())
     if sweep and "base" in runs:
         sweep = {"0.02": runs["base"], **sweep}
-        print("\n### Threshold sweep, run `base` (final r2; windowed: keep k = 15 at the edge vs the full-image path there)\n")
-        print("| threshold | locality (full cov) | windowed 5,9,15 | windowed 5,9,15 -> full at the edge | paired: -> full minus keep | "
-              "steps on the full-image path |")
-        print("|---:|---:|---:|---:|---:|:---|")
+        print("\n### Threshold sweep, run `base` (final r2, 32 samples): what a step whose window reaches the edge of the "
+              "15x15 patch uses\n")
+        print("| threshold | locality (full cov) | windowed 5,9,15: keep 15 (the library's rule) | -> full-image path | "
+              "-> stationary 31x31 | paired: full-image minus keep | paired: 31x31 minus keep | steps on the full-image path |")
+        print("|---:|---:|---:|---:|---:|---:|---:|:---|")
+        c = lambda e: f"{e['final_r2']:+.3f} ± {e['final_r2_sem']:.3f}"
         for thr, r in sweep.items():
             m = r["methods"]
             d, e = _paired(r, "win_5_9_15_to_full", "win_5_9_15")
-            print(f"| {thr} | {m['locality']['final_r2']:+.3f} ± {m['locality']['final_r2_sem']:.3f} | "
-                  f"{m['win_5_9_15']['final_r2']:+.3f} ± {m['win_5_9_15']['final_r2_sem']:.3f} | "
-                  f"{m['win_5_9_15_to_full']['final_r2']:+.3f} ± {m['win_5_9_15_to_full']['final_r2_sem']:.3f} | {d:+.3f} ± {e:.3f} | "
-                  f"{', '.join(map(str, m['win_5_9_15_to_full'].get('full_image_steps', [])))} |")
+            st = stat.get(thr, {}).get("methods", {})
+            if "win_5_9_15_stat" in st:
+                d2, e2 = _paired(stat[thr], "win_5_9_15_stat", "win_5_9_15")
+                sc, sp = c(st["win_5_9_15_stat"]), f"{d2:+.3f} ± {e2:.3f}"
+            else:
+                sc = sp = "-"
+            print(f"| {thr} | {c(m['locality'])} | {c(m['win_5_9_15'])} | {c(m['win_5_9_15_to_full'])} | {sc} | {d:+.3f} ± {e:.3f} | "
+                  f"{sp} | {', '.join(map(str, m['win_5_9_15_to_full'].get('full_image_steps', [])))} |")
     wssm = {thr: RESULTS / f"eval_base_wssm_thr{thr}.json" for thr in ("0.02", "0.05")}
     if "base" in runs and all(f.is_file() for f in wssm.values()):
         print("\n### Softmax arithmetic, run `base` (final r2): exact vs the published WSSM (mean of per-chunk softmax means)\n")
