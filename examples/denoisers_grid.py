@@ -11,7 +11,8 @@ whole run to a few minutes on a 2-core CPU; ELS/bbELS are the slowest (their cos
 N * H^2 * W^2, docs/algorithms.md §10). N must exceed 3 * size^2 for the full-covariance
 locality denoiser's masks to be local (docs/algorithms.md §9).
 
-Timings per denoiser are printed (and written beside the figure as JSON).
+Timings per denoiser and, per sample, the RMS distance to the nearest training image (about
+0: a copy of a training image) are printed and written beside the figure as JSON.
 """
 from __future__ import annotations
 
@@ -76,16 +77,24 @@ def main(argv=None) -> int:
     denoisers = build_denoisers(train, args.steps)
     timings = {"setup": time.perf_counter() - t0}
     rows, labels = [train[: args.num_samples]], ["training\ncrops"]
+    flat_train = ad.data.to_unit_range(train).reshape(train.shape[0], -1).float()
+    novelty = {}
     for label, den in denoisers.items():
+        name = label.replace("\n", " ")
         t0 = time.perf_counter()
-        rows.append(ad.sample(den, args.num_samples, shape, steps=args.steps, seed=args.seed, progress=True))
-        timings[label.replace("\n", " ")] = time.perf_counter() - t0
+        x = ad.sample(den, args.num_samples, shape, steps=args.steps, seed=args.seed, progress=True)
+        timings[name] = time.perf_counter() - t0
+        rows.append(x)
         labels.append(label)
-        print(f"{label.replace(chr(10), ' ')}: {timings[label.replace(chr(10), ' ')]:.1f} s", flush=True)
+        # per sample: RMS distance to the nearest training image (about 0: a copy)
+        dist = torch.cdist(x.reshape(x.shape[0], -1).float(), flat_train).min(1).values / flat_train.shape[1] ** 0.5
+        novelty[name] = [round(float(v), 4) for v in dist]
+        print(f"{name}: {timings[name]:.1f} s, RMS distance to the nearest training image {dist.mean():.3f} (mean)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, labels, path=out)
-    info = {"args": vars(args), "image_shape": list(shape), "timings_s": timings, "torch": torch.__version__}
+    info = {"args": vars(args), "image_shape": list(shape), "timings_s": timings,
+            "nearest_train_rms": novelty, "torch": torch.__version__}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     print(f"wrote {out}")
     return 0
