@@ -52,6 +52,10 @@ def patch_posterior_denoise_windowed(
     temperature: float = 1.0,
     chunk_size: int = 256,
 ) -> torch.Tensor:
+    """Backend of ``patch_posterior_denoise`` (docs/algorithms.md §13; inputs validated by the
+    public op): ``x`` float32/float64 ``[B, C, H, W]`` on CPU, ``train`` uint8 or float in
+    [-1, 1] ``[N, C, H, W]``, ``patch_size`` int. Returns x's shape and dtype. Cases it does
+    not take go to the ``boxsum`` backend (see the module docstring)."""
     B, C, H, W = x.shape
     P = int(patch_size)
     if P % 2 == 0 or C * P * P > MAX_CHANNELS or (P == H and P == W) or x.device.type != "cpu" or train.device.type != "cpu":
