@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import ops
+from . import ops, presets
 from ._ext import build_info
 from .registry import available_backends
 from .ops import (
@@ -46,7 +46,7 @@ try:  # one version source: the installed package's metadata (pyproject.toml)
 except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
 
-_LAZY = ("data", "figures")  # scikit-image, Pillow, matplotlib: loaded on first use, not at import
+_LAZY = ("data", "figures", "runs")  # scikit-image, Pillow, matplotlib: loaded on first use, not at import
 
 
 def __getattr__(name):
@@ -94,7 +94,9 @@ __all__ = [
     "locality_mask",
     "mse",
     "ops",
+    "presets",
     "r2",
+    "runs",
     "sample",
     "sensitivity",
     "wiener_matrix",

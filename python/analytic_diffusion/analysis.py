@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,7 +37,7 @@ from ._validate import FLOAT_DTYPES, check_finite, check_queries, check_train, t
 from .denoisers import Denoiser, WienerDenoiser
 from .metrics import mse as _mse
 from .metrics import r2 as _r2
-from .sampling import sample as _sample
+from .sampling import ddim_step
 from .schedule import ddim_timesteps, default_alphas_cumprod, timestep_to_int
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 _PREDICTIONS = ("x0", "epsilon")
-_PROTOCOLS = ("single_step", "trajectory")
+_PROTOCOLS = ("single", "single_step", "trajectory")
 
 
 # --------------------------------------------------------------------------- #
@@ -357,12 +358,131 @@ class _Batched:
         return out
 
 
+class _Memory:
+    """Peak memory of one call: ``torch.cuda.max_memory_allocated`` on a CUDA device (reset
+    before the call); on the CPU the process's peak resident set size (Linux: ``VmHWM``,
+    reset before the call by writing 5 to ``/proc/self/clear_refs``), since torch's CPU
+    allocations bypass ``tracemalloc``. Where neither works the peak is ``None``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind: Optional[str] = None
+        if device.type == "cuda":
+            self.kind = "cuda_max_memory_allocated"
+        elif device.type == "cpu" and self._reset_rss() and self._rss_peak() is not None:
+            self.kind = "cpu_peak_rss"
+
+    @staticmethod
+    def _reset_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _rss_peak() -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def reset(self) -> None:
+        if self.kind == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "cpu_peak_rss":
+            self._reset_rss()
+
+    def peak(self) -> Optional[int]:
+        if self.kind == "cuda_max_memory_allocated":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "cpu_peak_rss":
+            return self._rss_peak()
+        return None
+
+
+class _Meter:
+    """Wraps a batched denoiser: seconds and peak memory of every call, by timestep."""
+
+    def __init__(self, fn: _Batched, memory: _Memory):
+        self.fn, self.memory = fn, memory
+        self.name = fn.name
+        self.seconds: Dict[int, float] = {}
+        self.peak: Dict[int, Optional[int]] = {}
+        self.setup_seconds = 0.0
+        prep = getattr(fn, "prepare", None)
+        if prep is not None:
+            self.prepare = self._timed_prepare
+
+    def _sync(self) -> None:
+        if self.memory.device.type == "cuda":
+            torch.cuda.synchronize(self.memory.device)
+
+    def _timed_prepare(self, timesteps, device) -> None:
+        self._sync()
+        t0 = time.perf_counter()
+        self.fn.prepare(timesteps, device)
+        self._sync()
+        self.setup_seconds += time.perf_counter() - t0
+
+    def __call__(self, x, t):
+        self.memory.reset()
+        t0 = time.perf_counter()
+        out = self.fn(x, t)
+        self._sync()
+        self.seconds[t] = self.seconds.get(t, 0.0) + time.perf_counter() - t0
+        p = self.memory.peak()
+        old = self.peak.get(t)
+        self.peak[t] = p if old is None or p is None else max(old, p)
+        return out
+
+    def summary(self, ts: Sequence[int]) -> dict:
+        """Per reported timestep and over every call: seconds and peak memory."""
+        peaks = [p for p in self.peak.values() if p is not None]
+        return {
+            "seconds": [self.seconds[t] for t in ts],
+            "peak_memory": [self.peak[t] for t in ts],
+            "seconds_per_step": sum(self.seconds.values()) / max(1, len(self.seconds)),
+            "peak_memory_max": max(peaks) if peaks else None,
+            "setup_seconds": self.setup_seconds,
+        }
+
+
 @dataclass
 class Agreement:
     """Result of :func:`compare`: agreement of each denoiser with the network per timestep.
 
     ``r2[name][i]`` and ``mse[name][i]`` belong to ``timesteps[i]`` (Python floats;
     r2 with the network's prediction as the target, docs/algorithms.md §8).
+
+    Measurements of the same run (docs/algorithms.md §8.2):
+
+    - ``seconds[name][i]``, ``peak_memory[name][i]``: wall-clock seconds of the denoiser's
+      call at ``timesteps[i]`` (all ``num_samples`` samples; CUDA synchronised) and the peak
+      memory in bytes during it, of kind ``memory_kind`` (``"cuda_max_memory_allocated"``,
+      ``"cpu_peak_rss"``: the process's peak resident set, or ``None``: not measurable;
+      measuring resets the process's ``VmHWM`` / CUDA peak counters).
+    - ``final[name]``: ``{"r2", "mse", "seconds_per_step", "peak_memory", "setup_seconds"}``.
+      ``r2``/``mse``: for ``single`` and ``trajectory`` what the paper's code reports, the
+      trajectory agreement at the last step (the denoiser's sample, i.e. its last ``x0_hat``
+      from its own DDIM path, against the network's own sample from the same ``x_T``); for
+      ``single_step`` the values at the last reported timestep. ``seconds_per_step``: mean
+      over every call; ``peak_memory``: max over every call; ``setup_seconds``: its
+      ``prepare`` (masks, plans) before the first step.
+    - ``network``: the same measurements for the network (``seconds``, ``peak_memory`` per
+      reported timestep from its own trajectory, or its calls in ``single_step``;
+      ``seconds_per_step``, ``peak_memory_max``).
+    - ``samples[name]``: the denoiser's final ``x0_hat`` (``[num_samples, C, H, W]``, CPU;
+      for ``single_step`` its prediction at the last reported timestep), ``network_sample``
+      the network's. ``step_images[name]``: ``{"pred": [S, k, C, H, W], "target": [S, k, C, H, W]}``,
+      the first ``k = keep_images`` samples' prediction and the network's target at each
+      reported timestep (empty unless ``compare(keep_images=k)``).
     """
 
     protocol: str
@@ -373,9 +493,17 @@ class Agreement:
     seed: int
     steps: Optional[int] = None
     names: List[str] = field(default_factory=list)
+    seconds: Dict[str, List[float]] = field(default_factory=dict)
+    peak_memory: Dict[str, List[Optional[int]]] = field(default_factory=dict)
+    memory_kind: Optional[str] = None
+    final: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)
+    network: Dict[str, object] = field(default_factory=dict)
+    samples: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    network_sample: Optional[torch.Tensor] = field(default=None, repr=False)
+    step_images: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict of every field."""
+        """Plain JSON-serialisable dict of every field except the images."""
         return {
             "protocol": self.protocol,
             "timesteps": list(self.timesteps),
@@ -385,6 +513,11 @@ class Agreement:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "steps": self.steps,
+            "seconds": {k: list(v) for k, v in self.seconds.items()},
+            "peak_memory": {k: list(v) for k, v in self.peak_memory.items()},
+            "memory_kind": self.memory_kind,
+            "final": {k: dict(v) for k, v in self.final.items()},
+            "network": {k: (list(v) if isinstance(v, list) else v) for k, v in self.network.items()},
         }
 
     def table(self) -> str:
@@ -398,6 +531,23 @@ class Agreement:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def summary_table(self) -> str:
+        """Markdown table in the layout of the papers' tables: one row per method, columns
+        MSE, r2 (``final``), seconds per step and peak memory (MiB); the network last."""
+
+        def mib(v):
+            return "n/a" if v is None else f"{v / 2**20:.1f}"
+
+        lines = ["| Method | MSE | r2 | time / step (s) | peak memory (MiB) |", "|:---|---:|---:|---:|---:|"]
+        for k in self.names:
+            f = self.final.get(k, {})
+            lines.append(f"| {k} | {f.get('mse', float('nan')):.4g} | {f.get('r2', float('nan')):.4f} | "
+                         f"{f.get('seconds_per_step', float('nan')):.4g} | {mib(f.get('peak_memory'))} |")
+        if self.network:
+            lines.append(f"| network (reference) | - | - | {self.network.get('seconds_per_step', float('nan')):.4g} | "
+                         f"{mib(self.network.get('peak_memory_max'))} |")
+        return "\n".join(lines)
+
     def plot(self, path=None, *, size: Tuple[int, int] = (360, 260)):
         """Line plots of r2 (left) and MSE (right) against the timestep, one line per denoiser.
 
@@ -408,6 +558,14 @@ class Agreement:
         from .figures import agreement_figure  # matplotlib only when a figure is asked for
 
         return agreement_figure(self, size=size, path=path)
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
 
 
 def compare(
@@ -426,8 +584,11 @@ def compare(
     shape: Optional[Sequence[int]] = None,
     dtype: torch.dtype = torch.float32,
     device=None,
+    keep_images: int = 0,
+    progress: bool = False,
 ) -> Agreement:
-    """r2 and MSE (docs/algorithms.md §8) per timestep between analytical denoisers and a network.
+    """r2 and MSE (docs/algorithms.md §8) per timestep between analytical denoisers and a
+    network, with each denoiser's seconds and peak memory per step.
 
     Args:
         denoisers: ``{name: den}``, each ``den(x_t, t) -> x0_hat`` (any
@@ -436,29 +597,43 @@ def compare(
             ``prediction`` (wrapped in :class:`ModelDenoiser`), or a denoiser.
         data: images ``[N, C, H, W]``, uint8 or float in [-1, 1] (any source
             ``ad.data.load_images`` takes). ``single_step``: ``num_samples`` of them
-            (a seeded random choice) are noised. ``trajectory``: only their shape is
-            used (or pass ``shape`` and no data).
+            (a seeded random choice) are noised. ``single`` / ``trajectory``: only their
+            shape is used (or pass ``shape`` and no data).
         timesteps: integer timesteps to report. Default: the ``steps``-step DDIM
-            schedule (900, 800, ..., 0 for 10). For ``trajectory`` they must be
-            among that schedule's timesteps.
-        protocol: ``"single_step"``: at each t, every denoiser and the network see the
-            same ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (one seeded ``eps`` for all
-            timesteps). ``"trajectory"``: each one samples its own DDIM trajectory
-            (``ad.sample``, ``steps`` steps, the same seed, hence the same ``x_T``) and
-            its ``x0_hat`` at each step is compared with the network's at that step.
-        num_samples: images (single_step) or samples (trajectory).
-        seed: seeds the image choice and noise (single_step) or ``x_T`` (trajectory).
+            schedule (900, 800, ..., 0 for 10). For ``single`` and ``trajectory`` they must
+            be among that schedule's timesteps.
+        protocol (docs/algorithms.md §8.2):
+
+            - ``"single_step"``: at each t, every denoiser and the network see the same
+              ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (one seeded ``eps`` for all timesteps).
+            - ``"single"`` (the default protocol of the locality paper's code): each
+              denoiser follows its own DDIM path (``steps`` steps from the seeded ``x_T``,
+              the same for every denoiser); at each step the network is evaluated on that
+              denoiser's ``x_t`` and the two ``x0_hat`` are compared.
+            - ``"trajectory"``: each one, the network included, follows its own DDIM path
+              from the same ``x_T``; the denoiser's ``x0_hat`` at each step is compared
+              with the network's at that step.
+
+            For ``single`` and ``trajectory`` the network also samples its own path once,
+            and ``final`` holds the trajectory agreement at the last step (what the
+            paper's code reports).
+        num_samples: images (single_step) or samples (single, trajectory).
+        seed: seeds the image choice and noise (single_step) or ``x_T`` (a CPU generator,
+            as :func:`analytic_diffusion.sample`).
         steps: DDIM steps (the default timesteps; the trajectory length).
         batch_size: at most this many samples per denoiser / network call.
         prediction: ``"epsilon"`` (default for networks) or ``"x0"``, what ``model``
             returns when it is a network; leave it unset for a denoiser.
         alphas_cumprod: the schedule (default: docs/algorithms.md §1's linear one).
-        shape: image shape ``(C, H, W)`` for ``trajectory`` without data.
+        shape: image shape ``(C, H, W)`` for ``single`` / ``trajectory`` without data.
         dtype, device: of ``x_t`` (float32 or float64; default CPU).
+        keep_images: keep the first ``keep_images`` samples' prediction and target at
+            every reported timestep in ``Agreement.step_images`` (for figures).
+        progress: tqdm bars over the denoisers and the steps.
 
     Returns:
-        :class:`Agreement` with ``.table()``, ``.plot(path)`` and ``.to_dict()``.
-        Everything runs under ``torch.no_grad()``.
+        :class:`Agreement` with ``.table()``, ``.summary_table()``, ``.plot(path)`` and
+        ``.to_dict()``. Everything runs under ``torch.no_grad()``.
     """
     if not isinstance(denoisers, Mapping) or len(denoisers) == 0:
         raise TypeError(f"denoisers must be a non-empty dict {{name: denoiser}}, got {type(denoisers).__name__} {denoisers!r}"[:200])
@@ -468,7 +643,7 @@ def compare(
         if not callable(d):
             raise TypeError(f"denoisers[{k!r}] must be callable den(x_t, t) -> x0_hat, got {type(d).__name__}")
     if protocol not in _PROTOCOLS:
-        raise ValueError(f"protocol must be 'single_step' or 'trajectory', got {protocol!r}")
+        raise ValueError(f"protocol must be one of {', '.join(repr(p) for p in _PROTOCOLS)}, got {protocol!r}")
     prediction = None if prediction is None else _check_prediction(prediction)
     ab = _check_schedule(alphas_cumprod)
     T = ab.shape[0]
@@ -476,6 +651,7 @@ def compare(
     seed = _check_int("seed", seed, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     steps = _check_int("steps", steps, 1)
+    keep_images = _check_int("keep_images", keep_images, 0)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     schedule = ddim_timesteps(steps, T)
@@ -489,14 +665,15 @@ def compare(
             raise ValueError("timesteps is empty")
         if len(set(ts)) != len(ts):
             raise ValueError(f"timesteps has repeated values: {ts}")
-        if protocol == "trajectory":
+        if protocol != "single_step":
             missing = [t for t in ts if t not in schedule]
             if missing:
-                raise ValueError(f"timesteps {missing} are not steps of the {steps}-step DDIM trajectory {schedule}; the trajectory protocol can only report those")
+                raise ValueError(f"timesteps {missing} are not steps of the {steps}-step DDIM trajectory {schedule}; the {protocol} protocol can only report those")
     ref = _as_denoiser(model, prediction, ab, "model")
-    dens = {k: _Batched(d, batch_size) for k, d in denoisers.items()}
-    ref_b = _Batched(ref, batch_size)
     dev = torch.device(device or "cpu")
+    memory = _Memory(dev)
+    dens = {k: _Meter(_Batched(d, batch_size), memory) for k, d in denoisers.items()}
+    ref_m = _Meter(_Batched(ref, batch_size), memory)
 
     if data is not None:
         if not isinstance(data, torch.Tensor):
@@ -516,6 +693,32 @@ def compare(
 
     r2s: Dict[str, List[float]] = {k: [] for k in dens}
     mses: Dict[str, List[float]] = {k: [] for k in dens}
+    final: Dict[str, Dict[str, Optional[float]]] = {}
+    samples: Dict[str, torch.Tensor] = {}
+    kept: Dict[str, Dict[str, List[torch.Tensor]]] = {k: {"pred": [], "target": []} for k in dens}
+    network_sample: Optional[torch.Tensor] = None
+
+    def keep(k: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if keep_images:
+            kept[k]["pred"].append(pred[:keep_images].detach().cpu())
+            kept[k]["target"].append(target[:keep_images].detach().cpu())
+
+    def trajectory(den, on_step=None, desc: str = "") -> torch.Tensor:
+        # the loop of ad.sample (docs/algorithms.md §7), step for step: same x_T, same updates
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn((num_samples, *img_shape), generator=gen, dtype=dtype).to(dev)
+        x0 = x
+        prep = getattr(den, "prepare", None)
+        if prep is not None:
+            prep(schedule, x.device)
+        for t in _progress(schedule, progress, desc=desc, unit="step", leave=False):
+            x0 = den(x, t)
+            if on_step is not None:
+                on_step(t, x, x0)
+            prev = t - T // steps
+            x = ddim_step(x, x0, float(ab[t]), float(ab[prev]) if prev >= 0 else 1.0)
+        return x0
+
     with torch.no_grad():
         if protocol == "single_step":
             if data is None:
@@ -527,35 +730,61 @@ def compare(
             x0 = to_unit(data[pick], dtype)
             eps = torch.randn(x0.shape, generator=g, dtype=dtype)
             x0, eps = x0.to(dev), eps.to(dev)
-            for t in ts:
+            for t in _progress(ts, progress, desc="single_step", unit="step"):
                 a_t = float(ab[t])
                 x = math.sqrt(a_t) * x0 + math.sqrt(1.0 - a_t) * eps
-                target = ref_b(x, t)
+                target = ref_m(x, t)
                 for k, d in dens.items():
                     pred = d(x, t)
                     r2s[k].append(float(_r2(pred, target)))
                     mses[k].append(float(_mse(pred, target)))
+                    keep(k, pred, target)
+                    if t == ts[-1]:
+                        samples[k] = pred.detach().cpu()
+                if t == ts[-1]:
+                    network_sample = target.detach().cpu()
+            for k in dens:
+                final[k] = {"r2": r2s[k][-1], "mse": mses[k][-1]}
         else:
             if img_shape is None:
-                raise ValueError("protocol='trajectory' needs data or shape=(C, H, W) for the image shape")
+                raise ValueError(f"protocol={protocol!r} needs data or shape=(C, H, W) for the image shape")
             ref_x0: Dict[int, torch.Tensor] = {}
 
             def keep_ref(t, x, x0):
                 if t in ts:
                     ref_x0[t] = x0
 
-            _sample(ref_b, num_samples, img_shape, steps=steps, seed=seed, device=dev, dtype=dtype, callback=keep_ref, alphas_cumprod=ab)
-            for k, d in dens.items():
+            # the network's own path: its sample (final values) and, for trajectory, the targets
+            network_sample = trajectory(ref_m, keep_ref, desc="network").detach().cpu()
+            # the network's calls on the denoisers' x_t (single) are not its own trajectory's timings
+            ref_on = _Batched(ref, batch_size)
+            for k, d in _progress(list(dens.items()), progress, desc=f"{protocol}: methods", unit="method"):
                 got: Dict[int, Tuple[float, float]] = {}
 
-                def score(t, x, x0, got=got):
-                    if t in ts:
-                        got[t] = (float(_r2(x0, ref_x0[t])), float(_mse(x0, ref_x0[t])))
+                def score(t, x, x0, k=k, got=got):
+                    if t not in ts:
+                        return
+                    target = ref_x0[t] if protocol == "trajectory" else ref_on(x, t)
+                    got[t] = (float(_r2(x0, target)), float(_mse(x0, target)))
+                    keep(k, x0, target)
 
-                _sample(d, num_samples, img_shape, steps=steps, seed=seed, device=dev, dtype=dtype, callback=score, alphas_cumprod=ab)
+                last = trajectory(d, score, desc=k).detach().cpu()
+                samples[k] = last
                 r2s[k] = [got[t][0] for t in ts]
                 mses[k] = [got[t][1] for t in ts]
+                final[k] = {"r2": float(_r2(last, network_sample)), "mse": float(_mse(last, network_sample))}
+    seconds: Dict[str, List[float]] = {}
+    peaks: Dict[str, List[Optional[int]]] = {}
+    for k, d in dens.items():
+        s = d.summary(ts)
+        seconds[k], peaks[k] = s["seconds"], s["peak_memory"]
+        final[k].update(seconds_per_step=s["seconds_per_step"], peak_memory=s["peak_memory_max"], setup_seconds=s["setup_seconds"])
+    step_images = {}
+    if keep_images:
+        step_images = {k: {w: torch.stack(v[w]) for w in ("pred", "target")} for k, v in kept.items()}
     return Agreement(
         protocol=protocol, timesteps=ts, r2=r2s, mse=mses, num_samples=num_samples, seed=seed,
-        steps=steps if (protocol == "trajectory" or timesteps is None) else None, names=list(dens),
+        steps=steps if (protocol != "single_step" or timesteps is None) else None, names=list(dens),
+        seconds=seconds, peak_memory=peaks, memory_kind=memory.kind, final=final, network=ref_m.summary(ts),
+        samples=samples, network_sample=network_sample, step_images=step_images,
     )

@@ -11,6 +11,10 @@ Subcommands, one module each:
 - ``locality`` (:mod:`.locality`): Wiener sensitivity fields and locality-mask
   windows of chosen pixels across timesteps, as figures and a JSON/markdown table;
   optionally a trained network's fields beside them.
+- ``compare`` (:mod:`.compare`): analytical denoisers (published presets with ``--preset``)
+  against a trained network (``--model MODULE:CLASS --checkpoint FILE``, or a diffusers
+  UNet2DModel folder) under the protocols of docs/algorithms.md §8.2, written as a run
+  folder (config.json, metrics.json, table.md, figures, samples).
 
 Errors. User errors - bad arguments, unreadable or unusable input files and data,
 a network that fails, a missing device, an unwritable output (OSError), running out
@@ -27,7 +31,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, locality, sample, stats
+from . import compare, demo, locality, sample, stats
 from .common import PROG, CLIError
 
 __all__ = ["CLIError", "PROG", "build_parser", "main"]
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (demo, stats, sample, locality):
+    for command in (demo, stats, sample, locality, compare):
         command.add_parser(sub)
     return p
 

@@ -3,8 +3,11 @@ resolution, timing and the versions written into summaries."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,6 +128,120 @@ def backend_arg(backends: Dict[str, Optional[str]], requested: Optional[str], op
     """What to pass as ``backend=`` for ``op``: the request where it applies, else None
     (so the library's own selection, which honours the environment variable, decides)."""
     return backends[op] if requested is not None and backends.get(op) == requested else None
+
+
+# --------------------------------------------------------------------------- #
+# user models
+# --------------------------------------------------------------------------- #
+def load_model(spec: str, checkpoint: str, kwargs_json: Optional[str], device: torch.device) -> torch.nn.Module:
+    """Instantiate ``module:Class`` (importable from the current folder or sys.path) and load
+    a state_dict from ``checkpoint`` (safetensors, or torch.load with weights_only=True:
+    pickled objects are refused)."""
+    import importlib
+
+    module_name, sep, cls_name = spec.partition(":")
+    if not sep or not module_name or not cls_name or not all(p.isidentifier() for p in module_name.split(".")) or not cls_name.isidentifier():
+        raise CLIError(f"--model must be MODULE:CLASS (e.g. mynet:UNet, importable from the current folder), got {spec!r}")
+    kwargs = {}
+    if kwargs_json is not None:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--model-kwargs must be a JSON object, got {kwargs_json!r}: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise CLIError(f"--model-kwargs must be a JSON object, got {kwargs_json!r}")
+    if not os.path.exists(checkpoint):
+        raise CLIError(f"--checkpoint {checkpoint!r} does not exist")
+    # a console script's sys.path does not hold the current folder (python -m does)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or any error raised while the module runs
+        raise CLIError(f"--model {spec!r}: cannot import module {module_name!r} (it must be importable from the current folder or PYTHONPATH): {type(e).__name__}: {e}") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None or not callable(cls):
+        raise CLIError(f"--model {spec!r}: module {module_name!r} has no class {cls_name!r}")
+    try:
+        model = cls(**kwargs)
+    except Exception as e:
+        raise CLIError(f"--model {spec!r}: {cls_name}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"--model {spec!r} is not a torch.nn.Module (got {type(model).__name__})")
+    try:
+        if checkpoint.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(checkpoint)
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        # torch's weights_only message is long and suggests weights_only=False: keep only its reason
+        reason = next((ln.strip() for ln in msg.splitlines() if "WeightsUnpickler error" in ln), msg.splitlines()[0] if msg else "")
+        raise CLIError(
+            f"could not read --checkpoint {checkpoint!r} (a safetensors file, or a torch.save'd state_dict read with "
+            f"weights_only=True: pickled objects are refused): {type(e).__name__}: {reason}"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"--checkpoint {checkpoint!r} does not hold a state_dict (a dict of tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CLIError(f"--checkpoint {checkpoint!r} does not fit {spec}: {e}") from None
+    model = model.to(device).eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)  # only d output / d input is wanted
+    return model
+
+
+def load_diffusers_unet(folder: str, device: torch.device):
+    """A diffusers ``UNet2DModel`` saved with ``save_pretrained`` (a folder holding
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``, or a pipeline folder with a
+    ``unet/`` subfolder). Only safetensors weights are read (``use_safetensors=True``: no
+    pickles). Returns ``(model, prediction)``, the prediction from the pipeline's
+    ``scheduler/scheduler_config.json`` when there is one (``epsilon``, or ``sample`` read
+    as ``x0``), else None; a scheduler whose schedule is not this library's linear
+    1000-step one is refused (docs/algorithms.md §1)."""
+    root = Path(folder)
+    sub = None
+    if (root / "unet" / "config.json").is_file():
+        sub = "unet"
+    elif not (root / "config.json").is_file():
+        raise CLIError(f"--checkpoint {folder!r} is a folder but holds no config.json (nor unet/config.json): not a diffusers UNet2DModel folder")
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise CLIError(f"--checkpoint {folder!r} is a folder, read as a diffusers UNet2DModel, but diffusers is not importable "
+                       f"({e}); pip install diffusers, or give --model MODULE:CLASS with a state_dict file") from None
+    prediction = None
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        try:
+            cfg = json.loads(sched.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CLIError(f"cannot read {sched}: {e}") from None
+        kind = cfg.get("prediction_type", "epsilon")
+        if kind not in ("epsilon", "sample"):
+            raise CLIError(f"{sched}: prediction_type {kind!r} is not supported (epsilon or sample)")
+        prediction = "x0" if kind == "sample" else "epsilon"
+        schedule = (cfg.get("beta_schedule", "linear"), cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), cfg.get("num_train_timesteps", 1000))
+        if schedule[0] != "linear" or not math.isclose(schedule[1], 1e-4) or not math.isclose(schedule[2], 0.02) or schedule[3] != 1000:
+            raise CLIError(f"{sched}: the network was trained on the schedule (beta_schedule, beta_start, beta_end, T) = {schedule}; "
+                           "compare uses the linear (1e-4, 0.02, 1000) schedule of docs/algorithms.md §1")
+    try:
+        model = UNet2DModel.from_pretrained(str(root), subfolder=sub, use_safetensors=True)
+    except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError for missing or bad files
+        raise CLIError(f"could not load the diffusers UNet2DModel in {folder!r} (only safetensors weights are read): {type(e).__name__}: {e}") from None
+    model = model.to(device).eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model, prediction
 
 
 # --------------------------------------------------------------------------- #

@@ -7,11 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -24,6 +22,7 @@ from .common import (
     check_device,
     figure_size,
     finite_float,
+    load_model as _load_model,
     mkdir,
     pick_backends,
     positive_int,
@@ -69,73 +68,6 @@ def _timesteps_arg(values: Sequence[str]) -> List[int]:
     if not out:
         raise CLIError("--timesteps is empty")
     return out
-
-
-def _load_model(spec: str, checkpoint: str, kwargs_json: Optional[str], device: torch.device) -> torch.nn.Module:
-    """Instantiate ``module:Class`` (importable from the current folder or sys.path) and load
-    a state_dict from ``checkpoint`` (safetensors, or torch.load with weights_only=True:
-    pickled objects are refused)."""
-    import importlib
-
-    module_name, sep, cls_name = spec.partition(":")
-    if not sep or not module_name or not cls_name or not all(p.isidentifier() for p in module_name.split(".")) or not cls_name.isidentifier():
-        raise CLIError(f"--model must be MODULE:CLASS (e.g. mynet:UNet, importable from the current folder), got {spec!r}")
-    kwargs = {}
-    if kwargs_json is not None:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"--model-kwargs must be a JSON object, got {kwargs_json!r}: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise CLIError(f"--model-kwargs must be a JSON object, got {kwargs_json!r}")
-    if not os.path.exists(checkpoint):
-        raise CLIError(f"--checkpoint {checkpoint!r} does not exist")
-    # a console script's sys.path does not hold the current folder (python -m does)
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or any error raised while the module runs
-        raise CLIError(f"--model {spec!r}: cannot import module {module_name!r} (it must be importable from the current folder or PYTHONPATH): {type(e).__name__}: {e}") from None
-    cls = getattr(module, cls_name, None)
-    if cls is None or not callable(cls):
-        raise CLIError(f"--model {spec!r}: module {module_name!r} has no class {cls_name!r}")
-    try:
-        model = cls(**kwargs)
-    except Exception as e:
-        raise CLIError(f"--model {spec!r}: {cls_name}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"--model {spec!r} is not a torch.nn.Module (got {type(model).__name__})")
-    try:
-        if checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(checkpoint)
-        else:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e)
-        # torch's weights_only message is long and suggests weights_only=False: keep only its reason
-        reason = next((ln.strip() for ln in msg.splitlines() if "WeightsUnpickler error" in ln), msg.splitlines()[0] if msg else "")
-        raise CLIError(
-            f"could not read --checkpoint {checkpoint!r} (a safetensors file, or a torch.save'd state_dict read with "
-            f"weights_only=True: pickled objects are refused): {type(e).__name__}: {reason}"
-        ) from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model_state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CLIError(f"--checkpoint {checkpoint!r} does not hold a state_dict (a dict of tensors)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CLIError(f"--checkpoint {checkpoint!r} does not fit {spec}: {e}") from None
-    model = model.to(device).eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)  # only d output / d input is wanted
-    return model
 
 
 def _model_fields(model, images: torch.Tensor, ts: Sequence[int], pixels: Sequence[int], prediction: str, seed: int, progress: bool) -> torch.Tensor:

@@ -19,6 +19,8 @@ Loaders for any dataset (CIFAR-10, CelebA, a folder of PNGs, ...):
 - :func:`image_shape` - the per-image shape a source yields.
 - :func:`to_unit_range` - uint8 -> float in [-1, 1]; float passes through.
 - :func:`to_uint8` - float in [-1, 1] -> uint8 (the inverse; clipped, rounded).
+- :func:`preprocess` - a subset, grayscale, a resize (what the published codes do).
+- :func:`torchvision_dataset` - a torchvision dataset already on disk (``download=False``).
 
 Accepted sources (``source`` argument):
 
@@ -53,7 +55,7 @@ with an in-memory ``source`` (tensor or array) when no conversion is needed.
 
 Modules: ``bundled`` (the built-in sets), ``sources`` (one class per kind of
 source, and the loaders), ``items`` (one batch or item to a tensor, with the dtype
-and layout checks), ``convert`` (uint8 <-> [-1, 1]).
+and layout checks), ``convert`` (uint8 <-> [-1, 1]), ``transforms`` (preprocess, torchvision datasets).
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ from .bundled import PHOTOS, faces, natural_crops
 from .items import IMAGE_EXTENSIONS
 from .convert import to_uint8, to_unit_range
 from .sources import image_shape, iter_batches, load_images
+from .transforms import TORCHVISION_NAMES, preprocess, torchvision_dataset
 
 __all__ = [
     "PHOTOS",
@@ -72,4 +75,7 @@ __all__ = [
     "image_shape",
     "to_unit_range",
     "to_uint8",
+    "preprocess",
+    "torchvision_dataset",
+    "TORCHVISION_NAMES",
 ]

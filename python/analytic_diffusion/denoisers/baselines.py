@@ -41,6 +41,11 @@ class NearestDenoiser(TrainSetDenoiser):
     """Returns the training image nearest to ``x_t / sqrt(alpha_bar)`` (docs/algorithms.md §6), the first
     one on ties.
 
+    ``scaled=False``: the locality paper's ``nearest_dataset`` baseline instead
+    (docs/algorithms.md §8.2): ``argmin_k ||x_t - y_k||``, the training images not scaled by
+    ``sqrt(alpha_bar)`` (``presets.published.NEAREST_DATASET``). At high noise the two pick
+    different images almost always; at t = 0 they agree.
+
     ``process_group``: a torch.distributed group (or ``True`` for the default group)
     when ``train`` is this rank's shard, rank r holding the r-th consecutive part of the
     training set; every rank then returns the nearest image over the union of the shards
@@ -49,14 +54,24 @@ class NearestDenoiser(TrainSetDenoiser):
 
     name = "nearest"
 
+    def __init__(self, train, *, scaled: bool = True, backend: Optional[str] = None, alphas_cumprod=None, process_group=None):
+        super().__init__(train, backend=backend, alphas_cumprod=alphas_cumprod, process_group=process_group)
+        if not isinstance(scaled, bool):
+            raise TypeError(f"scaled must be a bool (True: ||x_t - sqrt(ab) y||, False: the paper's ||x_t - y||), got {type(scaled).__name__}")
+        self.scaled = scaled
+        if not scaled:
+            self.name = "nearest_dataset"
+
     def denoise(self, x, t, alpha_bar):
         train = self._train_for(x)
         impl = self._impl("nearest_denoise", x)
         x2, t2 = x.reshape(x.shape[0], -1), train.reshape(train.shape[0], -1)
+        # the backends compute ||x - sqrt(ab) y||^2: ab = 1 is the unscaled distance
+        ab = alpha_bar if self.scaled else 1.0
         if not self.sharded:
-            return impl(x2, t2, alpha_bar, 256).reshape(x.shape)
+            return impl(x2, t2, ab, 256).reshape(x.shape)
         group = None if self.process_group is True else self.process_group
-        state = all_reduce_nearest(impl(x2, t2, alpha_bar, 256, True), train.shape[0], group)
+        state = all_reduce_nearest(impl(x2, t2, ab, 256, True), train.shape[0], group)
         return state.image.reshape(x.shape)
 
 

@@ -55,6 +55,17 @@ class LocalityDenoiser(TrainSetDenoiser):
 
     name = "locality"
 
+    @classmethod
+    def from_preset(cls, train, dataset: str, moments=None, **overrides) -> "LocalityDenoiser":
+        """The locality paper's published settings for ``dataset`` (docs/algorithms.md §8.2;
+        ``presets.published.LOCALITY``: ``softmax="wssm"``, ``chunk_size`` = its loader's batch
+        size, 512 for CIFAR-10 / MNIST / Fashion-MNIST and 256 for CelebA-HQ / AFHQ, and its
+        threshold), with ``overrides`` (e.g. ``backend=``) winning. Keep the training set in
+        the published loader's order: WSSM chunks are consecutive images."""
+        from ..presets import settings
+
+        return cls(train, moments, **{**settings("locality", dataset), **overrides})
+
     def __init__(
         self,
         train,

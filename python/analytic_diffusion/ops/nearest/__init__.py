@@ -15,9 +15,14 @@ registry.register("nearest_denoise", "reference", nearest_denoise_reference, pri
 registry.register("nearest_topk", "reference", nearest_topk_reference, priority=0)
 
 
-def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backend: Optional[str] = None, return_state: bool = False):
+def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backend: Optional[str] = None, return_state: bool = False,
+                    scaled: bool = True):
     """The nearest training image to ``x / a`` (docs/algorithms.md §6), as x's shape and dtype;
     the first one (lowest index) on ties.
+
+    ``scaled=False``: the nearest by ``||x - y_k||`` instead of ``||x - a y_k||`` (the
+    locality paper's ``nearest_dataset`` baseline, docs/algorithms.md §8.2); ``alpha_bar`` is
+    then checked but not used.
 
     ``return_state=True`` returns a :class:`NearestState` instead (float64 distances
     ``[B]``, indices ``[B]``, images ``[B, n]``), mergeable across shards of the training
@@ -25,6 +30,10 @@ def nearest_denoise(x, train, alpha_bar: float, *, chunk_size: int = 256, backen
     """
     x, train, x2, t2 = check_queries_and_train(x, train)
     ab = check_alpha_bar(alpha_bar)
+    if not isinstance(scaled, bool):
+        raise TypeError(f"scaled must be a bool, got {type(scaled).__name__}")
+    if not scaled:
+        ab = 1.0  # the backends compute ||x - sqrt(ab) y||^2: ab = 1 is the unscaled distance
     chunk_size = check_chunk_size(chunk_size)
     check_same_device(x=x, train=train)
     impl = registry.select("nearest_denoise", x.device, backend).fn
