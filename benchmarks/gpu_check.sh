@@ -10,7 +10,8 @@
 #                sm_86, sm_89, sm_90 + compute_90 PTX), nvcc using every core
 #   sass         cuobjdump of the built _C_cuda: machine code per architecture, IMMA count,
 #                local-memory instructions (LDL/STL) of the moments kernels
-#   tests        the GPU tests: tests/test_moments_gpu.py, tests/test_locality_triton.py,
+#   tests        the GPU tests: tests/test_moments_gpu.py, tests/test_locality_triton.py, tests/test_els_triton.py,
+#                tests/test_patch_moments_triton.py,
 #                tests/test_build.py (CUDA and compiled Triton, fixed and autotuned shapes)
 #   moments      benchmarks/bench_moments_gpu.py: uint8 SYRK, N = 20000, n = 3072 and 12288,
 #                CUDA and Triton launch shapes, vs torch float64 X^T X and torch._int_mm
@@ -68,7 +69,7 @@ if [ $DRY = 1 ]; then
     # the GPU tests must at least collect (they skip without a GPU; .ci/run's interpreter
     # step runs the kernels)
     step tests 120 "$OUT/pytest.txt" "$PY" -m pytest -q -p no:cacheprovider --collect-only \
-        tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_build.py
+        tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_els_triton.py tests/test_patch_moments_triton.py tests/test_build.py
     tail -n 1 "$OUT/pytest.txt" | tee -a "$SUMMARY"
     step moments 120 "$OUT/steps.log" "$PY" benchmarks/bench_moments_gpu.py --dry-run --json "$OUT/moments.json"
     step locality 180 "$OUT/steps.log" "$PY" benchmarks/bench_locality_gpu.py --dry-run --json "$OUT/locality.json"
@@ -98,7 +99,7 @@ EOF
     fi
     # ---- the GPU tests (the interpreter-only ones are deselected outside TRITON_INTERPRET=1)
     step tests 200 "$OUT/pytest.txt" "$PY" -m pytest -q -ra -p no:cacheprovider \
-        tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_build.py
+        tests/test_moments_gpu.py tests/test_locality_triton.py tests/test_els_triton.py tests/test_patch_moments_triton.py tests/test_build.py
     tail -n 3 "$OUT/pytest.txt" | tee -a "$SUMMARY"
     # ---- timings
     step moments 90 "$OUT/steps.log" "$PY" benchmarks/bench_moments_gpu.py --json "$OUT/moments.json"

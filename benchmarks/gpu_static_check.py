@@ -318,7 +318,51 @@ def v_wloc(kid, mod, tuners, target) -> Iterator[Variant]:
                           warps, stages, {"default"}, False)
 
 
-SPECS = {"wloc_kernel": v_wloc, "colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum}
+def v_els(kid, mod, tuners, target) -> Iterator[Variant]:
+    """els_denoise: the one GPU launch shape (ELS_GPU_CONFIG) in every mode: circular and
+    zero padding, state output or not, every training dtype (uint8 and float32 in every
+    mode, float16/float64 with state output); 32x32x3 CIFAR-like images, N = 50000, P = 5,
+    and a strided, misaligned uint8 training set of odd size (31 x 29, P = 9)."""
+    bq, bc, kb, warps, stages = mod.ELS_GPU_CONFIG
+    flags = dict(BQ=bq, BC=bc, KB=kb, CP=16)
+    for circular, state, ydt in itertools.product((True, False), (False, True), TRAIN_DTYPES):
+        if ydt in ("float16", "float64") and not state:
+            continue
+        C, H, W, N = 3, 32, 32, 50000
+        args = (F32, Ptr(ydt), C * H * W, H * W, W, 1, I32, F32, F32, F32, F32, 128, C, H, W, N, 5, N, 0.0052, -0.66, -0.0123)
+        mode = ("circular" if circular else "zeros") + ("+state" if state else "")
+        yield Variant(kid, f"{mode} {ydt} {C}x{H}x{W} P=5", args, dict(flags, CIRCULAR=circular, STATE=state, IS_U8=ydt == "uint8"),
+                      warps, stages, {"default"}, False)
+    C, H, W, N = 3, 31, 29, 1001
+    args = (F32, Ptr("uint8", False), 2 * C * H * W, 1, 2 * C * W, 2 * C, I32, F32, F32, F32, F32, 5, C, H, W, N, 9, 334, 0.0052, -0.66, -0.0123)
+    yield Variant(kid, "zeros+state uint8 strided 3x31x29 P=9", args, dict(flags, CIRCULAR=False, STATE=True, IS_U8=True),
+                  warps, stages, {"default"}, False)
+
+
+def v_lagprod(kid, mod, tuners, target) -> Iterator[Variant]:
+    """patch_moments: the GPU launch shape (PATCH_GPU_CONFIG, pixels per program by channel
+    count) for every input dtype, C = 1 and 3, per-pixel products (patch_sums) and
+    whole-image sums (REDUCE, lag_sums); 64x64 images, k = 15, a batch of 256; plus a
+    channels-last, misaligned uint8 batch of odd size."""
+    bb, _, warps = mod.PATCH_GPU_CONFIG
+    B, H, W = 256, 64, 64
+    for C, reduce, xdt in itertools.product((1, 3), (False, True), TRAIN_DTYPES):
+        u8 = xdt == "uint8"
+        out = Ptr("int64") if u8 else Ptr("float64")
+        bp = mod.gpu_pixels(C)
+        nblk = -(-H * W // bp)
+        args = (Ptr(xdt), C * H * W, H * W, W, 1, Ptr("float64"), out, B, C, H, W, 0, 14, nblk)
+        cp = 1 if C == 1 else 4
+        yield Variant(kid, f"{'lag sums' if reduce else 'patch'} {xdt} C={C} {H}x{W}", args,
+                      dict(IS_U8=u8, REDUCE=reduce, BB=bb, BP=bp, CP=cp, BLOCK_IMAGES=16384 // bb * bb), warps, 1, {"default"}, False)
+    C, H, W = 3, 63, 61
+    bp = mod.gpu_pixels(C)
+    args = (Ptr("uint8", False), C * H * W, 1, W * C, C, Ptr("float64"), Ptr("int64"), 1001, C, H, W, 3, 7, -(-H * W // bp))
+    yield Variant(kid, "patch uint8 channels-last misaligned 3x63x61", args,
+                  dict(IS_U8=True, REDUCE=False, BB=bb, BP=bp, CP=4, BLOCK_IMAGES=16384 // bb * bb), warps, 1, {"default"}, False)
+
+
+SPECS = {"els_kernel": v_els, "lagprod_kernel": v_lagprod, "wloc_kernel": v_wloc, "colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum}
 
 
 def triton_variants(targets, only: Optional[str]) -> Tuple[List[Variant], List[str]]:

@@ -97,7 +97,7 @@ class ELSDenoiser(_PatchDenoiser):
             (each preset was calibrated for one padding; see its ``"padding"`` field).
         padding: ``"circular"`` (ELS) or ``"zeros"`` (bbELS).
         temperature, chunk_size, backend, process_group: as for :class:`LSDenoiser`
-            (backends of ``els_denoise``: ``reference``, ``cpu``).
+            (backends of ``els_denoise``: ``reference``, ``cpu``, ``triton``).
     """
 
     def __init__(self, train, patch_size, padding: str = "circular", *, temperature: float = 1.0, chunk_size: int = 64,

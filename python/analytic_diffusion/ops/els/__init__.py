@@ -2,7 +2,7 @@
 zero-padded (bbELS) (docs/algorithms.md §10, docs/algorithms.md §10).
 
 Validated public entry dispatching to the registered backends (``reference.py`` and the
-compiled ``cpu.py`` in this folder)."""
+compiled ``cpu.py`` and ``triton.py`` in this folder)."""
 from __future__ import annotations
 
 import operator
@@ -90,3 +90,4 @@ def els_denoise(
 
 
 from . import cpu as _cpu  # noqa: E402,F401  (registers the compiled backend where it is defined)
+from . import triton as _triton_backend  # noqa: E402,F401  (registers the Triton backend; Triton is imported lazily)

@@ -2,8 +2,9 @@
 docs/patch_moments.md), streaming, with the contract of the full moments op: exact integer
 sums for uint8 (independent of batch order and size), float64 shifted sums for float data,
 ``num_workers``, checkpoint/resume, ``merge`` / ``all_reduce``, and backends chosen through
-the registry (``"reference"``: torch lag GEMMs, any device; ``"cpu"``: compiled lag sums) and
-recorded in ``Moments.extra["backend"]``.
+the registry (``"reference"``: torch lag GEMMs, any device; ``"cpu"``: compiled lag sums;
+``"triton"``: GPU lag-product images, exact integer sums for uint8) and recorded in
+``Moments.extra["backend"]``.
 
 Also the full stationary covariance (all offsets up to the image size):
 :class:`StationaryMomentAccumulator` / :func:`estimate_stationary_moments` (FFT
@@ -219,4 +220,5 @@ def estimate_patch_moments(
 # The backends register where they are defined; importing them here makes them visible.
 from . import reference as _reference_backend  # noqa: E402,F401
 from . import cpu as _cpu_backend  # noqa: E402,F401
+from . import triton as _triton_backend  # noqa: E402,F401  (Triton itself is imported lazily)
 from .stationary import StationaryMomentAccumulator, estimate_stationary_moments  # noqa: E402
