@@ -3,8 +3,12 @@ the windowed Wiener filter of k = 9 patch moments (threshold 0.02):
 
 * ours: the compiled CPU backend with the [C, C, k, k] window;
 * "dense-mask cpu": today's dense-mask CPU path, ``ops.locality_denoise(x, train,
-  WindowedWiener.dense_mask, ab, backend="cpu")`` on the same window (its per-mask plan is
-  built once per step, timed on its own and left out of the per-call time);
+  WindowedWiener.dense_mask, ab, backend="cpu")`` on the same window. Two comparisons:
+  *per call* (the dense path's per-mask plan cached, as on every call after the first with
+  the same mask) and *first call* (each side also builds what it needs for the step: the
+  dense path its n x n mask and its plan, ours its [C, C, k, k] window). A sampling run
+  with one batch pays the first-call cost at every step (each step has its own mask);
+  repeated batches with the same denoiser pay the per-call cost;
 * "official": the published dense algorithm (fp32 einsum with the dense mask + WSSM, see
   ``official_locality_denoise`` in bench_locality_denoise.py) at a smaller N (it is
   O(B N n^2)), also reported scaled linearly to the full N.
@@ -63,6 +67,9 @@ def test_windowed_step(benchmark, record, t):
     plan = ad.ops.windowed_locality.cpu.windowed_plan(window, shape, ab, xmax=float(x32.abs().max()))
     case = f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH} t={t} k={K} window={int(window.sum())}/{window.numel()}"
     exact = ad.ops.windowed_locality_denoise(x[:N_ERR], train, window, ab, backend="reference")
+    t0 = time.perf_counter()
+    ww.mask(ab, 0.02)  # our per-step setup: the window itself
+    window_s = time.perf_counter() - t0
 
     run = lambda: ad.ops.windowed_locality_denoise(x32, train, window, ab, backend="cpu")  # noqa: E731
     out = benchmark.pedantic(run, rounds=REPEATS, iterations=1, warmup_rounds=0 if QUICK else 1)
@@ -98,9 +105,10 @@ def test_windowed_step(benchmark, record, t):
         dense_rel_err=dense_err, dense_plan_s=plan_s, dense_mask_s=mask_s, official_n=N_OFFICIAL, official_s=off_s,
         ours_at_official_n_s=ours_off_s, official_rel_err=off_err, official_scaled_s=off_s * N_TRAIN / N_OFFICIAL,
         groups=plan["groups"], terms=plan["terms"], area=plan["area"], integral=plan["integral_planes"], transposed=plan["transposed"],
+        window_s=window_s, first_call_speedup=(mask_s + plan_s + dense_s) / (window_s + ours_s),
     )
     benchmark.extra_info.update(row)
-    _ROWS.append(dict(t=t, window=int(window.sum()), ours=ours_s, dense=dense_s, plan=plan_s, ours_err=ours_err, dense_err=dense_err,
+    _ROWS.append(dict(t=t, window=int(window.sum()), ours=ours_s, dense=dense_s, plan=plan_s, mask=mask_s, win=window_s, ours_err=ours_err, dense_err=dense_err,
                       off=off_s, ours_off=ours_off_s, off_err=off_err, terms=plan["terms"], groups=plan["groups"], integral=plan["integral_planes"]))
     assert math.isfinite(ours_err) and ours_err < 1e-6
 
@@ -110,9 +118,10 @@ def test_geometric_mean(record):
     if len(_ROWS) != len(TIMESTEPS):
         pytest.skip("needs every step's row")
     geo = math.exp(sum(math.log(r["dense"] / r["ours"]) for r in _ROWS) / len(_ROWS))
+    geo_first = math.exp(sum(math.log((r["mask"] + r["plan"] + r["dense"]) / (r["win"] + r["ours"])) for r in _ROWS) / len(_ROWS))
     geo_off = math.exp(sum(math.log(r["off"] / r["ours_off"]) for r in _ROWS) / len(_ROWS))
     record("windowed_locality geo-mean", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(_ROWS)} DDIM steps, k={K}", "cpu", None,
-           speedup_vs_dense_mask_cpu=geo, speedup_vs_official_same_n=geo_off)
+           speedup_vs_dense_mask_cpu=geo, speedup_vs_dense_first_call=geo_first, speedup_vs_official_same_n=geo_off)
     if RECORD and not QUICK:
         lines = [
             f"# windowed_locality_denoise, CPU backend: {device_name('cpu')}",
@@ -121,20 +130,24 @@ def test_geometric_mean(record):
             f"load average at the end {os.getloadavg()[0]:.1f} (the machine is shared: wall times are noisy, ratios within a step are from the same minutes).",
             f"{SIZE}x{SIZE}x3 natural crops, N = {N_TRAIN} training images (uint8), B = {BATCH} float32 queries; the window of each "
             f"step from the windowed Wiener filter of k = {K} patch moments (threshold 0.02). Times are medians of {REPEATS} calls (s).",
-            f"dense-mask cpu = `ops.locality_denoise(x, train, WindowedWiener.dense_mask(...), ab, backend='cpu')` (its plan build "
-            f"is listed apart); official = published dense fp32 einsum + WSSM at N = {N_OFFICIAL} (ours timed at the same N for its ratio). "
+            f"dense-mask cpu = `ops.locality_denoise(x, train, WindowedWiener.dense_mask(...), ab, backend='cpu')`. "
+            f"*per call*: its plan cached (every call after the first with the same mask); *first call*: each side also builds "
+            f"what the step needs (dense: the n x n mask and its plan; ours: the [C, C, k, k] window) - what one sampling run "
+            f"pays at every step. official = published dense fp32 einsum + WSSM at N = {N_OFFICIAL} (ours timed at the same N for its ratio). "
             f"Errors: relative to the float64 reference (exact mode) on {N_ERR} queries.",
             "",
-            "| t | window | groups | terms | integral | ours (s) | dense-mask cpu (s) | speed-up | plan build (s) | official N=%d (s) | ours N=%d (s) | vs official | err ours | err dense cpu | err official |" % (N_OFFICIAL, N_OFFICIAL),
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| t | window | groups | terms | integral | ours (s) | dense-mask cpu (s) | per call | dense mask + plan (s) | ours window (s) | first call | official N=%d (s) | ours N=%d (s) | vs official | err ours | err dense cpu | err official |" % (N_OFFICIAL, N_OFFICIAL),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in _ROWS:
+            first = (r["mask"] + r["plan"] + r["dense"]) / (r["win"] + r["ours"])
             lines.append(
                 f"| {r['t']} | {r['window']}/{3 * 3 * K * K} | {r['groups']} | {r['terms']} | {r['integral']} | {r['ours']:.3f} | {r['dense']:.3f} | "
-                f"{r['dense'] / r['ours']:.2f}x | {r['plan']:.2f} | {r['off']:.3f} | {r['ours_off']:.4f} | {r['off'] / r['ours_off']:.1f}x | "
+                f"{r['dense'] / r['ours']:.2f}x | {r['mask'] + r['plan']:.2f} | {r['win']:.3f} | {first:.1f}x | {r['off']:.3f} | {r['ours_off']:.4f} | {r['off'] / r['ours_off']:.1f}x | "
                 f"{r['ours_err']:.1e} | {r['dense_err']:.1e} | {r['off_err']:.1e} |"
             )
-        lines += ["", f"Geometric mean over the steps: **{geo:.2f}x** vs the dense-mask CPU path, {geo_off:.1f}x vs the published algorithm at N = {N_OFFICIAL}.", ""]
+        lines += ["", f"Geometric mean over the steps: **{geo:.2f}x** per call (dense plan cached), **{geo_first:.1f}x** first call "
+                  f"(mask and plan included), {geo_off:.1f}x vs the published algorithm at N = {N_OFFICIAL}.", ""]
         out = Path(__file__).parent / "results" / "windowed_locality_cpu.md"
         out.write_text("\n".join(lines))
     assert geo > 0

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 try:
     import analytic_diffusion as ad
@@ -35,106 +34,10 @@ except ImportError:  # running from a source checkout without installing
 from analytic_diffusion.figures import fields_figure
 
 
-# --------------------------------------------------------------------------- #
-# the network
-# --------------------------------------------------------------------------- #
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps ``t`` (long ``[B]``): float32 ``[B, dim]``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.to(torch.float32)[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=1)
-
-
-class Block(nn.Module):
-    """Two 3x3 convolutions with group norm, SiLU and the time embedding added in between."""
-
-    def __init__(self, cin: int, cout: int, temb: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm1 = nn.GroupNorm(4, cout)
-        self.time = nn.Linear(temb, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(4, cout)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb):
-        h = F.silu(self.norm1(self.conv1(x)) + self.time(emb)[:, :, None, None])
-        h = F.silu(self.norm2(self.conv2(h)))
-        return h + self.skip(x)
-
-
-class TinyUNet(nn.Module):
-    """A 3-level UNet (resolutions S, S/2, S/4; widths w, 2w, 2w) predicting epsilon.
-
-    ``forward(x_t, t)``: ``x_t`` float32 ``[B, C, S, S]`` (S divisible by 4),
-    ``t`` long ``[B]`` -> ``[B, C, S, S]``. Group norm (not batch norm) keeps the
-    samples of a batch independent, which :func:`ad.sensitivity` relies on.
-    """
-
-    def __init__(self, channels: int = 3, width: int = 16):
-        super().__init__()
-        w, temb = width, 4 * width
-        self.temb_dim = temb
-        self.time = nn.Sequential(nn.Linear(temb, temb), nn.SiLU(), nn.Linear(temb, temb))
-        self.inc = nn.Conv2d(channels, w, 3, padding=1)
-        self.d1 = Block(w, w, temb)
-        self.down1 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
-        self.d2 = Block(2 * w, 2 * w, temb)
-        self.down2 = nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1)
-        self.mid = Block(2 * w, 2 * w, temb)
-        self.up2 = nn.Conv2d(2 * w, 2 * w, 3, padding=1)
-        self.u2 = Block(4 * w, 2 * w, temb)
-        self.up1 = nn.Conv2d(2 * w, w, 3, padding=1)
-        self.u1 = Block(2 * w, w, temb)
-        self.out = nn.Sequential(nn.GroupNorm(4, w), nn.SiLU(), nn.Conv2d(w, channels, 3, padding=1))
-
-    def forward(self, x, t):
-        emb = self.time(timestep_embedding(t, self.temb_dim))
-        h1 = self.d1(self.inc(x), emb)
-        h2 = self.d2(self.down1(h1), emb)
-        h3 = self.mid(self.down2(h2), emb)
-        u = self.up2(F.interpolate(h3, scale_factor=2.0, mode="nearest"))
-        u = self.u2(torch.cat([u, h2], 1), emb)
-        u = self.up1(F.interpolate(u, scale_factor=2.0, mode="nearest"))
-        u = self.u1(torch.cat([u, h1], 1), emb)
-        return self.out(u)
-
-
-# --------------------------------------------------------------------------- #
-# stages
-# --------------------------------------------------------------------------- #
-def train(model: nn.Module, data: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, log_every: int) -> list:
-    """Standard DDPM epsilon-prediction training on uint8 ``data``; returns the loss curve."""
-    ab = ad.linear_alphas_cumprod()
-    x_all = ad.data.to_unit_range(data)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)  # short linear warm-up, then cosine decay to zero
-
-    def factor(i):
-        return (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    losses = []
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=g)
-        x0 = x_all[idx]
-        t = torch.randint(0, ab.shape[0], (batch_size,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = ab[t].sqrt()[:, None, None, None]
-        s = (1 - ab[t]).sqrt()[:, None, None, None]
-        loss = F.mse_loss(model(a * x0 + s * eps, t), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1:5d}/{steps}  loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
-    model.eval()
-    return losses
+# The network (SmallUNet: a 3-level UNet with a sinusoidal time embedding) and its DDPM
+# training loop live in the package, analytic_diffusion.models, shared with
+# `analytic-diffusion reproduce`.
+from analytic_diffusion.models import SmallUNet, train_unet  # noqa: E402
 
 
 def save_and_reload(model: nn.Module, path: Path, make) -> nn.Module:
@@ -189,13 +92,13 @@ def main(argv=None) -> int:
     times["data_s"] = time.perf_counter() - t0
 
     def make():
-        return TinyUNet(channels=3, width=args.width)
+        return SmallUNet(channels=3, width=args.width)
 
     model = make()
     n_params = sum(q.numel() for q in model.parameters())
     print(f"training a {n_params}-parameter UNet on {args.num_train} {args.size}x{args.size} crops for {args.steps} steps")
     t0 = time.perf_counter()
-    losses = train(model, train_data, args.steps, args.batch_size, args.lr, args.seed, log_every=max(1, args.steps // 6))
+    losses = train_unet(model, train_data, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     times["train_s"] = time.perf_counter() - t0
     model = save_and_reload(model, out / "model.safetensors", make)
 

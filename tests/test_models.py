@@ -60,6 +60,38 @@ def test_pspc_float32_queries_float_train_and_chunking(small, t):
         bs._CACHE_VALUES = old
 
 
+@pytest.mark.skipif(not ad.ops.windowed_locality.cpu.available(), reason="compiled _C without the windowed kernel")
+@pytest.mark.parametrize("t", STEPS)
+def test_pspc_windowed_backend(small, t):
+    """The ``windowed`` backend (the windowed locality kernel on P*P*C shifted channels) against
+    the dense transcription: RGB P = 1, 3; grayscale P = 5; odd image sizes; float32 and
+    non-contiguous queries; P it does not take (even, whole image, too many channels) go to boxsum."""
+    from analytic_diffusion.ops.patch_posterior import windowed as pw
+
+    train, held = small
+    ab = ad.alpha_bar_at(t)
+    x = noisy_queries(held[:3], ab, seed=t)
+    assert ad.available_backends("patch_posterior_denoise", "cpu")[0] == "windowed"
+    for P in (1, 3, 4, 5, 8):  # 4: even, 5: 75 channels, 8: the whole image -> boxsum
+        want = dense_pspc_square(x, unit(train), P, ab)
+        got = patch_posterior_denoise(x, train, P, ab, backend="windowed")
+        assert got.shape == x.shape and got.dtype == torch.float64 and rel(got, want) < 1e-8, (P, rel(got, want))
+    # odd sizes, one channel (P = 5: 25 shifted channels, through the kernel), float32, a transposed view
+    g = ad.data.natural_crops(50, size=9, seed=2)[:, :1, :, :7]  # [50, 1, 9, 7]
+    xg = noisy_queries(g[:2], ab, seed=t + 1)
+    for P in (3, 5):
+        assert 1 * P * P <= pw.MAX_CHANNELS
+        want = dense_pspc_square(xg, unit(g[2:]), P, ab)
+        assert rel(patch_posterior_denoise(xg, g[2:], P, ab, backend="windowed"), want) < 1e-8
+        got32 = patch_posterior_denoise(xg.float(), unit(g[2:]).float(), P, ab, temperature=1.0, backend="windowed")
+        assert got32.dtype == torch.float32 and rel(got32, want) < 1e-6
+    xt = x.transpose(2, 3)  # non-contiguous
+    want = dense_pspc_square(xt.contiguous(), unit(train.transpose(2, 3)), 3, ab, tau=0.7)
+    before = xt.clone()
+    got = patch_posterior_denoise(xt, train.transpose(2, 3), 3, ab, temperature=0.7, backend="windowed")
+    assert rel(got, want) < 1e-8 and torch.equal(xt, before)
+
+
 def test_pspc_denoiser_schedules(small):
     train, held = small
     # the published CIFAR-10 schedule mapped to DDIM steps by nearest sigma

@@ -187,3 +187,22 @@ def test_empty_windows_and_selection():
     want = dense(x, train, window)(0.5)
     assert rel(windowed_locality_denoise(x, train, window, 0.5, backend="cpu"), want) < 1e-10
     assert ad.registry.select("windowed_locality_denoise", "cpu").name == "cpu"
+
+
+def test_many_channels_and_the_64_channel_limit_of_window_reads(crops):
+    """Any number of channels; a window may read input channels 0..63 (its channel sets are
+    64-bit masks): channels above are outputs only, and a read above is a clear error."""
+    train, held = crops
+    ab = ad.alpha_bar_at(300)
+    C = 70
+    x = noisy_queries(held[:2], ab, seed=3)
+    xs = x.repeat(1, C // 3 + 1, 1, 1)[:, :C]  # 70 channels: copies of the 3 colours
+    ts = train[:20].repeat(1, C // 3 + 1, 1, 1)[:, :C]
+    w = torch.zeros(C, C, 3, 3, dtype=torch.bool)
+    w[:, :3] = True  # every output channel reads the first three input channels
+    got = windowed_locality_denoise(xs, ts, w, ab, backend="cpu")
+    want = windowed_locality_denoise(xs, ts, w, ab, backend="reference")
+    assert rel(got, want) < 1e-6
+    w[:, 66] = True
+    with pytest.raises(ValueError, match="input channels 0..63"):
+        windowed_locality_denoise(xs, ts, w, ab, backend="cpu")

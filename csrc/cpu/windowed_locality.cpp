@@ -232,6 +232,11 @@ class Planner {
         std::vector<int> nonempty;
         for (int c = 0; c < C_; ++c)
             if (std::any_of(pat[c].begin(), pat[c].end(), [](uint8_t v) { return v != 0; })) nonempty.push_back(c);
+        // channel sets are 64-bit masks: any number of channels, but only the first 64 may be
+        // read by a window (a shift by >= 64 would silently alias channel c - 64)
+        if (!nonempty.empty() && nonempty.back() >= 64)
+            throw std::invalid_argument("windowed_locality: a window may read input channels 0..63 only, got input channel " +
+                                        std::to_string(nonempty.back()));
         const int ne = static_cast<int>(nonempty.size());
         // subsets of the non-empty input channels that take the box-minus-holes route
         std::vector<uint64_t> subsets{0};
@@ -310,7 +315,7 @@ class Planner {
                     std::ostringstream os;
                     os << "box over channels {";
                     bool first = true;
-                    for (int c = 0; c < C_; ++c)
+                    for (int c = 0; c < C_ && c < 64; ++c)
                         if ((mask >> c) & 1) {
                             os << (first ? "" : ",") << c;
                             first = false;
@@ -364,7 +369,7 @@ class Planner {
         P.integral_planes = integral_;
         for (uint64_t mask : chain_masks_) {
             WlChain ch{static_cast<int32_t>(P.chain_channels.size()), 0, -1, -1, -1};
-            for (int c = 0; c < C_; ++c)
+            for (int c = 0; c < C_ && c < 64; ++c)  // masks are 64-bit: see plan_group
                 if ((mask >> c) & 1) {
                     P.chain_channels.push_back(c);
                     ch.ch_count += 1;

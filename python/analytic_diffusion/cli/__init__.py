@@ -15,6 +15,8 @@ Subcommands, one module each:
   against a trained network (``--model MODULE:CLASS --checkpoint FILE``, or a diffusers
   UNet2DModel folder) under the protocols of docs/algorithms.md §8.2, written as a run
   folder (config.json, metrics.json, table.md, figures, samples).
+- ``reproduce`` (:mod:`.reproduce`): trains a small UNet on bundled crops (or loads one)
+  and compares every analytical denoiser with it, as a run folder (docs/reproduction.md).
 
 Errors. User errors - bad arguments, unreadable or unusable input files and data,
 a network that fails, a missing device, an unwritable output (OSError), running out
@@ -31,7 +33,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import compare, demo, locality, sample, stats
+from . import compare, demo, locality, reproduce, sample, stats
 from .common import PROG, CLIError
 
 __all__ = ["CLIError", "PROG", "build_parser", "main"]
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (demo, stats, sample, locality, compare):
+    for command in (demo, stats, sample, locality, compare, reproduce):
         command.add_parser(sub)
     return p
 

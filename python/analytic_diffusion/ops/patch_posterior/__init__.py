@@ -57,3 +57,4 @@ def patch_posterior_denoise(
 
 
 from . import boxsum as _boxsum_backend  # noqa: E402,F401  (registers itself)
+from . import windowed as _windowed_backend  # noqa: E402,F401  (registers itself)

@@ -13,8 +13,9 @@ the final weights ``w = exp(logit - mx) / l`` and, instead of materialising the 
 patch means (``C*P*P`` values per window), sums for every pixel the weights of the windows
 covering it (a "cover" box sum of ``w``, again two 1-D integral images) and accumulates
 ``sum_k cover_w[k, p] * y[k, c, p]``. Dividing by the number of windows covering p gives
-exactly the average of the window means. The logits of pass 1 are kept for pass 2 when they
-fit (``_CACHE_VALUES``), else recomputed. Cost per query and training image: O(n), vs
+exactly the average of the window means. Pass 1 keeps its exponentials (relative to each
+chunk's running max) for pass 2 when they fit (``_CACHE_VALUES``): pass 2 then rescales them by
+one exp per (query, window) instead of one per logit; else the logits are recomputed. Cost per query and training image: O(n), vs
 O((H-P+1)(W-P+1) * C * P^2) for the published per-window loop.
 """
 from __future__ import annotations
@@ -34,9 +35,11 @@ def _window_sums(e: torch.Tensor, P: int, dim: int) -> torch.Tensor:
     """Sums of P consecutive entries along ``dim`` (valid positions only: L - P + 1 of them)."""
     L = e.shape[dim]
     cs = torch.cumsum(e, dim)
-    zero = torch.zeros_like(cs.narrow(dim, 0, 1))
-    cs0 = torch.cat([zero, cs], dim)  # cs0[k] = sum of the first k entries
-    return cs0.narrow(dim, P, L - P + 1) - cs0.narrow(dim, 0, L - P + 1)
+    # window i is cs[i + P - 1] - cs[i - 1] (cs[-1] = 0): no zero-padded copy of cs
+    out = cs.narrow(dim, P - 1, L - P + 1).clone()
+    if L > P:
+        out.narrow(dim, 1, L - P).sub_(cs.narrow(dim, 0, L - P))
+    return out
 
 
 def _cover_sums(w: torch.Tensor, P: int, dim: int, L: int) -> torch.Tensor:
@@ -51,8 +54,13 @@ def _cover_sums(w: torch.Tensor, P: int, dim: int, L: int) -> torch.Tensor:
 
 def window_logits(x: torch.Tensor, y: torch.Tensor, P: int, a: float, scale: float) -> torch.Tensor:
     """``-||x|_w - a*y|_w||^2 * scale`` for every window: ``[b, c, H-P+1, W-P+1]`` (float64 inputs)."""
-    e = ((x[:, None] - a * y[None]) ** 2).sum(2)  # [b, c, H, W]
-    return -_window_sums(_window_sums(e, P, 2), P, 3) * scale
+    # channel by channel into one [b, c, H, W] buffer: no [b, c, C, H, W] temporaries
+    ay = a * y
+    e = None
+    for ch in range(x.shape[1]):
+        d = x[:, None, ch] - ay[None, :, ch]
+        e = d.mul_(d) if e is None else e.addcmul_(d, d)
+    return _window_sums(_window_sums(e, P, 2), P, 3).mul_(-scale)
 
 
 def patch_posterior_denoise_boxsum(
@@ -82,22 +90,31 @@ def patch_posterior_denoise_boxsum(
     # pass 1: running max and normaliser per (query, window)
     mx = torch.full((B, Hp, Wp), -torch.inf, dtype=dt, device=x.device)
     l = torch.zeros(B, Hp, Wp, dtype=dt, device=x.device)
+    # (cached: exp(logit - the running max of its chunk) and that max, so pass 2 rescales
+    # instead of taking a second exp)
     for k0 in range(0, N, chunk):
         y = to_unit(train[k0 : k0 + chunk], dt)
         lg = window_logits(xf, y, P, a, scale)
-        if cache:
-            kept.append(lg)
         new = torch.maximum(mx, lg.amax(1))
-        l = l * torch.exp(mx - new) + torch.exp(lg - new[:, None]).sum(1)
+        ex = lg.sub_(new[:, None]).exp_()
+        if cache:
+            kept.append((ex, new))
+        l = l * torch.exp(mx - new) + ex.sum(1)
         mx = new
     # pass 2: final weights, summed over the windows covering each pixel, times y
     out = torch.zeros(B, C, H, W, dtype=dt, device=x.device)
     for i, k0 in enumerate(range(0, N, chunk)):
         y = to_unit(train[k0 : k0 + chunk], dt)
-        lg = kept[i] if cache else window_logits(xf, y, P, a, scale)
-        w = torch.exp(lg - mx[:, None]) / l[:, None]  # [b, c, Hp, Wp]
+        if cache:
+            ex, m_i = kept[i]
+            w = ex.mul_((torch.exp(m_i - mx) / l)[:, None])  # [b, c, Hp, Wp]
+        else:
+            w = window_logits(xf, y, P, a, scale).sub_(mx[:, None]).exp_().div_(l[:, None])
         cover = _cover_sums(_cover_sums(w, P, 2, H), P, 3, W)  # [b, c, H, W]
-        out += torch.einsum("bchw,cdhw->bdhw", cover, y)
+        # out[b, d] += sum_k cover[b, k] * y[k, d], pixel by pixel: per (query, channel) a
+        # product-and-reduce over the chunk (einsum would batch 1-pixel matmuls over H*W)
+        for b in range(B):
+            out[b] += (cover[b][:, None] * y).sum(0)
     ones = torch.ones(1, 1, Hp, Wp, dtype=dt, device=x.device)
     count = _cover_sums(_cover_sums(ones, P, 2, H), P, 3, W)[0, 0]
     return (out / count).to(x.dtype)
