@@ -173,7 +173,7 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     N = train.shape[0]
     a, _ = noise_level(alpha_bar)
     tf = train_features(train)
-    xf = x.to(torch.float64)
+    xf = x.detach().to(torch.float64)  # the compiled kernels have no autograd: the caller sees a result without grad
     # Everything after the GEMM is [B, N] elementwise work: numpy, single-threaded (a torch
     # op this small costs more in thread wake-ups than in arithmetic on a shared machine).
     x2 = xf.pow(2).sum(1).numpy()  # [B]
