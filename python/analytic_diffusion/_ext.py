@@ -128,6 +128,11 @@ def _require(name: str, mod: ModuleType | None, what: str) -> ModuleType:
     return mod
 
 
+#: ``train_kind`` code of the compiled CPU kernels for each training-set dtype they read
+#: (csrc/cpu: 0 uint8 in [0, 255] mapped to [-1, 1], 1 float32, 2 float64).
+TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
+
+
 def dequantize_u8(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Map a 2-D uint8 tensor ``u`` to ``u / 127.5 - 1`` in ``dtype`` (docs/algorithms.md §1).
 

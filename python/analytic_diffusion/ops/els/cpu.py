@@ -17,7 +17,6 @@ from ...schedule import noise_level
 from ..softmax_state import SoftmaxState
 
 _SYMBOLS = ("els_denoise_run",)
-_KINDS = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def available() -> bool:
@@ -42,7 +41,7 @@ def els_denoise_cpu(x, train, patch_size, alpha_bar, padding="circular", tempera
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"alpha_bar = {alpha_bar} gives a logit scale of {scale}")
     xd = x.to(torch.float64).contiguous()  # [B, C, H, W]: the kernel reads float64 queries
-    if train.dtype not in _KINDS:  # float16: widen once (exact)
+    if train.dtype not in _ext.TRAIN_KIND:  # float16: widen once (exact)
         train = train.to(torch.float32)
     mx = torch.empty(B, H, W, dtype=torch.float64)
     l = torch.empty(B, H, W, dtype=torch.float64)
@@ -53,7 +52,7 @@ def els_denoise_cpu(x, train, patch_size, alpha_bar, padding="circular", tempera
         s = train.stride()
     mod.els_denoise_run(
         xd.data_ptr(), B, C, H, W,
-        train.data_ptr(), N, s[0], s[1], s[2], s[3], _KINDS[train.dtype],
+        train.data_ptr(), N, s[0], s[1], s[2], s[3], _ext.TRAIN_KIND[train.dtype],
         int(patch_size), padding == "circular", a, scale,
         mx.data_ptr(), l.data_ptr(), acc.data_ptr(),
     )

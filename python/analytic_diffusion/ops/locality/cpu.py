@@ -87,7 +87,6 @@ def clear_plan_cache() -> None:
         _full_plans.clear()
 
 
-_TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def _run(plan, x: torch.Tensor, train: torch.Tensor, alpha_bar: float, temperature: float, chunk: int, return_state: bool, expand_state: bool):
@@ -95,7 +94,7 @@ def _run(plan, x: torch.Tensor, train: torch.Tensor, alpha_bar: float, temperatu
     # pointers, so anything it would misread is fixed here.
     if x.device.type != "cpu" or train.device.type != "cpu":
         raise ValueError("the cpu locality backend needs CPU tensors")
-    if train.dtype not in _TRAIN_KIND:
+    if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()  # float16 / bfloat16 images: exact in float32
     B, n = x.shape
     N = train.shape[0]
@@ -115,7 +114,7 @@ def _run(plan, x: torch.Tensor, train: torch.Tensor, alpha_bar: float, temperatu
         acc = torch.full((B, n), nan, dtype=torch.float64)
     _module().locality_denoise_run(
         plan, x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
-        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        train.data_ptr(), N, train.stride(0), train.stride(1), _ext.TRAIN_KIND[train.dtype],
         a, scale, int(chunk),
         0 if out is None else out.data_ptr(), x.dtype == torch.float64,
         0 if mx is None else mx.data_ptr(), 0 if l is None else l.data_ptr(), 0 if acc is None else acc.data_ptr(),
@@ -164,7 +163,7 @@ def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, re
     kept = int(index.numel())
     if kept > PRUNE_MAX_KEPT * B * N:
         return _run(plan, x, train, alpha_bar, temperature, 0, return_state, False)
-    if train.dtype not in _TRAIN_KIND:
+    if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()
     a, s2 = noise_level(alpha_bar)
     nan = float("nan")
@@ -175,7 +174,7 @@ def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, re
         mx, l, acc = (torch.full(s, nan, dtype=torch.float64) for s in ((B, 1), (B, 1), (B, n)))
     _module().full_pruned_run(
         plan, x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
-        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        train.data_ptr(), N, train.stride(0), train.stride(1), _ext.TRAIN_KIND[train.dtype],
         a, 1.0 / (2.0 * s2 * temperature), offsets.data_ptr(), index.data_ptr(), False,
         0 if out is None else out.data_ptr(), x.dtype == torch.float64,
         0 if mx is None else mx.data_ptr(), 0 if l is None else l.data_ptr(), 0 if acc is None else acc.data_ptr(), 0,

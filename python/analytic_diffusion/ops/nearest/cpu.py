@@ -22,7 +22,6 @@ from ..locality.cpu import full_plan
 from .state import NearestState
 
 _SYMBOLS = ("nearest_denoise_run", "full_pruned_run")
-_TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def available() -> bool:
@@ -46,7 +45,7 @@ def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force
         raise ValueError("the cpu nearest backend needs CPU tensors")
     if x.dtype not in (torch.float32, torch.float64) or x.dim() != 2 or train.dim() != 2 or train.shape[1] != x.shape[1]:
         raise ValueError(f"need x float32/float64 [B, n] and train [N, n], got {x.dtype} {tuple(x.shape)} and {tuple(train.shape)}")
-    if train.dtype not in _TRAIN_KIND:
+    if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()  # float16 / bfloat16 images: exact in float32
     B, n = x.shape
     N = train.shape[0]
@@ -57,7 +56,7 @@ def nearest_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, *, force
     dist = torch.full((B,), float("nan"), dtype=torch.float64)
     mod.nearest_denoise_run(
         x.data_ptr(), B, n, x.stride(0), x.stride(1), x.dtype == torch.float64,
-        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        train.data_ptr(), N, train.stride(0), train.stride(1), _ext.TRAIN_KIND[train.dtype],
         a, out.data_ptr(), x.dtype == torch.float64, index.data_ptr(), dist.data_ptr(),
         bool(force_portable),
     )
@@ -82,7 +81,7 @@ def nearest_pruned_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float):
     kept = int(index.numel())
     if kept > PRUNE_MAX_KEPT * B * N:
         return None
-    if train.dtype not in _TRAIN_KIND:
+    if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()
     a, _ = noise_level(alpha_bar)
     out = torch.full((B, n), float("nan"), dtype=x.dtype)
@@ -90,7 +89,7 @@ def nearest_pruned_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float):
     dist = torch.full((B,), float("nan"), dtype=torch.float64)
     _module().full_pruned_run(
         full_plan(n), x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
-        train.data_ptr(), N, train.stride(0), train.stride(1), _TRAIN_KIND[train.dtype],
+        train.data_ptr(), N, train.stride(0), train.stride(1), _ext.TRAIN_KIND[train.dtype],
         a, 1.0, offsets.data_ptr(), index.data_ptr(), True,
         out.data_ptr(), x.dtype == torch.float64, 0, dist.data_ptr(), 0, arg.data_ptr(),
     )

@@ -33,7 +33,6 @@ from ..softmax_state import SoftmaxState
 __all__ = ["available", "windowed_locality_denoise_cpu", "windowed_plan"]
 
 _SYMBOLS = ("windowed_locality_run", "windowed_locality_plan")
-_TRAIN_KIND = {torch.uint8: 0, torch.float32: 1, torch.float64: 2}
 
 
 def available() -> bool:
@@ -73,7 +72,7 @@ def windowed_locality_denoise_cpu(
     ``stats``, if a dict, receives the plan's statistics."""
     if x.device.type != "cpu" or train.device.type != "cpu" or window.device.type != "cpu":
         raise ValueError("the cpu windowed locality backend needs CPU tensors")
-    if train.dtype not in _TRAIN_KIND:
+    if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()  # float16 / bfloat16 images: exact in float32
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
@@ -94,7 +93,7 @@ def windowed_locality_denoise_cpu(
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     res = _module().windowed_locality_run(
         x.data_ptr(), B, C, H, W, *x.stride(), x.dtype == torch.float64,
-        train.data_ptr(), N, *train.stride(), _TRAIN_KIND[train.dtype],
+        train.data_ptr(), N, *train.stride(), _ext.TRAIN_KIND[train.dtype],
         w8.data_ptr(), w8.shape[-1], *w8.stride(),
         a, scale, 0 if softmax == "exact" else int(chunk_size),
         ptr(out), x.dtype == torch.float64, ptr(mx), ptr(l), ptr(acc),
