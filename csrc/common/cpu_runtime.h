@@ -20,6 +20,8 @@
 namespace analytic_diffusion {
 namespace cpu_runtime {
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // GNU libgomp is not fork-safe: a child forked after the parent ran a parallel region
 // (here or in any other user of this libgomp copy) hangs in its first parallel region of
 // more than one thread. torch.multiprocessing with start_method="fork" and DataLoader

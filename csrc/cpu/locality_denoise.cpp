@@ -77,7 +77,7 @@ using cpu_runtime::FreeDeleter;
 using cpu_runtime::team_size;
 using cpu_runtime::thread_index;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu_runtime::ceil_div;
 
 // L of a segment is (3S + 2) rows of 64 B: 168 -> 32.4 KiB, leaving L1d room for the
 // packet stream and the distances.

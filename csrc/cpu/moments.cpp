@@ -45,7 +45,7 @@ using cpu_runtime::FreeDeleter;
 using cpu_runtime::team_size;
 using cpu_runtime::thread_index;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu_runtime::ceil_div;
 
 // Square tiles of the lower triangle, largest work first: a tile on the diagonal does about
 // half the work of one below it, so handing those out last (dynamic schedule) keeps the

@@ -32,7 +32,7 @@ using cpu_runtime::FreeDeleter;
 using cpu_runtime::team_size;
 using cpu_runtime::thread_index;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu_runtime::ceil_div;
 
 // Units per thread: enough that a thread the OS preempts (the machine is often shared) leaves
 // work to the others, few enough that the per-unit state stays negligible.

@@ -46,7 +46,7 @@ using cpu_runtime::aligned_array;
 using cpu_runtime::team_size;
 using cpu_runtime::thread_index;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu_runtime::ceil_div;
 
 using cpu_isa::has_avx512f;
 using cpu_isa::has_vnni;

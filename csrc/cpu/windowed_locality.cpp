@@ -72,7 +72,7 @@ constexpr double kWlExpFloor = -690.0;  // exp below this is taken as 0 (see v_e
 // estimate of the logit error its rounding causes) stays below this.
 constexpr double kWlMaxLogitError = 1e-8;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu_runtime::ceil_div;
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 bool cpu_has_avx512() {
