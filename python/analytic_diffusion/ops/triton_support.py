@@ -11,10 +11,11 @@ import contextlib
 import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
-__all__ = ["interpreting", "importable", "available", "devices", "launch_context", "check_device"]
+__all__ = ["interpreting", "importable", "available", "devices", "launch_context", "check_device", "pow2_at_least", "nan_output"]
 
 
 def interpreting() -> bool:
@@ -59,3 +60,16 @@ def check_device(t: torch.Tensor, what: str, name: str) -> None:
     if not importable():
         raise RuntimeError(f"the Triton {what} backend needs the triton package, which is not importable")
     raise ValueError(f"the Triton {what} backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {name} on {t.device}")
+
+
+def pow2_at_least(v: int, lo: int, hi: Optional[int] = None) -> int:
+    """The smallest ``lo * 2^j >= v`` (at most ``hi`` when given): block sizes are powers of two."""
+    p = lo
+    while p < v and (hi is None or p < hi):
+        p *= 2
+    return p
+
+
+def nan_output(shape, device) -> torch.Tensor:
+    """A float32 output filled with NaN: anything a kernel fails to write shows up in the tests."""
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)

@@ -185,13 +185,6 @@ def _kernels():
     return els_kernel
 
 
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
-
 def _blocks(device: torch.device, B: int, N: int, K: int, groups, blocks: Optional[dict]) -> dict:
     """Launch shape. GPU: ELS_GPU_CONFIG. Interpreter: few large steps (it pays per
     operation, not per element)."""
@@ -202,9 +195,9 @@ def _blocks(device: torch.device, B: int, N: int, K: int, groups, blocks: Option
         return blk
     most_q = max(B * (g[0][1] - g[0][0]) * (g[1][1] - g[1][0]) for g in groups)
     most_c = max(N * (g[2][1] - g[2][0]) * (g[3][1] - g[3][0]) for g in groups)
-    blk.setdefault("KB", _pow2_at_least(min(K, 128), 1))
-    blk.setdefault("BQ", _pow2_at_least(min(most_q, 64), 16))
-    blk.setdefault("BC", _pow2_at_least(min(most_c, max(16, _INTERP_VALUES // (blk["BQ"] * blk["KB"]))), 16))
+    blk.setdefault("KB", triton_support.pow2_at_least(min(K, 128), 1))
+    blk.setdefault("BQ", triton_support.pow2_at_least(min(most_q, 64), 16))
+    blk.setdefault("BC", triton_support.pow2_at_least(min(most_c, max(16, _INTERP_VALUES // (blk["BQ"] * blk["KB"]))), 16))
     return blk
 
 
@@ -221,11 +214,6 @@ def _tiles(groups, B: int, BQ: int) -> torch.Tensor:
         for q0 in range(0, Qg, BQ):
             rows.append((q0, Qg, npix, pr[0], pc[0], npc, cr[0], cc[0], ncc, ncand))
     return torch.tensor(rows, dtype=torch.int32)
-
-
-def _nan(shape, device) -> torch.Tensor:
-    # outputs start as NaN: anything the kernel fails to write shows up in the tests
-    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
 def els_denoise_triton(
@@ -278,7 +266,7 @@ def els_denoise_triton(
     plans = [(k0, min(per_launch, N - k0)) for k0 in range(0, N, per_launch)]
     plans = [(k0, n) + split_plan(n, tiles.shape[0], dev, 1, splits) for k0, n in plans]
     direct = len(plans) == 1 and plans[0][2] == 1 and not return_state
-    out = _nan((B, C, H, W), dev)
+    out = triton_support.nan_output((B, C, H, W), dev)
     sk, sc, sh, sw = train.stride()
     launch = {k: blk[k] for k in ("num_warps", "num_stages")} if dev.type == "cuda" else {}
     kern = _kernels()
@@ -288,14 +276,14 @@ def els_denoise_triton(
             if direct:
                 mxw = lw = accw = out
             else:
-                mxw, lw = _nan((n_split, B, H, W), dev), _nan((n_split, B, H, W), dev)
-                accw = _nan((n_split, B, C, H, W), dev)
+                mxw, lw = triton_support.nan_output((n_split, B, H, W), dev), triton_support.nan_output((n_split, B, H, W), dev)
+                accw = triton_support.nan_output((n_split, B, C, H, W), dev)
                 parts.append((mxw, lw, accw))
             kern[(tiles.shape[0], n_split)](
                 x32, train[k0 : k0 + n], sk, sc, sh, sw, tiles, out, mxw, lw, accw,
                 B, C, H, W, n, P, split_len, a_mul, a_add, -scale,
                 CIRCULAR=padding == "circular", STATE=not direct, IS_U8=is_u8,
-                BQ=blk["BQ"], BC=blk["BC"], KB=blk["KB"], CP=_pow2_at_least(C, 16), **launch,
+                BQ=blk["BQ"], BC=blk["BC"], KB=blk["KB"], CP=triton_support.pow2_at_least(C, 16), **launch,
             )
     if direct:
         return out.to(x.dtype)

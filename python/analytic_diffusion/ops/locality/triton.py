@@ -418,13 +418,6 @@ def _check_blocks(blk: dict, pow2: Tuple[str, ...], dot_dims: Tuple[Tuple[str, .
         raise ValueError(f"blocks['num_warps'] must be 1, 2, 4, 8 or 16, got {blk['num_warps']!r}")
 
 
-def _pow2_at_least(v: int, lo: int, hi: int) -> int:
-    p = lo
-    while p < v and p < hi:
-        p *= 2
-    return p
-
-
 class _MaskPlan:
     """What the kernels need of one bool mask, built once and cached by content: whether
     every window is the same (then ``w``, that window as float32 weights); else the mask
@@ -486,7 +479,7 @@ def _loc_blocks(device: torch.device, n: int, B: int, blocks: Optional[dict]) ->
     size = 16 if n <= 64 else 64
     blk.setdefault("BJ", size)
     blk.setdefault("BM", size)
-    blk.setdefault("BB", _pow2_at_least(B, 1, 8))
+    blk.setdefault("BB", triton_support.pow2_at_least(B, 1, 8))
     blk.setdefault("BK", max(16, 64 // blk["BB"]))
     return blk, (blk["BM"],), False
 
@@ -545,11 +538,6 @@ def _precision_split(plan: _MaskPlan, scale: float, precision: Optional[str]) ->
     return plan.density() <= _SPLIT_DENSITY or scale >= _SPLIT_SCALE
 
 
-def _nan(shape, device) -> torch.Tensor:
-    # outputs start as NaN: anything a kernel fails to write shows up in the tests
-    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-
-
 def single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, splits=None, blocks=None):
     """Softmax over one distance per (b, k) (all windows equal, or the optimal denoiser).
     Returns out [B, n] float32, or (mx [B, 1], l [B, 1], acc [B, n])."""
@@ -583,7 +571,7 @@ def single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, sp
         launches.append((k_base, Nc) + split_plan(Nc, nb * nn, dev, unit, splits))
     direct = len(launches) == 1 and launches[0][2] == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
-    out = _nan((B, n), dev)
+    out = triton_support.nan_output((B, n), dev)
     parts = []
     ys0, ys1 = train.stride()
     with triton_support.launch_context(x):
@@ -596,8 +584,8 @@ def single_window(x, train, w, ab, tau, softmax, chunk_size, return_state, *, sp
             if direct:
                 mxw = lw = accw = out
             else:
-                accw = _nan((S, B, n), dev)
-                mxw, lw = (accw, accw) if wssm else (_nan((S, B), dev), _nan((S, B), dev))
+                accw = triton_support.nan_output((S, B, n), dev)
+                mxw, lw = (accw, accw) if wssm else (triton_support.nan_output((S, B), dev), triton_support.nan_output((S, B), dev))
                 parts.append((mxw, lw, accw))
             K.wsum[(nb, nn, S)](
                 dws, dws.stride(0), train, ys0, ys1, out, mxw, lw, accw, B, n, k_base, Nc,
@@ -682,13 +670,13 @@ def locality_denoise_triton(
     n_split, split_len = split_plan(N, -(-B // bb_min) * -(-n // max(bms)), dev, unit, splits)
     direct = n_split == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
-    out = _nan((B, n), dev)
+    out = triton_support.nan_output((B, n), dev)
     if direct:
         mxw = lw = accw = out
     elif wssm:  # the kernel writes the sums of chunk means only
-        mxw = lw = accw = _nan((n_split, B, n), dev)
+        mxw = lw = accw = triton_support.nan_output((n_split, B, n), dev)
     else:
-        mxw, lw, accw = _nan((n_split, B, n), dev), _nan((n_split, B, n), dev), _nan((n_split, B, n), dev)
+        mxw, lw, accw = triton_support.nan_output((n_split, B, n), dev), triton_support.nan_output((n_split, B, n), dev), triton_support.nan_output((n_split, B, n), dev)
     ta, tb = plan.tables[bms[0]], plan.tables[bms[-1]]
     ys0, ys1 = train.stride()
     args = (

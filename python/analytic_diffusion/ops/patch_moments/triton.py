@@ -127,31 +127,24 @@ def _kernels():
     return lagprod_kernel
 
 
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
-
 def gpu_pixels(C: int) -> int:
     """Pixels per program on a GPU for C channels (PATCH_GPU_CONFIG)."""
     bb, products, _ = PATCH_GPU_CONFIG
-    cp = _pow2_at_least(C, 1)
+    cp = triton_support.pow2_at_least(C, 1)
     return min(512, max(32, products // (bb * cp * cp)))
 
 
 def _blocks(device: torch.device, B: int, C: int, HW: int, blocks: Optional[dict]) -> dict:
     """GPU: PATCH_GPU_CONFIG. Interpreter: few large steps (it pays per operation)."""
     blk = dict(blocks or {})
-    cp = _pow2_at_least(C, 1)
+    cp = triton_support.pow2_at_least(C, 1)
     if device.type == "cuda":
         blk.setdefault("BB", PATCH_GPU_CONFIG[0])
         blk.setdefault("BP", gpu_pixels(C))
         blk.setdefault("num_warps", PATCH_GPU_CONFIG[2])
     else:
-        blk.setdefault("BP", _pow2_at_least(min(HW, 1024), 16))
-        blk.setdefault("BB", _pow2_at_least(min(B, max(1, _INTERP_VALUES // (blk["BP"] * cp * cp))), 1))
+        blk.setdefault("BP", triton_support.pow2_at_least(min(HW, 1024), 16))
+        blk.setdefault("BB", triton_support.pow2_at_least(min(B, max(1, _INTERP_VALUES // (blk["BP"] * cp * cp))), 1))
     for key in ("BB", "BP"):
         if blk[key] < 1 or blk[key] & (blk[key] - 1):
             raise ValueError(f"blocks[{key!r}] must be a power of two, got {blk[key]}")
@@ -190,7 +183,7 @@ def _launch(x, shift, is_u8, di0: int, n_di: int, Lj: int, reduce: bool, blocks:
     with triton_support.launch_context(x):
         _kernels()[(nblk, L)](
             x, *x.stride(), shift, out, B, C, H, W, di0, Lj, nblk,
-            IS_U8=is_u8, REDUCE=reduce, BB=blk["BB"], BP=blk["BP"], CP=_pow2_at_least(C, 1), BLOCK_IMAGES=max(blk["BB"], _U8_BLOCK_IMAGES // blk["BB"] * blk["BB"]),
+            IS_U8=is_u8, REDUCE=reduce, BB=blk["BB"], BP=blk["BP"], CP=triton_support.pow2_at_least(C, 1), BLOCK_IMAGES=max(blk["BB"], _U8_BLOCK_IMAGES // blk["BB"] * blk["BB"]),
             **launch,
         )
     if reduce:

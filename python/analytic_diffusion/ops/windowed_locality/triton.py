@@ -314,17 +314,10 @@ def _whole_image(window: torch.Tensor, H: int, W: int) -> bool:
     return bool(window[:, :, r - (H - 1) : r + H, r - (W - 1) : r + W].all())
 
 
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
-
 def _blocks(device: torch.device, B: int, N: int, H: int, W: int, blocks: Optional[dict]) -> dict:
     """Launch shape. GPU: the entry of _WLOC_GPU_CONFIGS for the padded width. Interpreter:
     few large steps (it pays per operation, not per element)."""
-    twp = _pow2_at_least(W, 16)
+    twp = triton_support.pow2_at_least(W, 16)
     blk = dict(blocks or {})
     blk["TWP"] = twp
     if device.type == "cuda":
@@ -332,15 +325,10 @@ def _blocks(device: torch.device, B: int, N: int, H: int, W: int, blocks: Option
         for key, v in zip(("BB", "BK", "TH", "num_warps", "num_stages", "maxnreg"), cfg[1:]):
             blk.setdefault(key, v)
         return blk
-    blk.setdefault("BB", _pow2_at_least(min(B, 8), 1))
-    blk.setdefault("BK", _pow2_at_least(min(N, 128), 16))
-    blk.setdefault("TH", _pow2_at_least(min(H, max(1, 512 // twp)), 1))
+    blk.setdefault("BB", triton_support.pow2_at_least(min(B, 8), 1))
+    blk.setdefault("BK", triton_support.pow2_at_least(min(N, 128), 16))
+    blk.setdefault("TH", triton_support.pow2_at_least(min(H, max(1, 512 // twp)), 1))
     return blk
-
-
-def _nan(shape, device) -> torch.Tensor:
-    # outputs start as NaN: anything the kernel fails to write shows up in the tests
-    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
 def windowed_locality_denoise_triton(
@@ -399,13 +387,13 @@ def windowed_locality_denoise_triton(
     n_split, split_len = split_plan(N, nb * C * n_th, dev, unit, splits)
     direct = n_split == 1 and not return_state
     inv_den = 1.0 / (-(-N // chunk_size) + 1e-8)
-    out = _nan((B, n), dev)
+    out = triton_support.nan_output((B, n), dev)
     if direct:
         mxw = lw = accw = out
     elif wssm:  # the kernel writes the sums of chunk means only
-        mxw = lw = accw = _nan((n_split, B, n), dev)
+        mxw = lw = accw = triton_support.nan_output((n_split, B, n), dev)
     else:
-        mxw, lw, accw = (_nan((n_split, B, n), dev) for _ in range(3))
+        mxw, lw, accw = (triton_support.nan_output((n_split, B, n), dev) for _ in range(3))
     launch = {k: blk[k] for k in ("num_warps", "num_stages", "maxnreg")} if dev.type == "cuda" else {}
     with triton_support.launch_context(x):
         kern[(nb, C * n_th, n_split)](
