@@ -34,6 +34,7 @@ import torch
 import analytic_diffusion as ad
 from analytic_diffusion.denoisers.screening import GoldDiffScreening
 from analytic_diffusion.ops.locality import cpu as locality_cpu
+from bench_locality_denoise import official_locality_denoise
 from conftest import QUICK, rel_err, write_bench_table
 
 SIZE = 8 if QUICK else 32
@@ -47,22 +48,6 @@ DENSE_CHUNK = 256
 
 _STATE: dict = {}
 _ROWS: dict = {}  # t -> measurements
-
-
-def official_locality_denoise(x, train_f32, mask, alpha_bar, chunk_size=DENSE_CHUNK):
-    """The published algorithm: dense fp32 einsum over [B, chunk, n] with the n x n mask, mean
-    of per-chunk softmaxes (WSSM)."""
-    a, s2 = math.sqrt(alpha_bar), 1 - alpha_bar
-    M = mask.float()
-    num = torch.zeros_like(x)
-    den = torch.zeros_like(x)
-    for k0 in range(0, train_f32.shape[0], chunk_size):
-        y = train_f32[k0 : k0 + chunk_size]
-        d = torch.einsum("bcj,jm->bcm", (x[:, None, :] - a * y[None]) ** 2, M)
-        w = torch.softmax(-d / (2 * s2), dim=1)
-        num += torch.einsum("bcm,cm->bm", w, y)
-        den += w.sum(1)
-    return num / (den + 1e-8)
 
 
 def golddiff_torch(screen: GoldDiffScreening, x, train_u8, mask, alpha_bar, chunk_size=DENSE_CHUNK):
