@@ -261,6 +261,25 @@ def warn_rank(N: int, n: int) -> None:
         )
 
 
+def stats_or_estimate(stats: Optional[str], data, shape, source: str, *, progress: bool, backend: Optional[str] = None, device=None):
+    """The ``--stats`` file, checked against images of ``shape`` (C, H, W), or moments
+    estimated from ``data`` (``[N, C, H, W]`` uint8 or float) when none is given; ``source``
+    names the data in errors. Notes a rank-deficient covariance. Returns CPU ``Moments``."""
+    import analytic_diffusion as ad
+
+    with user_input():
+        if stats is not None:
+            moments = ad.Moments.load(stats)
+            moments.check_compatible(shape, f"the data ({source})")
+        else:
+            N = data.shape[0]
+            if N < 2:
+                raise CLIError(f"need at least 2 images to estimate moments, {source} has {N}")
+            moments = ad.estimate_moments(data, progress=progress, backend=backend, device=device).to("cpu")
+    warn_rank(moments.count, math.prod(shape))
+    return moments
+
+
 def args_dict(args: argparse.Namespace) -> dict:
     """The parsed arguments as JSON values, for the summaries."""
     return {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items() if k != "func"}

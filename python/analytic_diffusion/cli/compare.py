@@ -23,9 +23,9 @@ from .common import (
     pick_backends,
     positive_int,
     say,
+    stats_or_estimate,
     user_input,
     versions,
-    warn_rank,
 )
 
 DEFAULT_METHODS = "locality,wiener,optimal,nearest_dataset"
@@ -200,7 +200,7 @@ def run(args) -> int:
     if args.protocol == "single_step" and args.holdout is None:
         say("note: --protocol single_step without --holdout noises training images (--data); the papers use held-out images")
     shape = tuple(int(v) for v in data.shape[1:])
-    N, n = data.shape[0], data[0].numel()
+    N = data.shape[0]
     what = (f"torchvision {args.torchvision} at {args.data}" if args.torchvision else str(args.data)) + f": {N} images {'x'.join(map(str, shape))}"
     say(f"compare: {what}; network {net_what} (predicts {prediction}); methods {', '.join(methods)}; protocol {args.protocol}, "
         f"{args.steps} steps, {args.num_samples} samples" + (f"; preset {args.preset}" if args.preset else ""))
@@ -216,16 +216,8 @@ def run(args) -> int:
     # ---- moments and denoisers
     moments = None
     if any(m in _NEED_MOMENTS for m in methods):
-        with user_input():
-            if args.stats is not None:
-                moments = ad.Moments.load(args.stats)
-                moments.check_compatible(shape, f"the data ({args.data})")
-            else:
-                if N < 2:
-                    raise CLIError(f"need at least 2 images to estimate moments, --data has {N}")
-                bk = backends.get("moments") if args.backend is not None and backends.get("moments") == args.backend else None
-                moments = ad.estimate_moments(data, progress=progress, backend=bk, device=dev).to("cpu")
-        warn_rank(moments.count, n)
+        bk = backends.get("moments") if args.backend is not None and backends.get("moments") == args.backend else None
+        moments = stats_or_estimate(args.stats, data, shape, args.data, progress=progress, backend=bk, device=dev)
     dens = {}
     with user_input():
         for m in methods:

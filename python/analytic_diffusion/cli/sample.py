@@ -15,8 +15,8 @@ from .common import (
     pick_backends,
     positive_int,
     say,
+    stats_or_estimate,
     user_input,
-    warn_rank,
 )
 from .demo import METHODS
 
@@ -87,19 +87,10 @@ def run(args) -> int:
     shape = tuple(data.shape[1:])
     if shape[0] not in (1, 3):
         raise CLIError(f"sample draws its samples as images and needs 1 or 3 channels; the data has shape {shape}")
-    N, n = data.shape[0], data[0].numel()
 
     moments = None
     if args.method in ("locality", "wiener"):
-        with user_input():
-            if args.stats is not None:
-                moments = ad.Moments.load(args.stats)
-                moments.check_compatible(shape, f"the data ({args.data})")
-            else:
-                if N < 2:
-                    raise CLIError(f"need at least 2 images to estimate moments, {args.data} has {N}")
-                moments = ad.estimate_moments(data, progress=progress, backend=bk.get("moments"))
-        warn_rank(moments.count, n)
+        moments = stats_or_estimate(args.stats, data, shape, args.data, progress=progress, backend=bk.get("moments"))
     with user_input():  # --temperature, --threshold, --chunk-size against the data
         den = _build(args, data, moments, bk)
 
