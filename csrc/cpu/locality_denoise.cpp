@@ -780,6 +780,56 @@ void gather_row(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n
     }
 }
 
+#if AD_LD_DISPATCH
+// uint8 row -> (u - 127.5) / 127.5 = (2u - 255) / 255 in float64, eight at a time: y0 = c r with
+// r = fl(1/255), then one Newton-Markstein correction y = y0 + (c - 255 y0) r (the remainder is
+// exact in an FMA). This replaces the scalar table lookup in the pruned runs, where each
+// (query, image) pair converts its image (the unpruned run converts an image once for all
+// queries). Used only where it reproduces the table for all 256 values (row_converter_ok).
+__attribute__((target("avx512f"))) void convert_u8_row_avx512(double* dst, const uint8_t* r, int64_t n, const double* lut) {
+    const __m512d rcp = _mm512_set1_pd(1.0 / 255.0), d255 = _mm512_set1_pd(255.0);
+    const __m512i k255 = _mm512_set1_epi32(255);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+        const __m512i c = _mm512_sub_epi32(_mm512_slli_epi32(w, 1), k255);  // 2u - 255, exact
+        const __m512d c0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(c));
+        const __m512d c1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(c, 1));
+        const __m512d y0 = _mm512_mul_pd(c0, rcp), y1 = _mm512_mul_pd(c1, rcp);
+        const __m512d e0 = _mm512_fnmadd_pd(y0, d255, c0), e1 = _mm512_fnmadd_pd(y1, d255, c1);
+        _mm512_storeu_pd(dst + j, _mm512_fmadd_pd(e0, rcp, y0));
+        _mm512_storeu_pd(dst + j + 8, _mm512_fmadd_pd(e1, rcp, y1));
+    }
+    for (; j < n; ++j) dst[j] = lut[r[j]];
+}
+
+bool row_converter_ok(const double* lut) {
+    static const bool ok = [lut] {
+        if (!cpu_has_avx512()) return false;
+        alignas(64) uint8_t u[256];
+        alignas(64) double y[256];
+        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
+        convert_u8_row_avx512(y, u, 256, lut);
+        return std::memcmp(y, lut, sizeof(y)) == 0;
+    }();
+    return ok;
+}
+#endif
+
+// gather_row with the vector conversion of uint8 rows where it is exact (see above)
+void gather_row_fast(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n, int64_t ts0, int64_t ts1,
+                     const double* lut, bool fast_u8) {
+#if AD_LD_DISPATCH
+    if (fast_u8 && kind == 0 && ts1 == 1) {
+        convert_u8_row_avx512(dst, reinterpret_cast<const uint8_t*>(train_ptr) + k * ts0, n, lut);
+        return;
+    }
+#else
+    (void)fast_u8;
+#endif
+    gather_row(dst, train_ptr, kind, k, n, ts0, ts1, lut);
+}
+
 }  // namespace
 
 void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64_t xs0, int64_t xs1,
@@ -814,6 +864,11 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
 #endif
     double lut[256];
     for (int u = 0; u < 256; ++u) lut[u] = dequantize_u8_value<double>(static_cast<uint8_t>(u));
+#if AD_LD_DISPATCH
+    const bool fast_u8 = !force_portable && row_converter_ok(lut);
+#else
+    const bool fast_u8 = false;
+#endif
     const int nt = team_size();
     std::vector<std::unique_ptr<double[], FreeDeleter>> scratch;
     // per thread: Ys [8][n], the query [n], acc [n], distances [8]
@@ -847,7 +902,8 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
             for (int64_t i0 = off[b]; i0 < off[b + 1]; i0 += kLdLanes) {
                 const int nvalid = static_cast<int>(std::min<int64_t>(kLdLanes, off[b + 1] - i0));
                 // gather the block's images (ascending indices: the same order as the unpruned run)
-                for (int q = 0; q < nvalid; ++q) gather_row(Ys + q * n, train_ptr, train_kind, idx[i0 + q], n, ts0, ts1, lut);
+                for (int q = 0; q < nvalid; ++q)
+                    gather_row_fast(Ys + q * n, train_ptr, train_kind, idx[i0 + q], n, ts0, ts1, lut, fast_u8);
                 if (nvalid < kLdLanes) std::fill(Ys + nvalid * n, Ys + kLdLanes * n, 0.0);
                 if (argmin) {
                     dist8(xb, Ys, n, a, d);

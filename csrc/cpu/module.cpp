@@ -22,6 +22,7 @@
 #include "moments.h"
 #include "nearest_denoise.h"
 #include "patch_moments.h"
+#include "pruning_bound.h"
 #include "windowed_locality.h"
 
 namespace py = pybind11;
@@ -336,6 +337,17 @@ PYBIND11_MODULE(_C, m) {
           py::arg("force_portable") = false, py::call_guard<py::gil_scoped_release>(),
           "Optimal (softmax) or nearest (argmin) over each query's subset of the training set "
           "(offsets [B + 1], ascending indices, int64): the survivors of certified pruning.");
+    m.def("prune_bound_u8", &analytic_diffusion::prune_bound_u8, py::arg("q_ptr"), py::arg("B"), py::arg("levels"),
+          py::arg("n"), py::arg("x_ptr"), py::arg("qpar_ptr"), py::arg("train_ptr"), py::arg("N"),
+          py::arg("train_stride0"), py::arg("y2_ptr"), py::arg("yn_ptr"), py::arg("ucn_ptr"), py::arg("uc1_ptr"),
+          py::arg("a"), py::arg("margin"), py::arg("candidates"), py::arg("lower_ptr"), py::arg("upper_ptr"),
+          py::arg("offsets_ptr"), py::arg("index_ptr"), py::arg("force_portable") = false,
+          py::call_guard<py::gil_scoped_release>(),
+          "Certified pruning of a uint8 training set (docs/algorithms.md §14.1, integer bound): lower bounds "
+          "from exact int8 x uint8 dot products, the upper bound on each query's smallest distance, and the "
+          "survivors (CSR, ascending) whose lower bound is <= U + margin. Returns their number.");
+    m.def("prune_bound_has_vnni", &analytic_diffusion::prune_bound_has_vnni,
+          "Whether prune_bound_u8 uses AVX-512 VNNI on this CPU.");
     m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
     m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
           "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");

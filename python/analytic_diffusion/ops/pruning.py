@@ -34,12 +34,18 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .. import _ext
 from .._validate import to_unit
 from ..schedule import noise_level
 
 __all__ = ["TrainFeatures", "train_features", "survivors", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "softmax_margin", "fp32_gemm_is_ieee"]
 
 CANDIDATES = 4  # exact distances per query for the upper bound
+# Bound for uint8 training sets: "int8" (exact integer dot products, _C.prune_bound_u8, VNNI
+# where the CPU has it), "int8-portable" (the same without VNNI; tests) or "gemm" (the float32
+# GEMM bound, which float training sets always use). A speed setting: every one is certified.
+METHOD = "int8"
+LEVELS = 2  # int8 quantisation levels of the query (2: the residual error is ~2^-8 of one level's)
 _CHUNK = 2048  # images converted to float64 at a time (2048 x 3072 x 8 B = 50 MB)
 _U = 2.0**-53  # float64 unit roundoff
 
@@ -70,40 +76,74 @@ def fp32_gemm_is_ieee() -> bool:
 
 
 class TrainFeatures:
-    """Per training set (computed once, cached by identity and version): ``Y`` ``[N, n]``
-    float32 exact copies of the images, uint8 as ``u - 127.5`` (``scale`` = 1/127.5 maps them
-    to [-1, 1]; a float32 training set is used in place, float64 is kept as float64), and
-    ``y2`` / ``ynorm`` float64 ``[N]``: squared norms and norms in [-1, 1] units."""
+    """Per training set (computed once, cached by identity and version): ``y2`` / ``ynorm``
+    float64 ``[N]``, squared norms and norms in [-1, 1] units; ``Y`` ``[N, n]`` float32 exact
+    copies of the images for the GEMM bound (uint8 as ``u - 127.5``, ``scale`` = 1/127.5 maps
+    them to [-1, 1]; a float32 training set is used in place, float64 is kept as float64),
+    built on first use. A uint8 set also has what the integer bound needs
+    (docs/algorithms.md §14.1): ``u8`` (the images, rows contiguous: the set itself or a
+    copy), ``ucn`` / ``uc1`` float64 ``[N]``, the 2-norm (rounded up) and the 1-norm (exact)
+    of ``u_k - 127.5``. Nothing here keeps a reference to the training set (the cache
+    is keyed by a weak reference to it): the methods take it again."""
 
     def __init__(self, train: torch.Tensor):
         N, n = train.shape
         self.n, self.N = n, N
-        if train.dtype == torch.uint8:
-            self.Y = torch.empty(N, n, dtype=torch.float32)
-            for k0 in range(0, N, _CHUNK):
-                self.Y[k0 : k0 + _CHUNK] = train[k0 : k0 + _CHUNK].to(torch.float32).sub_(127.5)
-            self.scale = 1.0 / 127.5
-        elif train.dtype == torch.float64:
-            self.Y, self.scale = train, 1.0
-        else:
-            self.Y, self.scale = train.to(torch.float32), 1.0  # float32 in place; float16/bfloat16 exactly
+        self._Y = None
+        self._u8 = None
+        self.scale = 1.0 / 127.5 if train.dtype == torch.uint8 else 1.0
         norms = []
         for k0 in range(0, N, _CHUNK):
             norms.append(to_unit(train[k0 : k0 + _CHUNK], torch.float64).pow(2).sum(1))
         self.y2 = torch.cat(norms)
         self.ynorm = self.y2.sqrt()
+        self.ucn = self.uc1 = None
+        if train.dtype == torch.uint8:
+            sq, ab = [], []
+            for k0 in range(0, N, _CHUNK):
+                c = train[k0 : k0 + _CHUNK].to(torch.int64).mul_(2).sub_(255)  # 2 (u - 127.5), exact
+                sq.append(c.pow(2).sum(1))
+                ab.append(c.abs_().sum(1))
+            # integer sums, exact in float64 (< 2^53); the square root is rounded up by a margin
+            self.ucn = (torch.cat(sq).to(torch.float64).sqrt() * 0.5) * (1.0 + 2.0**-50)
+            self.uc1 = torch.cat(ab).to(torch.float64) * 0.5
 
-    def dots(self, x: torch.Tensor) -> Tuple[np.ndarray, float]:
+    def u8(self, train: torch.Tensor) -> torch.Tensor:
+        """``train`` (uint8, the set these features are of) with contiguous rows: itself, or a
+        copy made once."""
+        if train.stride(1) == 1 and train.stride(0) >= self.n:
+            return train
+        if self._u8 is None:
+            self._u8 = train.contiguous()
+        return self._u8
+
+    def Y(self, train: torch.Tensor) -> torch.Tensor:
+        """The GEMM operand (see the class docstring) of ``train``, built on first use."""
+        if self._Y is None:
+            N, n = self.N, self.n
+            if train.dtype == torch.uint8:
+                Y = torch.empty(N, n, dtype=torch.float32)
+                for k0 in range(0, N, _CHUNK):
+                    Y[k0 : k0 + _CHUNK] = train[k0 : k0 + _CHUNK].to(torch.float32).sub_(127.5)
+            elif train.dtype == torch.float64:
+                Y = train
+            else:
+                Y = train.to(torch.float32)  # float32 in place; float16/bfloat16 exactly
+            self._Y = Y
+        return self._Y
+
+    def dots(self, x: torch.Tensor, train: torch.Tensor) -> Tuple[np.ndarray, float]:
         """``(<x, y_k> [B, N], g)``: the cross terms (float64 numpy) and ``g`` with
         ``|computed - exact| <= g ||x|| ||y_k||``."""
         n = self.n
-        if self.Y.dtype == torch.float32 and fp32_gemm_is_ieee():
+        Y = self.Y(train)
+        if Y.dtype == torch.float32 and fp32_gemm_is_ieee():
             u = 2.0**-24
-            d = (x.to(torch.float32) @ self.Y.T).numpy().astype(np.float64)
+            d = (x.to(torch.float32) @ Y.T).numpy().astype(np.float64)
         else:
             u = _U
             xd = x.to(torch.float64)
-            d = torch.cat([xd @ self.Y[k0 : k0 + _CHUNK].to(torch.float64).T for k0 in range(0, self.N, _CHUNK)], 1).numpy()
+            d = torch.cat([xd @ Y[k0 : k0 + _CHUNK].to(torch.float64).T for k0 in range(0, self.N, _CHUNK)], 1).numpy()
         if self.scale != 1.0:
             d *= self.scale
         m = n + 2  # n products and sums, one rounding of x, one of the scaling
@@ -174,12 +214,21 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     a, _ = noise_level(alpha_bar)
     tf = train_features(train)
     xf = x.detach().to(torch.float64)  # the compiled kernels have no autograd: the caller sees a result without grad
+    if train.dtype == torch.uint8 and METHOD != "gemm" and _ext.cpu_has(("prune_bound_u8",)):
+        return _survivors_u8(xf, train, tf, a, margin, LEVELS, force_portable=METHOD == "int8-portable")
+    return _survivors_gemm(xf, train, tf, a, margin)
+
+
+def _survivors_gemm(xf: torch.Tensor, train: torch.Tensor, tf: TrainFeatures, a: float, margin: float):
+    """The GEMM bound (module docstring): any training dtype."""
+    B, n = xf.shape
+    N = train.shape[0]
     # Everything after the GEMM is [B, N] elementwise work: numpy, single-threaded (a torch
     # op this small costs more in thread wake-ups than in arithmetic on a shared machine).
     x2 = xf.pow(2).sum(1).numpy()  # [B]
     xn = np.sqrt(x2)[:, None]
     y2, ynorm = tf.y2.numpy()[None, :], tf.ynorm.numpy()[None, :]
-    dots, g = tf.dots(xf)
+    dots, g = tf.dots(xf, train)
     est = dots
     est *= -2.0 * a
     est += x2[:, None]
@@ -204,3 +253,55 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     np.cumsum(np.bincount(rows, minlength=B), out=offsets[1:])
     return torch.from_numpy(offsets), torch.from_numpy(cols.astype(np.int64))
 
+
+
+def quantise(xf: torch.Tensor, levels: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``x = sum_l s_l q_l + r`` exactly (docs/algorithms.md §14.1, integer bound): ``xf`` float64
+    ``[B, n]`` (finite) -> ``(q int8 [levels * B, n] (level-major), s float64 [B, levels]
+    (powers of two), Q float64 [B, levels] (sum_j q_lj), rn [B], rmax [B])`` with ``rn >=
+    ||r||_2`` and ``rmax >= max_j |r_j|``. Each level quantises the previous residual with the
+    power of two ``s_l >= max|r| / 127``: ``r / s_l`` and ``s_l q`` are exact, and ``r - s_l q``
+    is exact too (|r - s_l q| <= s_l / 2 <= |r| where q != 0, on the same binade grid)."""
+    r = xf.numpy().copy()
+    B, n = r.shape
+    q = np.empty((levels, B, n), dtype=np.int8)
+    s = np.empty((B, levels))
+    Q = np.empty((B, levels))
+    for lev in range(levels):
+        m = np.abs(r).max(1) / 127.0
+        _, e = np.frexp(m)  # m < 2^e
+        sl = np.where(m > 0, np.ldexp(1.0, e), 1.0)
+        ql = np.rint(r / sl[:, None])
+        r -= ql * sl[:, None]
+        q[lev] = ql.astype(np.int8)
+        s[:, lev] = sl
+        Q[:, lev] = ql.sum(1)
+    # exact in theory; the margins cover a rounding anywhere above all the same
+    rn = np.sqrt(np.square(r).sum(1)) * (1.0 + 2.0**-40)
+    rmax = np.abs(r).max(1) * (1.0 + 2.0**-40)
+    return q.reshape(levels * B, n), s, Q, rn, rmax
+
+
+def _survivors_u8(xf: torch.Tensor, train: torch.Tensor, tf: TrainFeatures, a: float, margin: float, levels: int,
+                  force_portable: bool = False, lower: torch.Tensor = None, upper: torch.Tensor = None):
+    """The integer bound (docs/algorithms.md §14.1): one pass of ``_C.prune_bound_u8`` over
+    the uint8 set. ``lower`` ``[B, N]`` / ``upper`` ``[B]`` float64 receive the bounds (tests)."""
+    B, n = xf.shape
+    N = train.shape[0]
+    xf = xf.contiguous()
+    q, s, Q, rn, rmax = quantise(xf, levels)
+    R = -(-levels * B // 4) * 4
+    qp = np.zeros((R, n), dtype=np.int8)
+    qp[: levels * B] = q
+    x2 = np.square(xf.numpy()).sum(1)
+    qpar = np.ascontiguousarray(np.concatenate([x2[:, None], np.sqrt(x2)[:, None], rn[:, None], rmax[:, None], s, Q], 1))
+    u8 = tf.u8(train)
+    L = lower if lower is not None else torch.empty(B, N, dtype=torch.float64)
+    offsets = torch.empty(B + 1, dtype=torch.int64)
+    index = torch.empty(B * N, dtype=torch.int64)
+    kept = _ext.cpu_module().prune_bound_u8(
+        qp.ctypes.data, B, levels, n, xf.data_ptr(), qpar.ctypes.data, u8.data_ptr(), N, u8.stride(0),
+        tf.y2.data_ptr(), tf.ynorm.data_ptr(), tf.ucn.data_ptr(), tf.uc1.data_ptr(), a, float(margin), CANDIDATES,
+        L.data_ptr(), 0 if upper is None else upper.data_ptr(), offsets.data_ptr(), index.data_ptr(), bool(force_portable),
+    )
+    return offsets, index[:kept]
