@@ -816,6 +816,98 @@ bool row_converter_ok(const double* lut) {
 }
 #endif
 
+#if AD_LD_DISPATCH
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq")
+#endif
+// One query's distances to nvalid uint8 images read in place, d = sum_j (x_j - a' v_j)^2 with
+// v = u - 127.5 (exact) and a' = a / 127.5: the unpruned kernel's direct differences up to the
+// rounding of a' (one more relative 2^-53 per term; the unpruned kernel rounds y = v / 127.5
+// instead), without converting the images to float64 rows (a pruned run converts an image
+// per (query, image) pair; staging 8 converted rows, 196 KB at 32x32x3, ran out of L2
+// bandwidth, and the correctly rounded conversion cost more than the distance itself).
+void full_distances_u8(const double* xb, const uint8_t* const* rows, int nvalid, int64_t n, double a, double* d) {
+    const double ap = a / 127.5;
+    const __m512d va = _mm512_set1_pd(ap), h = _mm512_set1_pd(127.5);
+    auto cv = [h](const uint8_t* p8) {
+        return _mm512_sub_pd(_mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)))), h);
+    };
+    for (int q = 0; q < nvalid; ++q) {
+        const uint8_t* y = rows[q];
+        __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
+        int64_t j = 0;
+        for (; j + 32 <= n; j += 32) {
+            const __m512d d0 = _mm512_fnmadd_pd(va, cv(y + j), _mm512_loadu_pd(xb + j));
+            const __m512d d1 = _mm512_fnmadd_pd(va, cv(y + j + 8), _mm512_loadu_pd(xb + j + 8));
+            const __m512d d2 = _mm512_fnmadd_pd(va, cv(y + j + 16), _mm512_loadu_pd(xb + j + 16));
+            const __m512d d3 = _mm512_fnmadd_pd(va, cv(y + j + 24), _mm512_loadu_pd(xb + j + 24));
+            s0 = _mm512_fmadd_pd(d0, d0, s0);
+            s1 = _mm512_fmadd_pd(d1, d1, s1);
+            s2 = _mm512_fmadd_pd(d2, d2, s2);
+            s3 = _mm512_fmadd_pd(d3, d3, s3);
+        }
+        double t = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
+        for (; j < n; ++j) {
+            const double e = xb[j] - ap * (static_cast<double>(y[j]) - 127.5);
+            t += e * e;
+        }
+        d[q] = t;
+    }
+}
+
+// The online-softmax update of one query with the distances d of a block of nvalid uint8
+// images (ld_avx512::update_group's rule), the weighted sums kept in grey levels:
+// accu[m] = sum_k p_k u_k[m], so that acc = accu / 127.5 - l (sum_k p_k y_k) needs no
+// conversion of the images, only u -> float64 (exact).
+void softmax_update_u8(const double* d, const uint8_t* const* rows, int nvalid, int64_t n, double scale,
+                       double& mx, double& l, double* accu) {
+    __m512d lg = _mm512_mul_pd(_mm512_loadu_pd(d), _mm512_set1_pd(-scale));
+    if (nvalid < kLdLanes) lg = ld_avx512::v_pad_neg_inf(lg, nvalid);
+    const double bm = _mm512_reduce_max_pd(lg);
+    if (bm > mx) {  // a new maximum: rescale the sums (exp(-inf) = 0 at the start)
+        const double corr = mx - bm >= kExpFloor ? std::exp(mx - bm) : 0.0;
+        l *= corr;
+        ld_avx512::range_scale(accu, 0, n, corr);
+        mx = bm;
+    }
+    const __m512d p = ld_avx512::v_exp_nonpos(_mm512_sub_pd(lg, _mm512_set1_pd(mx)));
+    l += _mm512_reduce_add_pd(p);
+    alignas(64) double pq[kLdLanes];
+    _mm512_store_pd(pq, p);
+    const __m512d b0 = _mm512_set1_pd(pq[0]), b1 = _mm512_set1_pd(pq[1]), b2 = _mm512_set1_pd(pq[2]),
+                  b3 = _mm512_set1_pd(pq[3]), b4 = _mm512_set1_pd(pq[4]), b5 = _mm512_set1_pd(pq[5]),
+                  b6 = _mm512_set1_pd(pq[6]), b7 = _mm512_set1_pd(pq[7]);
+    const uint8_t *u0 = rows[0], *u1 = rows[1], *u2 = rows[2], *u3 = rows[3], *u4 = rows[4], *u5 = rows[5],
+                  *u6 = rows[6], *u7 = rows[7];
+    auto cv = [](const uint8_t* p8) {
+        return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8))));
+    };
+    int64_t m = 0;
+    for (; m + 8 <= n; m += 8) {
+        __m512d s0 = _mm512_mul_pd(b0, cv(u0 + m));
+        __m512d s1 = _mm512_mul_pd(b1, cv(u1 + m));
+        s0 = _mm512_fmadd_pd(b2, cv(u2 + m), s0);
+        s1 = _mm512_fmadd_pd(b3, cv(u3 + m), s1);
+        s0 = _mm512_fmadd_pd(b4, cv(u4 + m), s0);
+        s1 = _mm512_fmadd_pd(b5, cv(u5 + m), s1);
+        s0 = _mm512_fmadd_pd(b6, cv(u6 + m), s0);
+        s1 = _mm512_fmadd_pd(b7, cv(u7 + m), s1);
+        _mm512_storeu_pd(accu + m, _mm512_add_pd(_mm512_loadu_pd(accu + m), _mm512_add_pd(s0, s1)));
+    }
+    for (; m < n; ++m)
+        accu[m] += pq[0] * u0[m] + pq[1] * u1[m] + pq[2] * u2[m] + pq[3] * u3[m] + pq[4] * u4[m] + pq[5] * u5[m] +
+                   pq[6] * u6[m] + pq[7] * u7[m];
+}
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
 // gather_row with the vector conversion of uint8 rows where it is exact (see above)
 void gather_row_fast(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n, int64_t ts0, int64_t ts1,
                      const double* lut, bool fast_u8) {
@@ -899,6 +991,21 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
             double best = std::numeric_limits<double>::infinity();
             int64_t barg = -1;
             std::fill(acc, acc + n, 0.0);
+#if AD_LD_DISPATCH
+            if (fast_u8 && train_kind == 0 && ts1 == 1 && !argmin) {
+                // uint8 images read in place: no converted copies (see full_distances_u8)
+                const auto* base = reinterpret_cast<const uint8_t*>(train_ptr);
+                for (int64_t i0 = off[b]; i0 < off[b + 1]; i0 += kLdLanes) {
+                    const int nvalid = static_cast<int>(std::min<int64_t>(kLdLanes, off[b + 1] - i0));
+                    const uint8_t* rows[kLdLanes];
+                    // padding lanes repeat the last image: weight exactly 0 (logit -inf)
+                    for (int q = 0; q < kLdLanes; ++q) rows[q] = base + idx[i0 + std::min(q, nvalid - 1)] * ts0;
+                    full_distances_u8(xb, rows, nvalid, n, a, d);
+                    softmax_update_u8(d, rows, nvalid, n, scale, mx, l, acc);
+                }
+                for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / 127.5 - l;  // grey levels -> sum_k p_k y_k
+            } else
+#endif
             for (int64_t i0 = off[b]; i0 < off[b + 1]; i0 += kLdLanes) {
                 const int nvalid = static_cast<int>(std::min<int64_t>(kLdLanes, off[b + 1] - i0));
                 // gather the block's images (ascending indices: the same order as the unpruned run)

@@ -348,6 +348,8 @@ PYBIND11_MODULE(_C, m) {
           "survivors (CSR, ascending) whose lower bound is <= U + margin. Returns their number.");
     m.def("prune_bound_has_vnni", &analytic_diffusion::prune_bound_has_vnni,
           "Whether prune_bound_u8 uses AVX-512 VNNI on this CPU.");
+    m.def("prune_bound_has_amx", &analytic_diffusion::prune_bound_has_amx,
+          "Whether prune_bound_u8 uses AMX-INT8 tiles on this CPU (and the OS granted them).");
     m.attr("LOCALITY_FIXED_MAX_LOGIT_ERROR") = analytic_diffusion::kLdFixedMaxLogitError;
     m.def("locality_has_avx512", &analytic_diffusion::locality_has_avx512,
           "Whether locality_denoise_run uses the AVX-512 kernel on this CPU.");

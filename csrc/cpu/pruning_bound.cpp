@@ -94,6 +94,108 @@ AD_TARGET_VNNI void dots_vnni(const int8_t* q, int64_t n, const uint8_t* const* 
 }
 #endif
 
+
+// ---------------------------------------------------------------------------- AMX-INT8
+// Sapphire Rapids and later: one tdpbusd multiplies a 16 x 64 tile of uint8 images (rows
+// read in place, stride ts0) by a 64 x 16 tile of int8 query bytes (packed once per call in the
+// VNNI layout) into 16 x 16 int32 sums: 16 times the work of a vpdpbusd, which makes the bound
+// a pass at memory speed. Needs the OS to grant the tile state (Linux arch_prctl); used only
+// when CPUID, XCR0 and the grant all say yes.
+#if AD_X86_DISPATCH && defined(__linux__)
+#define AD_PB_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+constexpr int kAmxRows = 16;    // images per tile
+constexpr int kAmxK = 64;       // bytes of K per tile row
+constexpr int kAmxMaxTiles = 4; // C tiles (16 query rows each): R <= 64
+
+bool amx_usable() {
+    static const bool ok = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;  // AMX-TILE, AMX-INT8
+        if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !((c >> 27) & 1u)) return false;  // OSXSAVE
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if (((lo >> 17) & 3u) != 3u) return false;  // XTILECFG, XTILEDATA enabled
+        // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18)
+        return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }();
+    return ok;
+}
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) void amx_config(int ctiles) {
+    TileConfig cfg;
+    for (int t = 0; t < ctiles; ++t) {  // tiles 0..3: C (16 images x 16 int32)
+        cfg.rows[t] = kAmxRows;
+        cfg.colsb[t] = 64;
+    }
+    cfg.rows[4] = kAmxRows;  // A: 16 images x 64 bytes
+    cfg.colsb[4] = kAmxK;
+    cfg.rows[5] = kAmxK / 4;  // B: 16 rows of (16 queries x 4 bytes)
+    cfg.colsb[5] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// C[i][r] (int32, row stride 16) = sum over the first ksteps * 64 pixels of image i times
+// query row 16 t + r, for the ctiles tiles t; Bp packed by pack_amx.
+__attribute__((target("amx-tile,amx-int8"))) void amx_dots(const uint8_t* A, int64_t ts0, const int8_t* Bp,
+                                                          int64_t ksteps, int ctiles, int32_t* C) {
+    _tile_zero(0);  // an unconfigured tile (t >= ctiles) must not be touched: #UD
+    if (ctiles > 1) _tile_zero(1);
+    if (ctiles > 2) _tile_zero(2);
+    if (ctiles > 3) _tile_zero(3);
+    for (int64_t s = 0; s < ksteps; ++s) {
+        _tile_loadd(4, A + s * kAmxK, ts0);
+        const int8_t* b = Bp + s * ctiles * 1024;
+        _tile_loadd(5, b, 64);
+        _tile_dpbusd(0, 4, 5);
+        if (ctiles > 1) {
+            _tile_loadd(5, b + 1024, 64);
+            _tile_dpbusd(1, 4, 5);
+        }
+        if (ctiles > 2) {
+            _tile_loadd(5, b + 2048, 64);
+            _tile_dpbusd(2, 4, 5);
+        }
+        if (ctiles > 3) {
+            _tile_loadd(5, b + 3072, 64);
+            _tile_dpbusd(3, 4, 5);
+        }
+    }
+    _tile_stored(0, C, 4 * 16 * kAmxMaxTiles);
+    if (ctiles > 1) _tile_stored(1, C + 16, 4 * 16 * kAmxMaxTiles);
+    if (ctiles > 2) _tile_stored(2, C + 32, 4 * 16 * kAmxMaxTiles);
+    if (ctiles > 3) _tile_stored(3, C + 48, 4 * 16 * kAmxMaxTiles);
+}
+
+// q [R, n] int8 -> Bp [kstep][tile][16 k-rows][16 queries][4 bytes] (rows >= R are zero)
+std::vector<int8_t> pack_amx(const int8_t* q, int64_t R, int64_t n, int64_t ksteps, int ctiles) {
+    std::vector<int8_t> Bp(static_cast<size_t>(ksteps) * ctiles * 1024, 0);
+    for (int64_t s = 0; s < ksteps; ++s)
+        for (int t = 0; t < ctiles; ++t)
+            for (int kr = 0; kr < 16; ++kr)
+                for (int qi = 0; qi < 16; ++qi) {
+                    const int64_t r = 16 * t + qi;
+                    if (r >= R) continue;
+                    for (int by = 0; by < 4; ++by)
+                        Bp[((s * ctiles + t) * 16 + kr) * 64 + qi * 4 + by] = q[r * n + s * kAmxK + kr * 4 + by];
+                }
+    return Bp;
+}
+#else
+#define AD_PB_AMX 0
+#endif
+
 using DotsFn = void (*)(const int8_t*, int64_t, const uint8_t* const*, int64_t*);
 
 struct Cand {
@@ -102,6 +204,14 @@ struct Cand {
 };
 
 }  // namespace
+
+bool prune_bound_has_amx() {
+#if AD_PB_AMX
+    return amx_usable();
+#else
+    return false;
+#endif
+}
 
 bool prune_bound_has_vnni() {
 #if AD_HAVE_VNNI
@@ -157,7 +267,22 @@ int64_t prune_bound_u8(uintptr_t q_ptr, int64_t B, int64_t levels, int64_t n, ui
     // per thread: the C smallest estimates per query (sorted) and the smallest est + err
     std::vector<Cand> cand(static_cast<size_t>(nt) * B * C, Cand{std::numeric_limits<double>::infinity(), -1});
     std::vector<double> umin(static_cast<size_t>(nt) * B, std::numeric_limits<double>::infinity());
-    const int64_t nblocks = (N + kImg - 1) / kImg;
+    // Work units: AMX blocks of 16 images where the CPU has AMX-INT8 (over the first
+    // ksteps * 64 pixels; the rest of a row is added per pair), then blocks of 4 images.
+    int64_t n16 = 0, ksteps = 0;
+    int ctiles = 0;
+#if AD_PB_AMX
+    std::vector<int8_t> Bp;
+    if (!force_portable && R <= 16 * kAmxMaxTiles && n <= kChunk && n >= kAmxK && amx_usable()) {
+        n16 = N / kAmxRows;
+        ksteps = n / kAmxK;
+        ctiles = static_cast<int>((R + 15) / 16);
+        Bp = pack_amx(q, R, n, ksteps, ctiles);
+    }
+#endif
+    const int64_t kmain = ksteps * 64;
+    const int64_t rest0 = n16 * 16;
+    const int64_t nunits = n16 + (N - rest0 + kImg - 1) / kImg;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
@@ -165,43 +290,88 @@ int64_t prune_bound_u8(uintptr_t q_ptr, int64_t B, int64_t levels, int64_t n, ui
         const int t = thread_index();
         Cand* mycand = cand.data() + static_cast<size_t>(t) * B * C;
         double* myumin = umin.data() + static_cast<size_t>(t) * B;
-        std::vector<int64_t> D(static_cast<size_t>(R) * kImg);
+        std::vector<int64_t> D(static_cast<size_t>(R) * 16);  // [R][W] for a block of W images
+        std::vector<int32_t> Ct(16 * 16 * 4);
+        bool configured = false;
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-            const int64_t k0 = blk * kImg;
-            const int nvalid = static_cast<int>(std::min<int64_t>(kImg, N - k0));
-            const uint8_t* rows[kImg];
-            // a short last block repeats its last image (computed, never used)
-            for (int i = 0; i < kImg; ++i) rows[i] = train + (k0 + std::min(i, nvalid - 1)) * ts0;
-            std::fill(D.begin(), D.end(), 0);
-            for (int64_t r0 = 0; r0 < R; r0 += kRow) dots(q + r0 * n, n, rows, D.data() + r0 * kImg);
+        for (int64_t unit = 0; unit < nunits; ++unit) {
+            int64_t k0;
+            int nvalid, W;
+            if (unit < n16) {
+                k0 = unit * 16;
+                nvalid = W = 16;
+#if AD_PB_AMX
+                if (!configured) {
+                    amx_config(ctiles);
+                    configured = true;
+                }
+                amx_dots(train + k0 * ts0, ts0, Bp.data(), ksteps, ctiles, Ct.data());
+                for (int64_t r = 0; r < R; ++r)
+                    for (int i = 0; i < 16; ++i) {
+                        int64_t v = Ct[i * 64 + r];
+                        const int8_t* qr = q + r * n;
+                        const uint8_t* ui = train + (k0 + i) * ts0;
+                        for (int64_t j = kmain; j < n; ++j) v += static_cast<int32_t>(qr[j]) * static_cast<int32_t>(ui[j]);
+                        D[r * 16 + i] = v;
+                    }
+#endif
+            } else {
+                k0 = rest0 + (unit - n16) * kImg;
+                nvalid = static_cast<int>(std::min<int64_t>(kImg, N - k0));
+                W = kImg;
+                const uint8_t* rows[kImg];
+                // a short last block repeats its last image (computed, never used)
+                for (int i = 0; i < kImg; ++i) rows[i] = train + (k0 + std::min(i, nvalid - 1)) * ts0;
+                std::fill(D.begin(), D.begin() + R * kImg, 0);
+                for (int64_t r0 = 0; r0 < R; r0 += kRow) dots(q + r0 * n, n, rows, D.data() + r0 * kImg);
+            }
+            // the bounds of the block's images for every query: loops over the images, which
+            // the compiler vectorises (everything per image is contiguous in i)
+            double est[16];
             for (int64_t b = 0; b < B; ++b) {
                 const double* qp = qpar + b * P;
                 const double x2 = qp[0], xn = qp[1], rn = qp[2], rmax = qp[3];
+                for (int i = 0; i < W; ++i) est[i] = 0.0;
+                for (int64_t l = 0; l < levels; ++l) {  // D - 127.5 Q is exact (integers and halves below 2^53)
+                    const int64_t* Dl = D.data() + (l * B + b) * W;
+                    const double sl = qp[4 + l], hq = 127.5 * qp[4 + levels + l];
+                    for (int i = 0; i < W; ++i) est[i] += sl * (static_cast<double>(Dl[i]) - hq);
+                }
+                const double* y2k = y2 + k0;
+                const double* ynk = yn + k0;
+                const double* ucnk = ucn + k0;
+                const double* uc1k = uc1 + k0;
+                double* Lb = L + b * N + k0;
+                double emin = std::numeric_limits<double>::infinity(), umn = emin;
                 for (int i = 0; i < nvalid; ++i) {
-                    const int64_t k = k0 + i;
-                    double cross = 0.0;
-                    for (int64_t l = 0; l < levels; ++l)  // D - 127.5 Q is exact (integers and halves below 2^53)
-                        cross += qp[4 + l] * (static_cast<double>(D[(l * B + b) * kImg + i]) - 127.5 * qp[4 + levels + l]);
-                    const double est = x2 - two_a * inv * cross + a2 * y2[k];
-                    const double s = xn + a * yn[k];
-                    const double err = two_a * inv * std::min(rn * ucn[k], rmax * uc1[k]) * infl + rnd * s * s;
-                    L[b * N + k] = est - err;
-                    myumin[b] = std::min(myumin[b], est + err);
-                    Cand* cb = mycand + b * C;
-                    if (est < cb[C - 1].est) {  // insertion into the sorted candidates
+                    const double e = x2 - two_a * inv * est[i] + a2 * y2k[i];
+                    const double sq = xn + a * ynk[i];
+                    const double r = two_a * inv * std::min(rn * ucnk[i], rmax * uc1k[i]) * infl + rnd * sq * sq;
+                    Lb[i] = e - r;
+                    est[i] = e;
+                    emin = std::min(emin, e);
+                    umn = std::min(umn, e + r);
+                }
+                myumin[b] = std::min(myumin[b], umn);
+                Cand* cb = mycand + b * C;
+                if (emin < cb[C - 1].est) {  // rare: insertion into the sorted candidates
+                    for (int i = 0; i < nvalid; ++i) {
+                        if (!(est[i] < cb[C - 1].est)) continue;
                         int64_t p = C - 1;
-                        while (p > 0 && cb[p - 1].est > est) {
+                        while (p > 0 && cb[p - 1].est > est[i]) {
                             cb[p] = cb[p - 1];
                             --p;
                         }
-                        cb[p] = Cand{est, k};
+                        cb[p] = Cand{est[i], k0 + i};
                     }
                 }
             }
         }
+#if AD_PB_AMX
+        if (configured) amx_release();
+#endif
     }
     // U per query: exact float64 distances of the C best candidates over all threads
     double lut[256];

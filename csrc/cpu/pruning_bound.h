@@ -41,9 +41,11 @@ int64_t prune_bound_u8(
     uintptr_t upper_ptr,    // float64 [B] out: U (0 = not wanted)
     uintptr_t offsets_ptr,  // int64 [B + 1] out
     uintptr_t index_ptr,    // int64 [B * N] out: the first offsets[B] entries are written
-    bool force_portable);   // plain C++ dot products instead of VNNI
+    bool force_portable);   // plain C++ dot products instead of AMX / VNNI
 
 // Whether prune_bound_u8 uses the AVX-512 VNNI dot products on this CPU.
 bool prune_bound_has_vnni();
+// Whether it uses AMX-INT8 tiles (CPUID, XCR0 and the Linux tile-state grant).
+bool prune_bound_has_amx();
 
 }  // namespace analytic_diffusion
