@@ -823,27 +823,32 @@ bool row_converter_ok(const double* lut) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq")
 #endif
-// One query's distances to nvalid uint8 images read in place, d = sum_j (x_j - a' v_j)^2 with
-// v = u - 127.5 (exact) and a' = a / 127.5: the unpruned kernel's direct differences up to the
-// rounding of a' (one more relative 2^-53 per term; the unpruned kernel rounds y = v / 127.5
-// instead), without converting the images to float64 rows (a pruned run converts an image
-// per (query, image) pair; staging 8 converted rows, 196 KB at 32x32x3, ran out of L2
-// bandwidth, and the correctly rounded conversion cost more than the distance itself).
-void full_distances_u8(const double* xb, const uint8_t* const* rows, int nvalid, int64_t n, double a, double* d) {
-    const double ap = a / 127.5;
-    const __m512d va = _mm512_set1_pd(ap), h = _mm512_set1_pd(127.5);
-    auto cv = [h](const uint8_t* p8) {
-        return _mm512_sub_pd(_mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)))), h);
-    };
+// eight uint8 pixels -> their exact float64 values (convert_u8_row_avx512's arithmetic)
+static AD_FORCEINLINE __m512d u8x8_exact(const uint8_t* p) {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m512d c = _mm512_cvtepi32_pd(_mm256_sub_epi32(_mm256_slli_epi32(w, 1), _mm256_set1_epi32(255)));
+    const __m512d rcp = _mm512_set1_pd(1.0 / 255.0);
+    const __m512d y0 = _mm512_mul_pd(c, rcp);
+    return _mm512_fmadd_pd(_mm512_fnmadd_pd(y0, _mm512_set1_pd(255.0), c), rcp, y0);
+}
+
+// One query's distances to nvalid uint8 images read in place: the operations (and order) of
+// ld_avx512::full_distances8 on the converted rows, so the distances are the unpruned run's,
+// bit for bit (the state's max logit stays exact), without writing converted rows anywhere:
+// a pruned run converts an image per (query, image) pair, and staging 8 converted rows
+// (196 KB at 32x32x3) ran out of L2 bandwidth. Only where row_converter_ok.
+void full_distances_u8(const double* xb, const uint8_t* const* rows, int nvalid, int64_t n, double a,
+                       const double* lut, double* d) {
+    const __m512d va = _mm512_set1_pd(a);
     for (int q = 0; q < nvalid; ++q) {
         const uint8_t* y = rows[q];
         __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
         int64_t j = 0;
         for (; j + 32 <= n; j += 32) {
-            const __m512d d0 = _mm512_fnmadd_pd(va, cv(y + j), _mm512_loadu_pd(xb + j));
-            const __m512d d1 = _mm512_fnmadd_pd(va, cv(y + j + 8), _mm512_loadu_pd(xb + j + 8));
-            const __m512d d2 = _mm512_fnmadd_pd(va, cv(y + j + 16), _mm512_loadu_pd(xb + j + 16));
-            const __m512d d3 = _mm512_fnmadd_pd(va, cv(y + j + 24), _mm512_loadu_pd(xb + j + 24));
+            const __m512d d0 = _mm512_fnmadd_pd(va, u8x8_exact(y + j), _mm512_loadu_pd(xb + j));
+            const __m512d d1 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 8), _mm512_loadu_pd(xb + j + 8));
+            const __m512d d2 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 16), _mm512_loadu_pd(xb + j + 16));
+            const __m512d d3 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 24), _mm512_loadu_pd(xb + j + 24));
             s0 = _mm512_fmadd_pd(d0, d0, s0);
             s1 = _mm512_fmadd_pd(d1, d1, s1);
             s2 = _mm512_fmadd_pd(d2, d2, s2);
@@ -851,7 +856,7 @@ void full_distances_u8(const double* xb, const uint8_t* const* rows, int nvalid,
         }
         double t = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
         for (; j < n; ++j) {
-            const double e = xb[j] - ap * (static_cast<double>(y[j]) - 127.5);
+            const double e = xb[j] - a * lut[y[j]];
             t += e * e;
         }
         d[q] = t;
@@ -1000,7 +1005,7 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
                     const uint8_t* rows[kLdLanes];
                     // padding lanes repeat the last image: weight exactly 0 (logit -inf)
                     for (int q = 0; q < kLdLanes; ++q) rows[q] = base + idx[i0 + std::min(q, nvalid - 1)] * ts0;
-                    full_distances_u8(xb, rows, nvalid, n, a, d);
+                    full_distances_u8(xb, rows, nvalid, n, a, lut, d);
                     softmax_update_u8(d, rows, nvalid, n, scale, mx, l, acc);
                 }
                 for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / 127.5 - l;  // grey levels -> sum_k p_k y_k
