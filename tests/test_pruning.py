@@ -183,3 +183,117 @@ def test_nearest_unscaled_pruned():
     out = ad.ops.nearest_denoise(x, train, ab, backend="cpu", scaled=False)
     assert pruning.last_stats()["skipped"] > 0
     assert torch.equal(out, ad.ops.nearest_denoise(x, train, ab, backend="reference", scaled=False))
+
+
+# ------------------------------------------------------------------ the integer bound (uint8 sets)
+def _exact_d(x, train, a):
+    y = train.double() / 127.5 - 1
+    return ((x[:, None, :] - a * y[None]) ** 2).sum(-1)
+
+
+def _int_bounds(x, train, ab, levels, portable):
+    B_, N_ = x.shape[0], train.shape[0]
+    L = torch.full((B_, N_), float("nan"), dtype=torch.float64)
+    U = torch.full((B_,), float("nan"), dtype=torch.float64)
+    tf = pruning.train_features(train)
+    margin = pruning.softmax_margin(N_, ab, 1.0)
+    offsets, index = pruning._survivors_u8(x.double(), train, tf, math.sqrt(ab), margin, levels,
+                                           force_portable=portable, lower=L, upper=U)
+    return L, U, offsets, index, margin
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("t", [0, 5, 10, 300, 900, 999])
+def test_integer_bound_is_certified(levels, t):
+    """L <= d for every pair and min d <= U, on an odd pixel count (vector and tile tails) and an
+    image count that is no multiple of 16 or 4 (AMX blocks, then 4-image blocks, then a short
+    one), with duplicated images and a query equal to a scaled training image; the accelerated
+    path (AMX / VNNI where the CPU has them) gives the portable path's bounds bit for bit."""
+    n_img = 607
+    u = ad.data.natural_crops(n_img + 4, size=7, seed=3).reshape(n_img + 4, -1)  # n = 147
+    u[1] = u[0]
+    u[600] = u[0]
+    train, held = u[:n_img], u[n_img:]
+    x, ab = queries(held, t, train, exact_index=600)
+    a = math.sqrt(ab)
+    d = _exact_d(x, train, a)
+    L, U, offsets, index, margin = _int_bounds(x, train, ab, levels, portable=False)
+    Lp, Up, offp, idxp, _ = _int_bounds(x, train, ab, levels, portable=True)
+    assert torch.equal(L, Lp) and torch.equal(U, Up) and torch.equal(offsets, offp) and torch.equal(index, idxp)
+    assert torch.all(L <= d)
+    dmin = d.min(1).values
+    assert torch.all(U >= dmin) and torch.all(U <= dmin + 1e-6 * (1 + dmin))
+    for b in range(x.shape[0]):
+        kept = set(index[offsets[b] : offsets[b + 1]].tolist())
+        assert set(torch.nonzero(d[b] <= dmin[b] + margin).reshape(-1).tolist()) <= kept
+    assert {0, 1, 600} <= set(index[offsets[0] : offsets[1]].tolist())  # the query's own image and its duplicates
+    if t <= 10:
+        assert index.numel() < 0.5 * x.shape[0] * n_img  # and it prunes
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e3])
+def test_integer_bound_extreme_queries(scale):
+    """All-zero, tiny and huge queries (quantisation scales 1, 2^-100..., 2^4...): still a lower bound."""
+    train, held = data("uint8")
+    x = torch.randn(3, train.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64) * scale
+    x[1] = x[1].abs()
+    ab = ad.alpha_bar_at(100)
+    L, U, offsets, index, _ = _int_bounds(x, train, ab, 2, portable=False)
+    d = _exact_d(x, train, math.sqrt(ab))
+    assert torch.all(L <= d) and torch.all(U >= d.min(1).values)
+    assert torch.equal(L, _int_bounds(x, train, ab, 2, portable=True)[0])
+
+
+def test_integer_bound_long_rows_do_not_wrap():
+    """n > 65536 pixels of 255 against query bytes of 127: the int32 sums (2.3e9 > 2^31) must be
+    flushed before they wrap."""
+    n = 70001
+    train = torch.full((5, n), 255, dtype=torch.uint8)
+    train[2, : n // 2] = 0
+    x = torch.full((1, n), 3.0, dtype=torch.float64)  # every byte of the first level is 127
+    ab = 0.5
+    for portable in (False, True):
+        L, U, _, _, _ = _int_bounds(x, train, ab, 2, portable=portable)
+        d = _exact_d(x, train, math.sqrt(ab))
+        assert torch.all(L <= d) and torch.all(L >= d - 1e-6 * d)  # tight too: a wrapped sum is off by 2^32
+        assert U.item() >= d.min().item()
+
+
+def test_quantise_is_exact():
+    """x = sum_l s_l q_l + r exactly, |q| <= 127, s_l powers of two, rn / rmax bound r."""
+    x = torch.randn(4, 301, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * torch.tensor([[1e-3], [1.0], [7.0], [0.0]])
+    for levels in (1, 2, 3):
+        q, s, Q, rn, rmax = pruning.quantise(x, levels)
+        q = q.reshape(levels, 4, -1).astype("float64")
+        assert abs(q).max() <= 127
+        rec = sum(s[:, l][:, None] * q[l] for l in range(levels))
+        r = x.numpy() - rec
+        assert (abs(r).max(1) <= rmax).all() and ((r**2).sum(1) ** 0.5 <= rn).all()
+        assert (Q == q.sum(2).T).all()
+        assert all(float(v).hex().startswith(("0x1.0000000000000p", "0x0.0p")) for v in s.reshape(-1))
+
+
+@pytest.mark.parametrize("method", ["int8", "int8-portable", "gemm"])
+@pytest.mark.parametrize("t", [0, 10, 300])
+def test_optimal_and_nearest_pruned_every_bound_odd_sizes(monkeypatch, method, t):
+    """Each bound for uint8 sets (integer, its portable twin, the float32 GEMM) behind the
+    optimal and nearest backends, on 7x7x3 images (odd n) and N = 601: the pruned optimal equals
+    the unpruned to 1e-12 with the state's max exact, the pruned nearest the unpruned bit for bit."""
+    monkeypatch.setattr(pruning, "METHOD", method)
+    u = ad.data.natural_crops(601 + 5, size=7, seed=4).reshape(606, -1)
+    u[7] = u[3]
+    train, held = u[:601], u[601:]
+    x, ab = queries(held, t, train, exact_index=3)
+    for xd in (torch.float32, torch.float64):
+        xx = x.to(xd)
+        full = locality_cpu.optimal_denoise_cpu(xx, train, ab, return_state=True, prune=False)
+        st = locality_cpu.optimal_denoise_cpu(xx, train, ab, return_state=True)
+        assert t > 10 or pruning.last_stats()["skipped_fraction"] > 0.5  # (7x7 crops: flat at t = 300)
+        assert torch.equal(st.mx, full.mx)
+        assert rel(st.result(), full.result()) < 1e-12
+        out = locality_cpu.optimal_denoise_cpu(xx, train, ab)
+        assert out.dtype == xd and rel(out, full.result()) < (1e-12 if xd == torch.float64 else 1e-6)
+    nf = nearest_cpu.nearest_denoise_cpu(x, train, ab, return_state=True, prune=False)
+    npr = nearest_cpu.nearest_denoise_cpu(x, train, ab, return_state=True)
+    assert pruning.last_stats()["skipped_fraction"] > 0.5
+    assert torch.equal(npr.index, nf.index) and torch.equal(npr.dist, nf.dist) and npr.index[0].item() == 3
