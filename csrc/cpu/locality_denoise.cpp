@@ -976,7 +976,9 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
     auto* l_out = reinterpret_cast<double*>(l_ptr);
     auto* acc_out = reinterpret_cast<double*>(acc_ptr);
     auto* arg_out = reinterpret_cast<int64_t*>(arg_ptr);
-    const int team = static_cast<int>(std::min<int64_t>(nt, B));
+    // a few survivors (low noise, nearest): one thread; a parallel region costs more than the
+    // work below ~2^20 pixel visits on a busy machine
+    const int team = off[B] * n < (int64_t(1) << 20) ? 1 : static_cast<int>(std::min<int64_t>(nt, B));
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(team) if (team > 1)
 #endif

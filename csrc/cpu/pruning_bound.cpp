@@ -283,8 +283,10 @@ int64_t prune_bound_u8(uintptr_t q_ptr, int64_t B, int64_t levels, int64_t n, ui
     const int64_t kmain = ksteps * 64;
     const int64_t rest0 = n16 * 16;
     const int64_t nunits = n16 + (N - rest0 + kImg - 1) / kImg;
+    // below ~2^22 multiply-adds a parallel region costs more than it saves
+    const int team = (static_cast<double>(N) * static_cast<double>(n) * static_cast<double>(R) < 4.2e6) ? 1 : nt;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel num_threads(team) if (team > 1)
 #endif
     {
         const int t = thread_index();
@@ -400,30 +402,18 @@ int64_t prune_bound_u8(uintptr_t q_ptr, int64_t B, int64_t levels, int64_t n, ui
         U[b] = ub;
         if (Uout) Uout[b] = ub;
     }
-    // survivors, ascending per query
+    // survivors, ascending per query: one serial sweep (B*N compares, well under a
+    // millisecond at B*N = 320,000; another parallel region costs more than that on a busy machine)
     off[0] = 0;
-    std::vector<int64_t> cnt(B, 0);
-    const int team = static_cast<int>(std::min<int64_t>(nt, B));
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
-#endif
+    int64_t p = 0;
     for (int64_t b = 0; b < B; ++b) {
         const double thr = U[b] + margin;
         const double* Lb = L + b * N;
-        int64_t c = 0;
-        for (int64_t k = 0; k < N; ++k) c += Lb[k] <= thr;
-        cnt[b] = c;
-    }
-    for (int64_t b = 0; b < B; ++b) off[b + 1] = off[b] + cnt[b];
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
-#endif
-    for (int64_t b = 0; b < B; ++b) {
-        const double thr = U[b] + margin;
-        const double* Lb = L + b * N;
-        int64_t p = off[b];
-        for (int64_t k = 0; k < N; ++k)
-            if (Lb[k] <= thr) idx[p++] = k;
+        for (int64_t k = 0; k < N; ++k) {
+            idx[p] = k;
+            p += Lb[k] <= thr;  // branch-free: most images are dropped
+        }
+        off[b + 1] = p;
     }
     return off[B];
 }

@@ -21,6 +21,13 @@ float32 GEMM runs only when torch computes float32 matmuls in IEEE float32
 (``torch.get_float32_matmul_precision() == "highest"``, no oneDNN bf16/tf32 override);
 otherwise the same bound is computed in float64 (``u = 2^-53``).
 
+For a uint8 training set the cross terms come instead from exact integer dot products of
+the images with the query quantised in two int8 levels (``METHOD = "int8"``; AMX-INT8 tiles,
+AVX-512 VNNI or plain C++ in ``_C.prune_bound_u8``), the residual's contribution bounded by
+Cauchy-Schwarz / Hoelder with per-image norms precomputed here (docs/algorithms.md §14.1,
+"integer bound"): 1 byte read per pixel, and the bound, the upper bound and the survivor lists
+in one compiled pass.
+
 The upper bound: the exact float64 distances (direct differences) of the ``CANDIDATES``
 images with the smallest lower bounds; the smallest, enlarged by its own rounding bound.
 """
