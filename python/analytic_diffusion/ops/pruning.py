@@ -45,7 +45,7 @@ from .. import _ext
 from .._validate import to_unit
 from ..schedule import noise_level
 
-__all__ = ["TrainFeatures", "train_features", "survivors", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "softmax_margin", "fp32_gemm_is_ieee"]
+__all__ = ["TrainFeatures", "train_features", "survivors", "quantise", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "METHOD", "LEVELS", "softmax_margin", "fp32_gemm_is_ieee"]
 
 CANDIDATES = 4  # exact distances per query for the upper bound
 # Bound for uint8 training sets: "int8" (exact integer dot products, _C.prune_bound_u8, VNNI
@@ -215,7 +215,8 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     """``(offsets [B + 1], index)`` int64 (CSR): per query b, ``index[offsets[b]:offsets[b+1]]`` are the ascending indices of the training images whose distance may lie
     within ``margin`` of the smallest: every image with ``d_k <= min_j d_j + margin`` is
     listed (proof in the module docstring and docs/algorithms.md §14.1), the others may be
-    dropped. ``x`` float32/float64 ``[B, n]``, ``train`` ``[N, n]`` (uint8 or float), CPU."""
+    dropped. ``x`` float32/float64 ``[B, n]``, ``train`` ``[N, n]`` (uint8 or float), CPU.
+    A uint8 set uses the integer bound (``METHOD``), a float set the float32 GEMM bound."""
     B, n = x.shape
     N = train.shape[0]
     a, _ = noise_level(alpha_bar)
