@@ -283,8 +283,13 @@ int64_t prune_bound_u8(uintptr_t q_ptr, int64_t B, int64_t levels, int64_t n, ui
     const int64_t kmain = ksteps * 64;
     const int64_t rest0 = n16 * 16;
     const int64_t nunits = n16 + (N - rest0 + kImg - 1) / kImg;
-    // below ~2^22 multiply-adds a parallel region costs more than it saves
-    const int team = (static_cast<double>(N) * static_cast<double>(n) * static_cast<double>(R) < 4.2e6) ? 1 : nt;
+    // With AMX, one thread below 2^33 multiply-adds (N = 20,000 32x32x3 images against 32
+    // query rows is 2^31): the pass runs at memory speed, where a second thread gains well under
+    // 2x, while the join of a parallel region waited 60-70 ms for a descheduled second thread in
+    // most calls on a busy 2-core machine (results/pruning_notes.md). Without AMX the pass is
+    // compute-bound: one thread only below ~2^22.
+    const double macs = static_cast<double>(N) * static_cast<double>(n) * static_cast<double>(R);
+    const int team = macs < (n16 > 0 ? 8.6e9 : 4.2e6) ? 1 : nt;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(team) if (team > 1)
 #endif
