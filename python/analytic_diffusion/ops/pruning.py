@@ -204,6 +204,13 @@ def clear_feature_cache() -> None:
         _cache.clear()
 
 
+def nan_array(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of ``shape`` and float ``dtype`` filled with NaN by numpy (single-threaded:
+    the pruned backends' outputs are small, and a torch fill this size runs on torch's thread
+    pool, whose join waited milliseconds for a descheduled thread on a busy machine)."""
+    return torch.from_numpy(np.full(shape, np.nan, dtype=np.float64 if dtype == torch.float64 else np.float32))
+
+
 def softmax_margin(N: int, alpha_bar: float, temperature: float) -> float:
     """``delta`` of the module docstring for a softmax over N images: a distance margin whose
     logit is ``64 ln 2 + ln N`` (docs/algorithms.md §14.2)."""
@@ -221,7 +228,10 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     N = train.shape[0]
     a, _ = noise_level(alpha_bar)
     tf = train_features(train)
-    xf = x.detach().to(torch.float64)  # the compiled kernels have no autograd: the caller sees a result without grad
+    # the compiled kernels have no autograd: the caller sees a result without grad. numpy, not
+    # torch: a [B, n] torch op runs on torch's thread pool, and on a busy machine its join
+    # waited ~8 ms for the second thread (0.05 ms of work; results/pruning_notes.md)
+    xf = torch.from_numpy(x.detach().numpy().astype(np.float64))
     if train.dtype == torch.uint8 and METHOD != "gemm" and _ext.cpu_has(("prune_bound_u8",)):
         return _survivors_u8(xf, train, tf, a, margin, LEVELS, force_portable=METHOD == "int8-portable")
     return _survivors_gemm(xf, train, tf, a, margin)

@@ -166,12 +166,12 @@ def optimal_denoise_cpu(x, train, alpha_bar, temperature=1.0, chunk_size=256, re
     if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()
     a, s2 = noise_level(alpha_bar)
-    nan = float("nan")
-    # outputs start as NaN so that anything the kernel failed to write is visible
-    out = None if return_state else torch.full((B, n), nan, dtype=x.dtype)
+    # outputs start as NaN so that anything the kernel failed to write is visible (numpy: a
+    # torch fill this size runs on the thread pool, whose join can wait ms on a busy machine)
+    out = None if return_state else pruning.nan_array((B, n), x.dtype)
     mx = l = acc = None
     if return_state:
-        mx, l, acc = (torch.full(s, nan, dtype=torch.float64) for s in ((B, 1), (B, 1), (B, n)))
+        mx, l, acc = (pruning.nan_array(s, torch.float64) for s in ((B, 1), (B, 1), (B, n)))
     _module().full_pruned_run(
         plan, x.data_ptr(), B, x.stride(0), x.stride(1), x.dtype == torch.float64,
         train.data_ptr(), N, train.stride(0), train.stride(1), _ext.TRAIN_KIND[train.dtype],

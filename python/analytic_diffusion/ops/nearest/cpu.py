@@ -84,7 +84,7 @@ def nearest_pruned_run(x: torch.Tensor, train: torch.Tensor, alpha_bar: float):
     if train.dtype not in _ext.TRAIN_KIND:
         train = train.float()
     a, _ = noise_level(alpha_bar)
-    out = torch.full((B, n), float("nan"), dtype=x.dtype)
+    out = pruning.nan_array((B, n), x.dtype)  # numpy fill: see pruning.nan_array
     arg = torch.full((B,), -1, dtype=torch.int64)
     dist = torch.full((B,), float("nan"), dtype=torch.float64)
     _module().full_pruned_run(
