@@ -63,6 +63,7 @@ namespace {
 using cpu_runtime::aligned_array;
 
 constexpr int kL = 8;  // training images per vector (float64 lanes)
+constexpr int kK = 2;  // octets per work item: one state load/store per pixel for kK candidate vectors
 typedef double v8d __attribute__((vector_size(64)));
 typedef int64_t v8l __attribute__((vector_size(64)));
 
@@ -85,33 +86,43 @@ AD_FORCEINLINE bool any_lane(v8l m) {
 #endif
 }
 
-// e^x for x <= 0 (x = -inf gives 0), relative error < 1e-14 on [-708, 0]: Cody-Waite
-// reduction, degree-11 Taylor polynomial on |r| <= ln2/2, 2^n built in the exponent bits;
-// 0 below -708. Lane-wise arithmetic only.
-AD_FORCEINLINE v8d exp_nonpos(v8d x) {
+// e^x for x <= kElsLazyLogit + 1 (x = -inf gives 0), relative error < 2e-14 on [-708, 31]:
+// n = round(x / ln2) and r = x - n ln2 (one FMA; |r| <= ln2/2), a degree-9 minimax
+// polynomial for e^r on [-ln2/2, ln2/2] (relative error 1.4e-14; the float64 reduction adds
+// < 1e-15 for |n| <= 45), times 2^n. Below -708 the result is 0 (a term < e^-708 of its lane's
+// reference, see kElsSkipLogit for why that is harmless). Lane-wise arithmetic only.
+constexpr double kExpPoly[10] = {1.0000000000000129,     0.9999999999998926,     0.49999999999457545,
+                                 0.1666666666782791,     0.04166666703268125,    0.008333333002616072,
+                                 0.0013888802794601496,  0.0001984159653698895,  2.488402642276661e-05,
+                                 2.7482168460640888e-06};
+AD_FORCEINLINE v8d exp_lazy(v8d x) {
+#if defined(__AVX512F__)
+    __m512d xv = reinterpret_cast<__m512d>(x);
+    const __mmask8 ok = _mm512_cmp_pd_mask(xv, _mm512_set1_pd(-708.0), _CMP_GE_OQ);  // false for -inf
+    xv = _mm512_max_pd(xv, _mm512_set1_pd(-708.0));
+    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(xv, _mm512_set1_pd(1.4426950408889634)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0.69314718055994531), xv);
+    __m512d p = _mm512_set1_pd(kExpPoly[9]);
+    for (int i = 8; i >= 0; --i) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kExpPoly[i]));
+    return reinterpret_cast<v8d>(_mm512_maskz_scalef_pd(ok, p, n));  // p * 2^n, 0 where !ok
+#else
     const v8l tiny = x < splat(-708.0);
     x = tiny ? splat(-708.0) : x;
     const v8d shifter = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
     const v8d t = x * splat(1.4426950408889634) + shifter;
     const v8d n = t - shifter;
-    const v8d r = (x - n * splat(0.6931457519531250)) - n * splat(1.4286068203094172e-06);
-    v8d p = splat(1.0 / 39916800.0);
-    p = p * r + splat(1.0 / 3628800.0);
-    p = p * r + splat(1.0 / 362880.0);
-    p = p * r + splat(1.0 / 40320.0);
-    p = p * r + splat(1.0 / 5040.0);
-    p = p * r + splat(1.0 / 720.0);
-    p = p * r + splat(1.0 / 120.0);
-    p = p * r + splat(1.0 / 24.0);
-    p = p * r + splat(1.0 / 6.0);
-    p = p * r + splat(0.5);
-    p = p * r + splat(1.0);
-    p = p * r + splat(1.0);
-    // the low bits of t hold n (|n| <= 1022, two's complement): 2^n = (n + 1023) << 52
+    const v8d r = x - n * splat(0.69314718055994531);
+    v8d p = splat(kExpPoly[9]);
+    for (int i = 8; i >= 0; --i) p = p * r + splat(kExpPoly[i]);
+    // the low bits of t hold n (-1022 <= n <= 45, two's complement): 2^n = (n + 1023) << 52
     const v8l bits = ((reinterpret_cast<const v8l&>(t) - v8l{} - 0x4338000000000000LL) + 1023) << 52;
-    const v8d s = reinterpret_cast<const v8d&>(bits);
-    return tiny ? splat(0.0) : p * s;
+    const v8d sc = reinterpret_cast<const v8d&>(bits);
+    return tiny ? splat(0.0) : p * sc;
+#endif
 }
+
+AD_FORCEINLINE v8d vmax(v8d a, v8d b) { return a > b ? a : b; }
 
 struct Shift {
     int64_t dr, dc;    // delta = u' - p
@@ -143,105 +154,183 @@ struct Geometry {
     int64_t YH, YW;                  // padded training image H + 2h, W + 2h
 };
 
-// One (query, octet of training images, shift): distances of every pair (p, u' = p + delta)
-// and their online-softmax updates. X: the query [C, XH, XW]; Y8: the octet [C, YH, YW, 8];
-// nx: -scale * ||Q_p(x)||^2 per pixel [H, W]; ny: -scale * a^2 * ||Q_u'(y)||^2 per centre
-// [H, W, 8]; E, V: scratch [(H + 2h) * (W + 2h) * 8]; D: scratch [W * 8]; st: per pixel
-// [mx(8), l(8), acc(C x 8)].
-template <int kC>
-void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, const double* Y8,
-               const double* nx, const double* ny, v8d pen, double cross, double* E, double* V,
-               double* D, double* S0, double* S1, double* st) {
+// Per-thread scratch of one work item (kK octets), each array kK times at a fixed stride.
+struct Scratch {
+    double* Y8;  // [kK][C, YH, YW, 8] the octets, zero-padded, interleaved
+    double* ny;  // [kK][H, W, 8] -scale * a^2 * ||Q_u'(y)||^2 (-inf in padded lanes)
+    double* E;   // [kK][P + 1 rows (ring), YW, 8] product rows
+    double* V;   // [kK][YW, 8] column sums of P rows
+    double* D;   // [kK][W, 8] inner products of one row of candidates
+    double* S0;  // [YW, 8] doubling scratch (P > kElsDirectP)
+    double* S1;  // [YW, 8]
+    int64_t YS, NYS, ERS, VS, DS;  // strides between the octets' arrays
+};
+
+// Inner products D[u] = sum_{j < P} V[u + j], u < UC, of one octet: directly (P - 1 adds) up
+// to kElsDirectP, else by doubling: S_2w[u] = S_w[u] + S_w[u + w], and D the S_w of P's
+// binary digits (log2(P) + popcount(P) - 1 adds).
+constexpr int64_t kElsDirectP = 9;
+void box_row(const double* V, int64_t EC, int64_t UC, int64_t P, double* D, double* S0, double* S1) {
+    if (P <= kElsDirectP) {
+        for (int64_t u = 0; u < UC; ++u) {
+            v8d acc = load(V + u * kL);
+            for (int64_t j = 1; j < P; ++j) acc += load(V + (u + j) * kL);
+            store(D + u * kL, acc);
+        }
+        return;
+    }
+    const double* Sw = V;     // S_1
+    int64_t w = 1, len = EC;  // S_w is defined on [0, len), len = EC - w + 1
+    int64_t off = 0;          // D = sum of S_w[u + off] over P's set bits w, low to high
+    bool first = true;
+    double* bufs[2] = {S0, S1};
+    int which = 0;
+    for (int64_t rem = P;;) {
+        if (rem & 1) {
+            if (first) {
+                for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(Sw + (u + off) * kL));
+                first = false;
+            } else {
+                for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(D + u * kL) + load(Sw + (u + off) * kL));
+            }
+            off += w;
+        }
+        rem >>= 1;
+        if (rem == 0) break;
+        double* Sn = bufs[which];
+        which ^= 1;
+        const int64_t nlen = len - w;
+        for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * kL) + load(Sw + (u + w) * kL));
+        Sw = Sn;
+        len = nlen;
+        w *= 2;
+    }
+}
+
+// One (query, kK octets of training images, shift): distances of every pair
+// (p, u' = p + delta) and their online-softmax updates. X: the query [C, XH, XW]; nx:
+// -scale * ||Q_p(x)||^2 per pixel [H, W]; st: per pixel [mx(8), l(8), acc(C x 8)], shared by
+// the kK octets (lane j accumulates image j of every octet).
+//
+// The update is lazy (docs/algorithms.md §10.3): mx is a reference logit per lane, not always
+// the running max; terms are added as exp(logit - mx) <= e^kElsLazyLogit, and the state is
+// rescaled to a new reference only when a logit exceeds it by more than kElsLazyLogit. So a
+// pixel's kK candidate vectors cost one state load/store, kK exponentials and no select.
+template <int kC, int kK, int kP>
+void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, const double* nx, double cross,
+               const Scratch& w, double* st) {
     const int64_t C = kC > 0 ? kC : Crt;
-    const int64_t H = g.H, W = g.W, P = g.P, h = g.h;
+    const int64_t H = g.H, W = g.W, P = kP > 0 ? kP : g.P, h = g.h, R = P + 1;
     const int64_t UR = s.ur1 - s.ur0, UC = s.uc1 - s.uc0;
     const int64_t EC = UC + 2 * h;
     const int64_t er0 = s.ur0 - h, ec0 = s.uc0 - h;  // E's first row/column (image coords)
     const int64_t XHW = g.XH * g.XW, YHW8 = g.YH * g.YW * kL;
     const int64_t SP = (2 + C) * kL;  // state doubles per pixel
-    const v8d vcross = splat(cross), vskip = splat(-kElsSkipLogit);
-    // E row i: sum_c X[c, v - delta] * Y[c, v] for v = (er0 + i, ec0 + j), 8 lanes
-    auto fill_row = [&](int64_t i) {
-        double* Er = E + i * EC * kL;
+    const v8d vcross = splat(cross), vskip = splat(-kElsSkipLogit), vlazy = splat(kElsLazyLogit);
+    // locals, not w's fields: store() is a memcpy, which may alias w as far as the compiler knows
+    const double* const Y8 = w.Y8;
+    const double* const ny = w.ny;
+    double* const E = w.E;
+    double* const V = w.V;
+    double* const D = w.D;
+    const int64_t YS = w.YS, NYS = w.NYS, ERS = w.ERS, VS = w.VS, DS = w.DS;
+    // E row i (ring slot i mod R): sum_c X[c, v - delta] * Y[c, v] for v = (er0 + i, ec0 + j);
+    // the query value is broadcast once for the kK octets. slide: also move V down one row,
+    // V <- (V + row i) - row i - P (the ring slot that row i does not overwrite)
+    auto fill_row = [&](int64_t i, bool slide) {
         const double* xr = X + (er0 + i - s.dr + g.xoff_r) * g.XW + (ec0 - s.dc + g.xoff_c);
-        const double* yr = Y8 + ((er0 + i + h) * g.YW + (ec0 + h)) * kL;
+        const int64_t yoff = ((er0 + i + h) * g.YW + (ec0 + h)) * kL;
+        const int64_t eoff = (i % R) * EC * kL, ooff = ((i + 1) % R) * EC * kL;
         for (int64_t j = 0; j < EC; ++j) {
-            v8d e = splat(xr[j]) * load(yr + j * kL);
-            for (int64_t c = 1; c < C; ++c) e += splat(xr[c * XHW + j]) * load(yr + c * YHW8 + j * kL);
-            store(Er + j * kL, e);
-        }
-    };
-    for (int64_t i = 0; i < P; ++i) fill_row(i);
-    // V: column sums of P rows, sliding
-    for (int64_t j = 0; j < EC; ++j) {
-        v8d acc = load(E + j * kL);
-        for (int64_t i = 1; i < P; ++i) acc += load(E + (i * EC + j) * kL);
-        store(V + j * kL, acc);
-    }
-    for (int64_t r = 0; r < UR; ++r) {
-        if (r > 0) {
-            fill_row(r + P - 1);
-            const double* add = E + (r + P - 1) * EC * kL;
-            const double* sub = E + (r - 1) * EC * kL;
-            for (int64_t j = 0; j < EC; ++j)
-                store(V + j * kL, (load(V + j * kL) + load(add + j * kL)) - load(sub + j * kL));
-        }
-        // D[u] = <Q_p(x), Q_u'(y)> = sum_{j < P} V[u + j], by doubling: S_{2w}[u] = S_w[u] +
-        // S_w[u + w], and D the S_w of P's binary digits (log2(P) + popcount(P) - 1 adds)
-        {
-            const double* Sw = V;  // S_1
-            int64_t w = 1, len = EC;  // S_w is defined on [0, len), len = EC - w + 1
-            int64_t off = 0;          // D = sum of S_w[u + off] over P's set bits w, low to high
-            bool first = true;
-            double* bufs[2] = {S0, S1};
-            int which = 0;
-            for (int64_t rem = P;; ) {
-                if (rem & 1) {
-                    if (first) {
-                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(Sw + (u + off) * kL));
-                        first = false;
-                    } else {
-                        for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(D + u * kL) + load(Sw + (u + off) * kL));
-                    }
-                    off += w;
+            v8d xc[kC > 0 ? kC : 1];
+            if constexpr (kC > 0)
+                for (int c = 0; c < kC; ++c) xc[c] = splat(xr[c * XHW + j]);
+            for (int k = 0; k < kK; ++k) {
+                const double* yr = Y8 + k * YS + yoff + j * kL;
+                v8d e;
+                if constexpr (kC > 0) {
+                    e = xc[0] * load(yr);
+                    for (int c = 1; c < kC; ++c) e += xc[c] * load(yr + c * YHW8);
+                } else {
+                    e = splat(xr[j]) * load(yr);
+                    for (int64_t c = 1; c < C; ++c) e += splat(xr[c * XHW + j]) * load(yr + c * YHW8);
                 }
-                rem >>= 1;
-                if (rem == 0) break;
-                double* Sn = bufs[which];
-                which ^= 1;
-                const int64_t nlen = len - w;
-                for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * kL) + load(Sw + (u + w) * kL));
-                Sw = Sn;
-                len = nlen;
-                w *= 2;
+                double* Ek = E + k * ERS;
+                store(Ek + eoff + j * kL, e);
+                if (slide) {
+                    double* vk = V + k * VS + j * kL;
+                    store(vk, (load(vk) + e) - load(Ek + ooff + j * kL));
+                }
             }
         }
+    };
+    for (int64_t i = 0; i < P; ++i) fill_row(i, false);
+    // V: column sums of the first P rows
+    for (int k = 0; k < kK; ++k) {
+        const double* Ek = E + k * ERS;
+        double* Vk = V + k * VS;
+        for (int64_t j = 0; j < EC; ++j) {
+            v8d acc = load(Ek + j * kL);
+            for (int64_t i = 1; i < P; ++i) acc += load(Ek + (i * EC + j) * kL);
+            store(Vk + j * kL, acc);
+        }
+    }
+    for (int64_t r = 0; r < UR; ++r) {
+        if (r > 0) fill_row(r + P - 1, true);  // row r + P - 1 in, row r - 1 out
+        if constexpr (kP == 0)
+            for (int k = 0; k < kK; ++k) box_row(V + k * VS, EC, UC, P, D + k * DS, w.S0, w.S1);
         // fold into the pixels p = u' - delta (mod H, W for circular)
         const int64_t ur = s.ur0 + r;
         int64_t pr = ur - s.dr;
         if (g.circular && pr < 0) pr += H;
-        const double* ycen = Y8 + ((ur + h) * g.YW + (s.uc0 + h)) * kL;
-        const double* nyr = ny + (ur * W + s.uc0) * kL;
+        const int64_t yc = ((ur + h) * g.YW + (s.uc0 + h)) * kL, nyo = (ur * W + s.uc0) * kL;
         int64_t pc = s.uc0 - s.dc;
         if (g.circular && pc < 0) pc += W;
+        v8d dk[kK];  // kP > 0: D[u] of each octet, sliding along the row
+        if constexpr (kP > 0)
+            for (int k = 0; k < kK; ++k) {
+                const double* Vk = V + k * VS;
+                dk[k] = load(Vk);
+                for (int j = 1; j < kP; ++j) dk[k] += load(Vk + j * kL);
+            }
         for (int64_t u = 0; u < UC; ++u) {
             const int64_t p = pr * W + pc;
             if (++pc == W && g.circular) pc = 0;
             double* sp = st + p * SP;
             // logit = -scale * (||Q_p(x)||^2 - 2a <Q_p(x), q> + a^2 ||q||^2)
-            const v8d lg = load(D + u * kL) * vcross + (load(nyr + u * kL) + splat(nx[p])) + pen;
-            const v8d mo = load(sp);
-            const v8d dd = lg - mo;
-            if (!any_lane(dd >= vskip)) continue;  // every term < e^-50 of its lane's max
-            const v8l up = dd > splat(0.0);
-            const v8d e = exp_nonpos(up ? -dd : dd);
-            const v8d f_old = up ? e : splat(1.0), f_new = up ? splat(1.0) : e;  // rescale, new term
-            store(sp + kL, load(sp + kL) * f_old + f_new);
-            for (int64_t c = 0; c < C; ++c) {
-                const v8d yv = load(ycen + c * YHW8 + u * kL);
-                store(sp + (2 + c) * kL, load(sp + (2 + c) * kL) * f_old + f_new * yv);
+            const v8d vnx = splat(nx[p]);
+            v8d lg[kK];
+            for (int k = 0; k < kK; ++k) {
+                if constexpr (kP > 0) {  // slide the row's box sum: D <- (D + V[u + P - 1]) - V[u - 1]
+                    const double* Vk = V + k * VS;
+                    dk[k] = u == 0 ? dk[k] : (dk[k] + load(Vk + (u + kP - 1) * kL)) - load(Vk + (u - 1) * kL);
+                }
+                const v8d d = kP > 0 ? dk[k] : load(D + k * DS + u * kL);  // <Q_p(x), Q_u'(y)>
+                lg[k] = d * vcross + (load(ny + k * NYS + nyo + u * kL) + vnx);
             }
-            store(sp, up ? lg : mo);
+            v8d top = lg[0];
+            for (int k = 1; k < kK; ++k) top = vmax(top, lg[k]);
+            v8d m = load(sp);
+            const v8d gap = top - m;
+            if (__builtin_expect(any_lane(gap > vlazy), 0)) {  // new reference: rescale the lanes
+                const v8d mn = vmax(m, top);
+                const v8d f = exp_lazy(m - mn);
+                for (int64_t q = 1; q < 2 + C; ++q) store(sp + q * kL, load(sp + q * kL) * f);
+                store(sp, mn);
+                m = mn;
+            } else if (!any_lane(gap >= vskip)) {
+                continue;  // every term < e^-50 of its lane's reference term
+            }
+            v8d e[kK];
+            for (int k = 0; k < kK; ++k) e[k] = exp_lazy(lg[k] - m);
+            v8d le = e[0];
+            for (int k = 1; k < kK; ++k) le += e[k];
+            store(sp + kL, load(sp + kL) + le);
+            for (int64_t c = 0; c < C; ++c) {
+                v8d a = load(sp + (2 + c) * kL);
+                for (int k = 0; k < kK; ++k) a += e[k] * load(Y8 + k * YS + yc + c * YHW8 + u * kL);
+                store(sp + (2 + c) * kL, a);
+            }
         }
     }
 }
@@ -325,14 +414,21 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
             shifts.push_back({rs[0], cs[0], rs[1], rs[2], cs[1], cs[2]});
 
     const int64_t octets = (N + kL - 1) / kL;
-    const int nth = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cpu_runtime::team_size(), octets)));
+    const int64_t groups = (octets + kK - 1) / kK;  // work items: kK octets each
+    const int nth = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cpu_runtime::team_size(), groups)));
     const int64_t SP = (2 + C) * kL;  // per pixel: mx, l, acc[C], 8 lanes each
     const int64_t SS = B * HW * SP;   // per thread
     auto state = aligned_array<double>(int64_t(nth) * SS);
-    const int64_t YS = C * g.YH * g.YW * kL, ES = g.YH * g.YW * kL;
-    const int64_t TS = YS + 2 * ES + g.W * kL + HW * kL + 2 * g.YW * kL;
+    Scratch lay{};
+    lay.YS = C * g.YH * g.YW * kL;
+    lay.NYS = HW * kL;
+    lay.ERS = (g.P + 1) * g.YW * kL;
+    lay.VS = g.YW * kL;
+    lay.DS = g.W * kL;
+    const int64_t TS = kK * (lay.YS + lay.NYS + lay.ERS + lay.VS + lay.DS) + 2 * g.YW * kL;
     auto scratch = aligned_array<double>(int64_t(nth) * TS);
-    // mx starts at a finite -1e300 (not -inf) so that a first logit gives dd = +huge, never NaN
+    // mx starts at a finite -1e300 (not -inf): a first logit is then > mx + kElsLazyLogit and
+    // sets the reference; -1e300 - mx never gives NaN
     for (int t = 0; t < nth; ++t)
         for (int64_t q = 0; q < B * HW; ++q) {
             double* sp = state.get() + t * SS + q * SP;
@@ -342,37 +438,53 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1)
 #endif
-    for (int64_t o = 0; o < octets; ++o) {
+    for (int64_t o = 0; o < groups; ++o) {
         const int tid = cpu_runtime::thread_index();
         double* st = state.get() + tid * SS;
-        double* Y8 = scratch.get() + tid * TS;
-        double* E = Y8 + YS;
-        double* V = E + ES;
-        double* D = V + ES;
-        double* ny = D + g.W * kL;
-        double* S0 = ny + HW * kL;
-        double* S1 = S0 + g.YW * kL;
-        load_octet<T>(g, train, N, o * kL, ts0, ts1, ts2, ts3, Y8);
-        // ny[u', lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre u'
+        Scratch w = lay;
+        w.Y8 = scratch.get() + tid * TS;
+        w.ny = w.Y8 + kK * lay.YS;
+        w.E = w.ny + kK * lay.NYS;
+        w.V = w.E + kK * lay.ERS;
+        w.D = w.V + kK * lay.VS;
+        w.S0 = w.D + kK * lay.DS;
+        w.S1 = w.S0 + g.YW * kL;
         const double nyscale = -scale * a * a;
-        for (int64_t r = 0; r < H; ++r)
-            for (int64_t q = 0; q < W; ++q) {
-                v8d acc = splat(0.0);
-                for (int64_t c = 0; c < C; ++c)
-                    for (int64_t i = 0; i < g.P; ++i)
-                        for (int64_t j = 0; j < g.P; ++j) {
-                            const v8d v = load(Y8 + ((c * g.YH + r + i) * g.YW + q + j) * kL);
-                            acc += v * v;
-                        }
-                store(ny + (r * W + q) * kL, acc * splat(nyscale));
-            }
-        v8d pen = splat(0.0);
-        for (int j = 0; j < kL; ++j)
-            if (o * kL + j >= N) pen[j] = -std::numeric_limits<double>::infinity();
+        for (int k = 0; k < kK; ++k) {
+            const int64_t k0 = (o * kK + k) * kL;  // first image of this octet
+            double* Y8 = w.Y8 + k * lay.YS;
+            double* ny = w.ny + k * lay.NYS;
+            load_octet<T>(g, train, N, k0, ts0, ts1, ts2, ts3, Y8);
+            // ny[u', lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre
+            // u'; -inf in a padded lane (image k0 + lane >= N), whose logits are then -inf
+            for (int64_t r = 0; r < H; ++r)
+                for (int64_t q = 0; q < W; ++q) {
+                    v8d acc = splat(0.0);
+                    for (int64_t c = 0; c < C; ++c)
+                        for (int64_t i = 0; i < g.P; ++i)
+                            for (int64_t j = 0; j < g.P; ++j) {
+                                const v8d v = load(Y8 + ((c * g.YH + r + i) * g.YW + q + j) * kL);
+                                acc += v * v;
+                            }
+                    v8d v = acc * splat(nyscale);
+                    for (int j = 0; j < kL; ++j)
+                        if (k0 + j >= N) v[j] = -std::numeric_limits<double>::infinity();
+                    store(ny + (r * W + q) * kL, v);
+                }
+        }
         for (int64_t b = 0; b < B; ++b)
-            for (const Shift& s : shifts)
-                run_shift<kC>(g, C, s, X.get() + b * XS, Y8, nx.get() + b * HW, ny, pen, 2.0 * a * scale, E, V,
-                             D, S0, S1, st + b * HW * SP);
+            for (const Shift& s : shifts) {
+                const double* xb = X.get() + b * XS;
+                const double* nxb = nx.get() + b * HW;
+                double* stb = st + b * HW * SP;
+                const double cross = 2.0 * a * scale;
+                switch (g.P) {  // small patches: compile-time P, inner products summed in the fold
+                    case 3: run_shift<kC, kK, 3>(g, C, s, xb, nxb, cross, w, stb); break;
+                    case 5: run_shift<kC, kK, 5>(g, C, s, xb, nxb, cross, w, stb); break;
+                    case 7: run_shift<kC, kK, 7>(g, C, s, xb, nxb, cross, w, stb); break;
+                    default: run_shift<kC, kK, 0>(g, C, s, xb, nxb, cross, w, stb); break;
+                }
+            }
     }
     // exact merge of the per-(thread, lane) states
     for (int64_t b = 0; b < B; ++b)

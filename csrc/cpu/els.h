@@ -38,4 +38,9 @@ void els_denoise_run(
 // whole vector of candidates is that far below (see els.cpp for the bound on the result).
 constexpr double kElsSkipLogit = 50.0;
 
+// The kernel's state keeps a reference logit per lane within this of the lane's running max
+// (never above it): terms are exp(logit - reference) <= e^30 = 1.1e13, far from overflow for
+// any N, and the state is rescaled only when a logit exceeds the reference by more than this.
+constexpr double kElsLazyLogit = 30.0;
+
 }  // namespace analytic_diffusion
