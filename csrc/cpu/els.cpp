@@ -75,11 +75,23 @@ AD_FORCEINLINE v8d load(const double* p) {
 }
 AD_FORCEINLINE void store(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
 
-AD_FORCEINLINE bool any_lane(v8l m) {
+// Whether any lane of a is above b (any_above) / at least b (any_at_least): one compare into a
+// mask register with AVX-512.
+AD_FORCEINLINE bool any_above(v8d a, v8d b) {
 #if defined(__AVX512F__)
-    const __m512i v = reinterpret_cast<__m512i>(m);
-    return _mm512_test_epi64_mask(v, v) != 0;
+    return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), _CMP_GT_OQ) != 0;
 #else
+    const v8l m = a > b;
+    int64_t r = 0;
+    for (int j = 0; j < kL; ++j) r |= m[j];
+    return r != 0;
+#endif
+}
+AD_FORCEINLINE bool any_at_least(v8d a, v8d b) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), _CMP_GE_OQ) != 0;
+#else
+    const v8l m = a >= b;
     int64_t r = 0;
     for (int j = 0; j < kL; ++j) r |= m[j];
     return r != 0;
@@ -96,28 +108,32 @@ constexpr double kExpPoly[10] = {1.0000000000000129,     0.9999999999998926,    
                                  0.0013888802794601496,  0.0001984159653698895,  2.488402642276661e-05,
                                  2.7482168460640888e-06};
 AD_FORCEINLINE v8d exp_lazy(v8d x) {
+    const v8d lo = splat(-708.0);
 #if defined(__AVX512F__)
-    __m512d xv = reinterpret_cast<__m512d>(x);
-    const __mmask8 ok = _mm512_cmp_pd_mask(xv, _mm512_set1_pd(-708.0), _CMP_GE_OQ);  // false for -inf
-    xv = _mm512_max_pd(xv, _mm512_set1_pd(-708.0));
-    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(xv, _mm512_set1_pd(1.4426950408889634)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0.69314718055994531), xv);
-    __m512d p = _mm512_set1_pd(kExpPoly[9]);
-    for (int i = 8; i >= 0; --i) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kExpPoly[i]));
-    return reinterpret_cast<v8d>(_mm512_maskz_scalef_pd(ok, p, n));  // p * 2^n, 0 where !ok
+    const __mmask8 keep = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(x), reinterpret_cast<__m512d>(lo), _CMP_GE_OQ);
+    // -inf -> -708 (a masked max: GCC 12's plain _mm512_max_pd trips -Wmaybe-uninitialized)
+    x = reinterpret_cast<v8d>(_mm512_mask_max_pd(reinterpret_cast<__m512d>(x), 0xFF, reinterpret_cast<__m512d>(x),
+                                                 reinterpret_cast<__m512d>(lo)));
 #else
-    const v8l tiny = x < splat(-708.0);
-    x = tiny ? splat(-708.0) : x;
+    const v8l tiny = x < lo;  // also -inf
+    x = tiny ? lo : x;
+#endif
     const v8d shifter = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
     const v8d t = x * splat(1.4426950408889634) + shifter;
     const v8d n = t - shifter;
     const v8d r = x - n * splat(0.69314718055994531);
     v8d p = splat(kExpPoly[9]);
     for (int i = 8; i >= 0; --i) p = p * r + splat(kExpPoly[i]);
+#if defined(__AVX512F__)
+    return reinterpret_cast<v8d>(  // p * 2^n, 0 below -708
+        _mm512_maskz_scalef_pd(keep, reinterpret_cast<__m512d>(p), reinterpret_cast<__m512d>(n)));
+#else
     // the low bits of t hold n (-1022 <= n <= 45, two's complement): 2^n = (n + 1023) << 52
-    const v8l bits = ((reinterpret_cast<const v8l&>(t) - v8l{} - 0x4338000000000000LL) + 1023) << 52;
-    const v8d sc = reinterpret_cast<const v8d&>(bits);
+    v8l tb;
+    std::memcpy(&tb, &t, sizeof tb);
+    const v8l bits = ((tb - 0x4338000000000000LL) + 1023) << 52;
+    v8d sc;
+    std::memcpy(&sc, &bits, sizeof sc);
     return tiny ? splat(0.0) : p * sc;
 #endif
 }
@@ -312,13 +328,13 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
             for (int k = 1; k < kK; ++k) top = vmax(top, lg[k]);
             v8d m = load(sp);
             const v8d gap = top - m;
-            if (__builtin_expect(any_lane(gap > vlazy), 0)) {  // new reference: rescale the lanes
+            if (__builtin_expect(any_above(gap, vlazy), 0)) {  // new reference: rescale the lanes
                 const v8d mn = vmax(m, top);
                 const v8d f = exp_lazy(m - mn);
                 for (int64_t q = 1; q < 2 + C; ++q) store(sp + q * kL, load(sp + q * kL) * f);
                 store(sp, mn);
                 m = mn;
-            } else if (!any_lane(gap >= vskip)) {
+            } else if (!any_at_least(gap, vskip)) {
                 continue;  // every term < e^-50 of its lane's reference term
             }
             v8d e[kK];
