@@ -9,36 +9,50 @@
 // their candidates form a rectangle (docs/algorithms.md §10's rule: circular: every p, u' interior; zeros:
 // per axis delta = 0 for every row, delta != 0 for interior p and interior p + delta). So per
 // (query, training image, shift) the kernel
-//   1. fills E over the rectangle grown by P//2 (C multiply-adds per value),
-//   2. sums columns of P rows by a sliding window and rows of P columns directly,
+//   1. fills E over the rectangle grown by P//2 (C multiply-adds per value; the rows live in a
+//      ring of P + 1 rows),
+//   2. sums columns of P rows by a sliding window (fused with 1.) and rows of P columns:
+//      for P = 3, 5, 7 by a sliding window inside the fold, else directly (P <= 9) or by
+//      doubling,
 //   3. folds every distance into the online-softmax state of its pixel.
 // That is O(C + P + update) per (pixel, candidate) instead of the C*P*P of a GEMM or conv2d.
 //
 // Precision (the expanded form cancels when x is close to a*y): everything is float64. Each
 // of the three terms is a sum of at most C*P*P products bounded by m = max(|x|, 1)^2, so
 // |each term| <= C*P^2*m and the computed distance has absolute error below
-// (C*P^2 + 2P + 4) * 2^-53 * 4*C*P^2*m (summation depth times the largest partial sum; the
-// sliding window adds 2 roundings per row). The logit error is that times 1/(2*s2*tau):
-// for 32x32x3, P = 5, |x| <= 1.1 and t >= 0 (s2 >= 1e-4, the smallest of the schedule),
-// (75 + 14) * 1.1e-16 * 363 / 2e-4 = 1.8e-8 logits, i.e. a relative weight error < 2e-8;
-// at t = 20 (s2 = 2.4e-3) 1.5e-9. The published code does the same expansion in float32
-// (2^-24 instead of 2^-53): the same bound is about 0.4 logits at t = 20. tests/test_els.py checks
-// the CPU backend against the direct-difference float64 reference at t = 0, 10, 20.
+// (C*P^2 + 2P + 4 + H + W) * 2^-53 * 4*C*P^2*m: summation depth times the largest partial
+// sum, where the sliding windows add 2 roundings per step of a partial sum below
+// C*P*(P+1)*m, at most H row steps and W column steps (H + W units of 2^-53 * 4*C*P^2*m). The
+// logit error is that times 1/(2*s2*tau): for 32x32x3, P = 5, |x| <= 1.1 and t >= 0
+// (s2 >= 1e-4, the smallest of the schedule), (75 + 14 + 64) * 1.1e-16 * 363 / 2e-4 = 3.1e-8
+// logits, i.e. a relative weight error < 4e-8; at t = 20 (s2 = 2.4e-3) 2.6e-9. The published
+// code does the same expansion in float32 (2^-24 instead of 2^-53): about 0.4 logits at
+// t = 20. tests/test_els.py checks the CPU backend against the direct-difference float64
+// reference at t = 0, 10, 20, 300, 900 and P = 3 to 11.
 //
-// Softmax: exact online softmax per query pixel (its own running max, never shared across
-// the batch), one exponential per (pixel, candidate) through exp(-|logit - max|). A vector
-// of candidates that are all more than kElsSkipLogit below their running max skips it: each
-// skipped term is < e^-50 of the max term, so the result's relative error from skipping is
-// below 2 * N * (H-P+1) * (W-P+1) * e^-50 (2e-14 for N = 50000 32x32 images).
+// Softmax: exact online softmax per query pixel (its own state, never shared across the
+// batch), one exponential per (pixel, candidate): a degree-9 minimax polynomial after
+// reduction by ln 2 (relative error < 2e-14, so a relative output error of the same order).
+// Lazy reference: each lane keeps a reference logit mx, set to the running max whenever a
+// logit exceeds mx by more than kElsLazyLogit (then l and acc are rescaled), otherwise left
+// alone; terms are exp(logit - mx) <= e^30, exact float64 sums (no overflow: l <= n * 1.1e13).
+// So mx is always a counted logit, at most the running max and at least the max minus 30,
+// and most updates need no rescale and no select. A vector of candidates that are all more
+// than kElsSkipLogit below their lanes' references skips its exponentials: each skipped
+// term is < e^-50 of a counted one, so the result's relative error from skipping is below
+// 2 * N * (H-P+1) * (W-P+1) * e^-50 (2e-14 for N = 50000 32x32 images).
 //
 // Lanes: eight training images at a time, one per float64 lane (GCC/Clang vector
 // extensions: a zmm with AVX-512, two ymm with AVX2). Every loop above runs on whole vectors
 // (the query value is broadcast, the eight images' values are interleaved), and each lane
-// keeps its own softmax state per pixel: lane j of a thread sees the images j, j+8, ... of
-// that thread's octets. A padded lane of the last octet gets logit -inf (weight 0).
+// keeps its own softmax state per pixel. A work item is kK = 2 octets (16 images): per
+// pixel the two candidate vectors share one state load and store and one reference check
+// (the update's memory traffic and branch work are halved), and the query value is
+// broadcast once for both; lane j of a thread sees the images j, j+8, ... of that thread's
+// work items. A padded lane (image >= N) gets logit -inf (weight 0) through its norm term.
 //
-// Threads: OpenMP over octets of training images (dynamic); the per-(thread, lane) states
-// of each pixel merge exactly at the end, so the result does not depend on the split.
+// Threads: OpenMP over work items (dynamic); the per-(thread, lane) states of each pixel
+// merge exactly at the end, so the result does not depend on the split beyond rounding.
 #include "els.h"
 
 #include <algorithm>
