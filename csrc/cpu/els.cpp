@@ -323,44 +323,91 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
                 dk[k] = load(Vk);
                 for (int j = 1; j < kP; ++j) dk[k] += load(Vk + j * kL);
             }
-        for (int64_t u = 0; u < UC; ++u) {
-            const int64_t p = pr * W + pc;
-            if (++pc == W && g.circular) pc = 0;
-            double* sp = st + p * SP;
-            // logit = -scale * (||Q_p(x)||^2 - 2a <Q_p(x), q> + a^2 ||q||^2)
+        // logit = -scale * (||Q_p(x)||^2 - 2a <Q_p(x), q> + a^2 ||q||^2) of candidate u' = (ur, uc0 + u)
+        // for its pixel p, each octet; called for u = 0, 1, 2, ... in order (sliding D)
+        auto logits = [&](int64_t u, int64_t p, v8d* lg) {
             const v8d vnx = splat(nx[p]);
-            v8d lg[kK];
             for (int k = 0; k < kK; ++k) {
                 if constexpr (kP > 0) {  // slide the row's box sum: D <- (D + V[u + P - 1]) - V[u - 1]
                     const double* Vk = V + k * VS;
-                    dk[k] = u == 0 ? dk[k] : (dk[k] + load(Vk + (u + kP - 1) * kL)) - load(Vk + (u - 1) * kL);
+                    if (u > 0) dk[k] = (dk[k] + load(Vk + (u + kP - 1) * kL)) - load(Vk + (u - 1) * kL);
                 }
                 const v8d d = kP > 0 ? dk[k] : load(D + k * DS + u * kL);  // <Q_p(x), Q_u'(y)>
                 lg[k] = d * vcross + (load(ny + k * NYS + nyo + u * kL) + vnx);
             }
+        };
+        auto top_of = [](const v8d* lg) {
             v8d top = lg[0];
             for (int k = 1; k < kK; ++k) top = vmax(top, lg[k]);
-            v8d m = load(sp);
-            const v8d gap = top - m;
-            if (__builtin_expect(any_above(gap, vlazy), 0)) {  // new reference: rescale the lanes
-                const v8d mn = vmax(m, top);
-                const v8d f = exp_lazy(m - mn);
-                for (int64_t q = 1; q < 2 + C; ++q) store(sp + q * kL, load(sp + q * kL) * f);
-                store(sp, mn);
-                m = mn;
-            } else if (!any_at_least(gap, vskip)) {
-                continue;  // every term < e^-50 of its lane's reference term
-            }
-            v8d e[kK];
-            for (int k = 0; k < kK; ++k) e[k] = exp_lazy(lg[k] - m);
+            return top;
+        };
+        // new reference for the lanes of one pixel: the running max; l and acc rescaled
+        auto rescale = [&](double* sp, v8d top, v8d m) {
+            const v8d mn = vmax(m, top);
+            const v8d f = exp_lazy(m - mn);
+            for (int64_t q = 1; q < 2 + C; ++q) store(sp + q * kL, load(sp + q * kL) * f);
+            store(sp, mn);
+            return mn;
+        };
+        auto add_terms = [&](double* sp, const v8d* e, int64_t u) {
             v8d le = e[0];
             for (int k = 1; k < kK; ++k) le += e[k];
             store(sp + kL, load(sp + kL) + le);
             for (int64_t c = 0; c < C; ++c) {
-                v8d a = load(sp + (2 + c) * kL);
-                for (int k = 0; k < kK; ++k) a += e[k] * load(Y8 + k * YS + yc + c * YHW8 + u * kL);
-                store(sp + (2 + c) * kL, a);
+                v8d acc = load(sp + (2 + c) * kL);
+                for (int k = 0; k < kK; ++k) acc += e[k] * load(Y8 + k * YS + yc + c * YHW8 + u * kL);
+                store(sp + (2 + c) * kL, acc);
             }
+        };
+        auto next_pixel = [&]() {
+            const int64_t p = pr * W + pc;
+            if (++pc == W && g.circular) pc = 0;
+            return p;
+        };
+        // two pixels at a time: their 2 * kK exponentials are independent chains in one block
+        int64_t u = 0;
+        for (; u + 1 < UC; u += 2) {
+            const int64_t p0 = next_pixel(), p1 = next_pixel();
+            double* sp0 = st + p0 * SP;
+            double* sp1 = st + p1 * SP;
+            v8d lg0[kK], lg1[kK];
+            logits(u, p0, lg0);
+            logits(u + 1, p1, lg1);
+            const v8d top0 = top_of(lg0), top1 = top_of(lg1);
+            v8d m0 = load(sp0), m1 = load(sp1);
+            const v8d gap0 = top0 - m0, gap1 = top1 - m1;
+            const bool hi0 = any_above(gap0, vlazy), hi1 = any_above(gap1, vlazy);
+            if (__builtin_expect(hi0 || hi1, 0)) {
+                if (hi0) m0 = rescale(sp0, top0, m0);
+                if (hi1) m1 = rescale(sp1, top1, m1);
+            } else if (!any_at_least(gap0, vskip) && !any_at_least(gap1, vskip)) {
+                continue;  // every term < e^-50 of its lane's reference term
+            }
+            // (a pixel whose terms are all that small still adds them when its neighbour does not:
+            // exact terms, just not skipped)
+            v8d e0[kK], e1[kK];
+            for (int k = 0; k < kK; ++k) {
+                e0[k] = exp_lazy(lg0[k] - m0);
+                e1[k] = exp_lazy(lg1[k] - m1);
+            }
+            add_terms(sp0, e0, u);
+            add_terms(sp1, e1, u + 1);
+        }
+        if (u < UC) {
+            const int64_t p = next_pixel();
+            double* sp = st + p * SP;
+            v8d lg[kK];
+            logits(u, p, lg);
+            const v8d top = top_of(lg);
+            v8d m = load(sp);
+            const v8d gap = top - m;
+            if (any_above(gap, vlazy))
+                m = rescale(sp, top, m);
+            else if (!any_at_least(gap, vskip))
+                continue;
+            v8d e[kK];
+            for (int k = 0; k < kK; ++k) e[k] = exp_lazy(lg[k] - m);
+            add_terms(sp, e, u);
         }
     }
 }
