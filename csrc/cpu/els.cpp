@@ -184,32 +184,35 @@ struct Geometry {
     int64_t YH, YW;                  // padded training image H + 2h, W + 2h
 };
 
-// Per-thread scratch of one work item (kK octets), each array kK times at a fixed stride.
+// Per-thread scratch of one work item (kK octets). Position-major: the kK octets (and for Y8
+// the C channels) of one position are adjacent, so one pointer with compile-time offsets
+// reaches all of them.
 struct Scratch {
-    double* Y8;  // [kK][C, YH, YW, 8] the octets, zero-padded, interleaved
-    double* ny;  // [kK][H, W, 8] -scale * a^2 * ||Q_u'(y)||^2 (-inf in padded lanes)
-    double* E;   // [kK][P + 1 rows (ring), YW, 8] product rows
-    double* V;   // [kK][YW, 8] column sums of P rows
-    double* D;   // [kK][W, 8] inner products of one row of candidates
-    double* S0;  // [YW, 8] doubling scratch (P > kElsDirectP)
-    double* S1;  // [YW, 8]
-    int64_t YS, NYS, ERS, VS, DS;  // strides between the octets' arrays
+    double* Y8;  // [YH, YW][kK][C][8] the octets, zero-padded, interleaved
+    double* ny;  // [H, W][kK][8] -scale * a^2 * ||Q_u'(y)||^2 (-inf in padded lanes)
+    double* E;   // [P + 1 rows (ring), YW][kK][8] product rows
+    double* V;   // [YW][kK][8] column sums of P rows
+    double* D;   // [W][kK][8] inner products of one row of candidates (P > 7)
+    double* S0;  // [YW][8] doubling scratch (P > kElsDirectP)
+    double* S1;  // [YW][8]
 };
 
-// Inner products D[u] = sum_{j < P} V[u + j], u < UC, of one octet: directly (P - 1 adds) up
-// to kElsDirectP, else by doubling: S_2w[u] = S_w[u] + S_w[u + w], and D the S_w of P's
-// binary digits (log2(P) + popcount(P) - 1 adds).
+// Inner products D[u] = sum_{j < P} V[u + j], u < UC, of one octet (V and D with a stride of
+// vs doubles between positions): directly (P - 1 adds) up to kElsDirectP, else by doubling:
+// S_2w[u] = S_w[u] + S_w[u + w], and D the S_w of P's binary digits (log2(P) + popcount(P) - 1
+// adds).
 constexpr int64_t kElsDirectP = 9;
-void box_row(const double* V, int64_t EC, int64_t UC, int64_t P, double* D, double* S0, double* S1) {
+void box_row(const double* V, int64_t vs, int64_t EC, int64_t UC, int64_t P, double* D, double* S0, double* S1) {
     if (P <= kElsDirectP) {
         for (int64_t u = 0; u < UC; ++u) {
-            v8d acc = load(V + u * kL);
-            for (int64_t j = 1; j < P; ++j) acc += load(V + (u + j) * kL);
-            store(D + u * kL, acc);
+            v8d acc = load(V + u * vs);
+            for (int64_t j = 1; j < P; ++j) acc += load(V + (u + j) * vs);
+            store(D + u * vs, acc);
         }
         return;
     }
     const double* Sw = V;     // S_1
+    int64_t sw = vs;          // its stride
     int64_t w = 1, len = EC;  // S_w is defined on [0, len), len = EC - w + 1
     int64_t off = 0;          // D = sum of S_w[u + off] over P's set bits w, low to high
     bool first = true;
@@ -218,10 +221,10 @@ void box_row(const double* V, int64_t EC, int64_t UC, int64_t P, double* D, doub
     for (int64_t rem = P;;) {
         if (rem & 1) {
             if (first) {
-                for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(Sw + (u + off) * kL));
+                for (int64_t u = 0; u < UC; ++u) store(D + u * vs, load(Sw + (u + off) * sw));
                 first = false;
             } else {
-                for (int64_t u = 0; u < UC; ++u) store(D + u * kL, load(D + u * kL) + load(Sw + (u + off) * kL));
+                for (int64_t u = 0; u < UC; ++u) store(D + u * vs, load(D + u * vs) + load(Sw + (u + off) * sw));
             }
             off += w;
         }
@@ -230,15 +233,16 @@ void box_row(const double* V, int64_t EC, int64_t UC, int64_t P, double* D, doub
         double* Sn = bufs[which];
         which ^= 1;
         const int64_t nlen = len - w;
-        for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * kL) + load(Sw + (u + w) * kL));
+        for (int64_t u = 0; u < nlen; ++u) store(Sn + u * kL, load(Sw + u * sw) + load(Sw + (u + w) * sw));
         Sw = Sn;
+        sw = kL;
         len = nlen;
         w *= 2;
     }
 }
 
 // One (query, kK octets of training images, shift): distances of every pair
-// (p, u' = p + delta) and their online-softmax updates. X: the query [C, XH, XW]; nx:
+// (p, u' = p + delta) and their online-softmax updates. X: the query [XH, XW][C]; nx:
 // -scale * ||Q_p(x)||^2 per pixel [H, W]; st: per pixel [mx(8), l(8), acc(C x 8)], shared by
 // the kK octets (lane j accumulates image j of every octet).
 //
@@ -254,8 +258,8 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
     const int64_t UR = s.ur1 - s.ur0, UC = s.uc1 - s.uc0;
     const int64_t EC = UC + 2 * h;
     const int64_t er0 = s.ur0 - h, ec0 = s.uc0 - h;  // E's first row/column (image coords)
-    const int64_t XHW = g.XH * g.XW, YHW8 = g.YH * g.YW * kL;
-    const int64_t SP = (2 + C) * kL;  // state doubles per pixel
+    const int64_t YP = kK * C * kL, KP = kK * kL;  // doubles per position: Y8; ny, E, V, D
+    const int64_t SP = (2 + C) * kL;               // state doubles per pixel
     const v8d vcross = splat(cross), vskip = splat(-kElsSkipLogit), vlazy = splat(kElsLazyLogit);
     // locals, not w's fields: store() is a memcpy, which may alias w as far as the compiler knows
     const double* const Y8 = w.Y8;
@@ -263,77 +267,71 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
     double* const E = w.E;
     double* const V = w.V;
     double* const D = w.D;
-    const int64_t YS = w.YS, NYS = w.NYS, ERS = w.ERS, VS = w.VS, DS = w.DS;
     // E row i (ring slot i mod R): sum_c X[c, v - delta] * Y[c, v] for v = (er0 + i, ec0 + j);
     // the query value is broadcast once for the kK octets. slide: also move V down one row,
     // V <- (V + row i) - row i - P (the ring slot that row i does not overwrite)
     auto fill_row = [&](int64_t i, bool slide) {
-        const double* xr = X + (er0 + i - s.dr + g.xoff_r) * g.XW + (ec0 - s.dc + g.xoff_c);
-        const int64_t yoff = ((er0 + i + h) * g.YW + (ec0 + h)) * kL;
-        const int64_t eoff = (i % R) * EC * kL, ooff = ((i + 1) % R) * EC * kL;
+        const double* xr = X + ((er0 + i - s.dr + g.xoff_r) * g.XW + (ec0 - s.dc + g.xoff_c)) * C;
+        const double* yr = Y8 + ((er0 + i + h) * g.YW + (ec0 + h)) * YP;
+        double* er = E + (i % R) * EC * KP;
+        const double* eo = E + ((i + 1) % R) * EC * KP;
         for (int64_t j = 0; j < EC; ++j) {
             v8d xc[kC > 0 ? kC : 1];
             if constexpr (kC > 0)
-                for (int c = 0; c < kC; ++c) xc[c] = splat(xr[c * XHW + j]);
+                for (int c = 0; c < kC; ++c) xc[c] = splat(xr[j * kC + c]);
             for (int k = 0; k < kK; ++k) {
-                const double* yr = Y8 + k * YS + yoff + j * kL;
+                const double* y = yr + j * YP + k * C * kL;
                 v8d e;
                 if constexpr (kC > 0) {
-                    e = xc[0] * load(yr);
-                    for (int c = 1; c < kC; ++c) e += xc[c] * load(yr + c * YHW8);
+                    e = xc[0] * load(y);
+                    for (int c = 1; c < kC; ++c) e += xc[c] * load(y + c * kL);
                 } else {
-                    e = splat(xr[j]) * load(yr);
-                    for (int64_t c = 1; c < C; ++c) e += splat(xr[c * XHW + j]) * load(yr + c * YHW8);
+                    e = splat(xr[j * C]) * load(y);
+                    for (int64_t c = 1; c < C; ++c) e += splat(xr[j * C + c]) * load(y + c * kL);
                 }
-                double* Ek = E + k * ERS;
-                store(Ek + eoff + j * kL, e);
+                store(er + (j * kK + k) * kL, e);
                 if (slide) {
-                    double* vk = V + k * VS + j * kL;
-                    store(vk, (load(vk) + e) - load(Ek + ooff + j * kL));
+                    double* v = V + (j * kK + k) * kL;
+                    store(v, (load(v) + e) - load(eo + (j * kK + k) * kL));
                 }
             }
         }
     };
     for (int64_t i = 0; i < P; ++i) fill_row(i, false);
     // V: column sums of the first P rows
-    for (int k = 0; k < kK; ++k) {
-        const double* Ek = E + k * ERS;
-        double* Vk = V + k * VS;
-        for (int64_t j = 0; j < EC; ++j) {
-            v8d acc = load(Ek + j * kL);
-            for (int64_t i = 1; i < P; ++i) acc += load(Ek + (i * EC + j) * kL);
-            store(Vk + j * kL, acc);
-        }
+    for (int64_t j = 0; j < EC * kK; ++j) {
+        v8d acc = load(E + j * kL);
+        for (int64_t i = 1; i < P; ++i) acc += load(E + (i * EC * kK + j) * kL);
+        store(V + j * kL, acc);
     }
     for (int64_t r = 0; r < UR; ++r) {
         if (r > 0) fill_row(r + P - 1, true);  // row r + P - 1 in, row r - 1 out
         if constexpr (kP == 0)
-            for (int k = 0; k < kK; ++k) box_row(V + k * VS, EC, UC, P, D + k * DS, w.S0, w.S1);
+            for (int k = 0; k < kK; ++k) box_row(V + k * kL, KP, EC, UC, P, D + k * kL, w.S0, w.S1);
         // fold into the pixels p = u' - delta (mod H, W for circular)
         const int64_t ur = s.ur0 + r;
         int64_t pr = ur - s.dr;
         if (g.circular && pr < 0) pr += H;
-        const int64_t yc = ((ur + h) * g.YW + (s.uc0 + h)) * kL, nyo = (ur * W + s.uc0) * kL;
+        const double* yc = Y8 + ((ur + h) * g.YW + (s.uc0 + h)) * YP;  // candidate centres
+        const double* nyr = ny + (ur * W + s.uc0) * KP;
         int64_t pc = s.uc0 - s.dc;
         if (g.circular && pc < 0) pc += W;
         v8d dk[kK];  // kP > 0: D[u] of each octet, sliding along the row
         if constexpr (kP > 0)
             for (int k = 0; k < kK; ++k) {
-                const double* Vk = V + k * VS;
-                dk[k] = load(Vk);
-                for (int j = 1; j < kP; ++j) dk[k] += load(Vk + j * kL);
+                dk[k] = load(V + k * kL);
+                for (int j = 1; j < kP; ++j) dk[k] += load(V + (j * kK + k) * kL);
             }
         // logit = -scale * (||Q_p(x)||^2 - 2a <Q_p(x), q> + a^2 ||q||^2) of candidate u' = (ur, uc0 + u)
         // for its pixel p, each octet; called for u = 0, 1, 2, ... in order (sliding D)
         auto logits = [&](int64_t u, int64_t p, v8d* lg) {
             const v8d vnx = splat(nx[p]);
             for (int k = 0; k < kK; ++k) {
-                if constexpr (kP > 0) {  // slide the row's box sum: D <- (D + V[u + P - 1]) - V[u - 1]
-                    const double* Vk = V + k * VS;
-                    if (u > 0) dk[k] = (dk[k] + load(Vk + (u + kP - 1) * kL)) - load(Vk + (u - 1) * kL);
-                }
-                const v8d d = kP > 0 ? dk[k] : load(D + k * DS + u * kL);  // <Q_p(x), Q_u'(y)>
-                lg[k] = d * vcross + (load(ny + k * NYS + nyo + u * kL) + vnx);
+                if constexpr (kP > 0)  // slide the row's box sum: D <- (D + V[u + P - 1]) - V[u - 1]
+                    if (u > 0)
+                        dk[k] = (dk[k] + load(V + ((u + kP - 1) * kK + k) * kL)) - load(V + ((u - 1) * kK + k) * kL);
+                const v8d d = kP > 0 ? dk[k] : load(D + (u * kK + k) * kL);  // <Q_p(x), Q_u'(y)>
+                lg[k] = d * vcross + (load(nyr + (u * kK + k) * kL) + vnx);
             }
         };
         auto top_of = [](const v8d* lg) {
@@ -355,7 +353,7 @@ void run_shift(const Geometry& g, int64_t Crt, const Shift& s, const double* X, 
             store(sp + kL, load(sp + kL) + le);
             for (int64_t c = 0; c < C; ++c) {
                 v8d acc = load(sp + (2 + c) * kL);
-                for (int k = 0; k < kK; ++k) acc += e[k] * load(Y8 + k * YS + yc + c * YHW8 + u * kL);
+                for (int k = 0; k < kK; ++k) acc += e[k] * load(yc + u * YP + (k * C + c) * kL);
                 store(sp + (2 + c) * kL, acc);
             }
         };
@@ -421,19 +419,20 @@ AD_FORCEINLINE double unit_value<uint8_t>(uint8_t v) {
     return dequantize_u8_value<double>(v);
 }
 
-// Training images [k0, k0 + 8) (those < N) into the zero-padded interleaved buffer
-// Y8 [C, H + 2h, W + 2h, 8]; missing lanes stay zero (their logits get -inf).
+// Training images [k0, k0 + 8) (those < N) as octet k of the zero-padded interleaved buffer
+// Y8 [H + 2h, W + 2h][kK][C][8] (zeroed by the caller); missing lanes stay zero (their logits
+// get -inf).
 template <typename T>
-void load_octet(const Geometry& g, const T* train, int64_t N, int64_t k0, int64_t ts0, int64_t ts1,
+void load_octet(const Geometry& g, const T* train, int64_t N, int64_t k0, int64_t k, int64_t ts0, int64_t ts1,
                 int64_t ts2, int64_t ts3, double* Y8) {
-    std::fill(Y8, Y8 + g.C * g.YH * g.YW * kL, 0.0);
+    const int64_t YP = kK * g.C * kL;
     for (int64_t j = 0; j < kL && k0 + j < N; ++j) {
         const T* src = train + (k0 + j) * ts0;
         for (int64_t c = 0; c < g.C; ++c)
             for (int64_t r = 0; r < g.H; ++r) {
                 const T* sr = src + c * ts1 + r * ts2;
-                double* d = Y8 + ((c * g.YH + r + g.h) * g.YW + g.h) * kL + j;
-                for (int64_t q = 0; q < g.W; ++q) d[q * kL] = unit_value<T>(sr[q * ts3]);
+                double* d = Y8 + ((r + g.h) * g.YW + g.h) * YP + (k * g.C + c) * kL + j;
+                for (int64_t q = 0; q < g.W; ++q) d[q * YP] = unit_value<T>(sr[q * ts3]);
             }
     }
 }
@@ -443,7 +442,7 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
                    int64_t ts0, int64_t ts1, int64_t ts2, int64_t ts3, double a, double scale,
                    double* mx_out, double* l_out, double* acc_out) {
     const int64_t C = g.C, H = g.H, W = g.W, HW = H * W;
-    // X per query: circular: tiled twice per axis, X[c, i, j] = x[c, i mod H, j mod W];
+    // X per query [XH, XW][C]: circular: tiled twice per axis, X[i, j, c] = x[c, i mod H, j mod W];
     // zeros: padded by h.
     const int64_t XS = C * g.XH * g.XW;
     auto X = aligned_array<double>(B * XS);
@@ -461,7 +460,7 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
                         q -= g.h;
                         if (r < 0 || r >= H || q < 0 || q >= W) continue;
                     }
-                    X[b * XS + (c * g.XH + i) * g.XW + j] = x[((b * C + c) * H + r) * W + q];
+                    X[b * XS + (i * g.XW + j) * C + c] = x[((b * C + c) * H + r) * W + q];
                 }
     // nx[b, p] = -scale * ||Q_p(x_b)||^2 (circular or zero-padded patch)
     auto nx = aligned_array<double>(B * HW);
@@ -496,13 +495,9 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
     const int64_t SP = (2 + C) * kL;  // per pixel: mx, l, acc[C], 8 lanes each
     const int64_t SS = B * HW * SP;   // per thread
     auto state = aligned_array<double>(int64_t(nth) * SS);
-    Scratch lay{};
-    lay.YS = C * g.YH * g.YW * kL;
-    lay.NYS = HW * kL;
-    lay.ERS = (g.P + 1) * g.YW * kL;
-    lay.VS = g.YW * kL;
-    lay.DS = g.W * kL;
-    const int64_t TS = kK * (lay.YS + lay.NYS + lay.ERS + lay.VS + lay.DS) + 2 * g.YW * kL;
+    const int64_t YS = g.YH * g.YW * kK * C * kL, NYS = HW * kK * kL, ERS = (g.P + 1) * g.YW * kK * kL,
+                  VS = g.YW * kK * kL, DS = g.W * kK * kL;
+    const int64_t TS = YS + NYS + ERS + VS + DS + 2 * g.YW * kL;
     auto scratch = aligned_array<double>(int64_t(nth) * TS);
     // mx starts at a finite -1e300 (not -inf): a first logit is then > mx + kElsLazyLogit and
     // sets the reference; -1e300 - mx never gives NaN
@@ -518,35 +513,35 @@ void els_run_typed(const double* x, int64_t B, const Geometry& g, const T* train
     for (int64_t o = 0; o < groups; ++o) {
         const int tid = cpu_runtime::thread_index();
         double* st = state.get() + tid * SS;
-        Scratch w = lay;
+        Scratch w;
         w.Y8 = scratch.get() + tid * TS;
-        w.ny = w.Y8 + kK * lay.YS;
-        w.E = w.ny + kK * lay.NYS;
-        w.V = w.E + kK * lay.ERS;
-        w.D = w.V + kK * lay.VS;
-        w.S0 = w.D + kK * lay.DS;
+        w.ny = w.Y8 + YS;
+        w.E = w.ny + NYS;
+        w.V = w.E + ERS;
+        w.D = w.V + VS;
+        w.S0 = w.D + DS;
         w.S1 = w.S0 + g.YW * kL;
         const double nyscale = -scale * a * a;
+        std::fill(w.Y8, w.Y8 + YS, 0.0);
+        const int64_t YP = kK * C * kL;
         for (int k = 0; k < kK; ++k) {
             const int64_t k0 = (o * kK + k) * kL;  // first image of this octet
-            double* Y8 = w.Y8 + k * lay.YS;
-            double* ny = w.ny + k * lay.NYS;
-            load_octet<T>(g, train, N, k0, ts0, ts1, ts2, ts3, Y8);
-            // ny[u', lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre
+            load_octet<T>(g, train, N, k0, k, ts0, ts1, ts2, ts3, w.Y8);
+            // ny[u', k, lane] = -scale * a^2 * ||Q_u'(y)||^2 (zero-padded patch) for every centre
             // u'; -inf in a padded lane (image k0 + lane >= N), whose logits are then -inf
             for (int64_t r = 0; r < H; ++r)
                 for (int64_t q = 0; q < W; ++q) {
                     v8d acc = splat(0.0);
-                    for (int64_t c = 0; c < C; ++c)
-                        for (int64_t i = 0; i < g.P; ++i)
-                            for (int64_t j = 0; j < g.P; ++j) {
-                                const v8d v = load(Y8 + ((c * g.YH + r + i) * g.YW + q + j) * kL);
+                    for (int64_t i = 0; i < g.P; ++i)
+                        for (int64_t j = 0; j < g.P; ++j)
+                            for (int64_t c = 0; c < C; ++c) {
+                                const v8d v = load(w.Y8 + ((r + i) * g.YW + q + j) * YP + (k * C + c) * kL);
                                 acc += v * v;
                             }
                     v8d v = acc * splat(nyscale);
                     for (int j = 0; j < kL; ++j)
                         if (k0 + j >= N) v[j] = -std::numeric_limits<double>::infinity();
-                    store(ny + (r * W + q) * kL, v);
+                    store(w.ny + ((r * W + q) * kK + k) * kL, v);
                 }
         }
         for (int64_t b = 0; b < B; ++b)
