@@ -47,6 +47,24 @@ _U8_BLOCK_IMAGES = 16384  # int32 partial sums: 16384 * 255^2 < 2^31 - 1
 _P_BUDGET = 1 << 28  # bytes of lag-product images per launch (patch_sums)
 _INTERP_VALUES = 1 << 18  # interpreter: bound on BB * CP^2 * BP
 
+# lagprod_mma_kernel (uint8 on int8 tensor cores). Launch shape on a GPU: tile rows BM
+# (channel, column) pairs, BK images per tl.dot, warps, pipeline stages. Untuned (no GPU was
+# available while writing it); gpu_static_check.py compiles it for sm_80 and sm_90.
+PATCH_MMA_GPU_CONFIG = dict(BM=64, BK=64, num_warps=4, num_stages=2)
+PATCH_MMA_CPU_CONFIG = dict(BM=32, BK=32)  # the interpreter: small tiles, few wasted products
+# What the tensor-core kernel accepts on every device (an int8 tl.dot needs tiles of >= 16
+# rows and K >= 32; powers of two for tl.arange)
+PATCH_MMA_LIMITS = dict(BM=(16, 32, 64, 128), BK=(32, 64, 128))
+# "auto": the tensor-core kernel for uint8 input when its modelled efficiency (useful
+# products / computed products, see mma_efficiency) is at least _MMA_MIN_EFFICIENCY; True:
+# always for uint8 (when C fits a tile); False: never (the CUDA-core kernel)
+PATCH_MMA = "auto"
+# int8 tensor cores do ~30x the int32 multiply-adds of the CUDA cores (H100: 1979 T int8
+# ops/s dense against ~67 T int32 ops/s); requiring 1/8 useful work keeps a 4x margin on an
+# unmeasured ratio
+_MMA_MIN_EFFICIENCY = 0.125
+_MMA_BLOCK_IMAGES = 16384  # images per int32 partial sum: 16384 * 2^14 < 2^31 - 1 (bound: 131071)
+
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
@@ -124,7 +142,85 @@ def _kernels():
         else:
             tl.store(out_ptr + pair[:, :, None] * HW + q[None, None, :], acc, mask=pm[:, :, None] & (q < HW)[None, None, :])
 
-    return lagprod_kernel
+    @triton.jit
+    def lagprod_mma_kernel(
+        x_ptr,  # uint8 [B, C, H, W], element strides sxb, sxc, sxh, sxw
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        u_ptr,  # int64 [C, H, W] contiguous: per-pixel sums of the batch's bytes (U)
+        out_ptr,  # int64 [L, C, C, H*W], every element written (zeros outside the band's valid pairs)
+        B,
+        C,
+        H,
+        W,
+        di0,  # first row lag of this launch; lag l: di = di0 + l // (2Lj + 1), dj = l % (2Lj + 1) - Lj
+        Lj,
+        n_half,  # column-tile offsets tj - ti in [-n_half, n_half] (ceil(Lj / BW))
+        corr,  # -128^2 * B, exact (a Python int: int64 when it needs it)
+        BW: tl.constexpr,  # image columns per tile (C * BW <= BM)
+        BM: tl.constexpr,  # tile rows (channel, column), a power of two >= 16
+        BK: tl.constexpr,  # images per int8 tl.dot (>= 32)
+        BLOCK_IMAGES: tl.constexpr,  # images per int32 partial sum (a multiple of BK, <= 131071)
+    ):
+        # program (image row r, row lag di, column tiles (ti, tj)): the [BM, BM] block of
+        # X_r^T X_{r+di}, X_r = [B, (c, w)] the batch's row r; its entries (c, w; c', w') are
+        # P_e[c, c'](r, w) for e = (di, w' - w)
+        r = tl.program_id(0)
+        di = di0 + tl.program_id(1)
+        n_off = 2 * n_half + 1
+        ti = tl.program_id(2) // n_off
+        off = tl.program_id(2) % n_off - n_half
+        tj = ti + off
+        m = tl.arange(0, BM)
+        ch = m // BW
+        wa = ti * BW + m % BW
+        wb = tj * BW + m % BW
+        # conditions on program scalars enter masks as vectors (zero + scalar): the interpreter
+        # turns a block & scalar-bool into int32, which tl.load refuses as a mask
+        zero = m * 0
+        row_ok = r + di < H
+        ok_a = (ch < C) & (wa < W)
+        ok_b = (ch < C) & (wb >= 0) & (wb < W) & (zero + r + di < H)
+        # tiles wholly outside the image, rows past the bottom, and at di = 0 the tiles
+        # left of the diagonal (dj < 0: transposes, left 0 by the contract) stream no images
+        skip = (tj < 0) | (tj * BW >= W) | (~row_ok) | ((di == 0) & (off < 0))
+        b_end = tl.where(skip, 0, B)
+        live = zero + b_end > 0  # [BM]: not skip (B >= 1)
+        oa = ch.to(tl.int64) * sxc + r.to(tl.int64) * sxh + wa.to(tl.int64) * sxw
+        ob = ch.to(tl.int64) * sxc + (r + di).to(tl.int64) * sxh + wb.to(tl.int64) * sxw
+        kk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BM], tl.int64)
+        for b0 in range(0, b_end, BLOCK_IMAGES):
+            part = tl.zeros([BM, BM], tl.int32)
+            for b1 in range(b0, tl.minimum(b0 + BLOCK_IMAGES, b_end), BK):
+                b = b1 + kk
+                mb = b < b_end
+                ob_b = b.to(tl.int64) * sxb
+                # padding (images past the batch, pixels outside the image) is u = 128,
+                # s = 0: it adds nothing to the products
+                a = tl.load(x_ptr + oa[:, None] + ob_b[None, :], mask=ok_a[:, None] & mb[None, :], other=128)  # [BM, BK]
+                v = tl.load(x_ptr + ob_b[:, None] + ob[None, :], mask=mb[:, None] & ok_b[None, :], other=128)  # [BK, BM]
+                a = (a.to(tl.int16) - 128).to(tl.int8)
+                v = (v.to(tl.int16) - 128).to(tl.int8)
+                part = tl.dot(a, v, part, out_dtype=tl.int32)  # |s s'| <= 2^14: no wrap below 131072 images
+            acc += part.to(tl.int64)
+        # sum u u' = sum s s' + 128 (U + U') - 128^2 B (docs/algorithms.md §2.3), for valid pairs only
+        HW = H * W
+        ua = tl.load(u_ptr + ch.to(tl.int64) * HW + r * W + wa, mask=ok_a & live, other=0)
+        ub = tl.load(u_ptr + ch.to(tl.int64) * HW + (r + di) * W + wb, mask=ok_b & live, other=0)
+        dj = wb[None, :] - wa[:, None]  # [BM, BM]
+        valid = (ok_a & live)[:, None] & ok_b[None, :] & ((dj >= 0) | (dj * 0 + di > 0))
+        val = tl.where(valid, acc + 128 * (ua[:, None] + ub[None, :]) + corr, 0)
+        # every (lag, c, c', r, w) with |dj| <= Lj, w < W belongs to exactly one program: the
+        # one whose tile tj holds column w + dj (inside the image or not); it writes it
+        lag = ((di - di0) * (2 * Lj + 1) + dj + Lj).to(tl.int64)
+        dst = ((lag * C + ch.to(tl.int64)[:, None]) * C + ch.to(tl.int64)[None, :]) * HW + (r * W + wa).to(tl.int64)[:, None]
+        keep = (ch < C)[:, None] & (ch < C)[None, :] & (wa < W)[:, None] & (dj <= Lj) & (dj >= -Lj)
+        tl.store(out_ptr + dst, val, mask=keep)
+
+    return SimpleNamespace(lagprod_kernel=lagprod_kernel, lagprod_mma_kernel=lagprod_mma_kernel)
 
 
 def gpu_pixels(C: int) -> int:
@@ -181,13 +277,85 @@ def _launch(x, shift, is_u8, di0: int, n_di: int, Lj: int, reduce: bool, blocks:
     out = torch.empty(L * C * C * (nblk if reduce else HW), dtype=dt, device=x.device)
     launch = {"num_warps": blk["num_warps"]} if x.device.type == "cuda" and "num_warps" in blk else {}
     with triton_support.launch_context(x):
-        _kernels()[(nblk, L)](
+        _kernels().lagprod_kernel[(nblk, L)](
             x, *x.stride(), shift, out, B, C, H, W, di0, Lj, nblk,
             IS_U8=is_u8, REDUCE=reduce, BB=blk["BB"], BP=blk["BP"], CP=triton_support.pow2_at_least(C, 1), BLOCK_IMAGES=max(blk["BB"], _U8_BLOCK_IMAGES // blk["BB"] * blk["BB"]),
             **launch,
         )
     if reduce:
         return out.reshape(n_di, 2 * Lj + 1, C, C, nblk).sum(-1)
+    return out.reshape(n_di, 2 * Lj + 1, C, C, H, W)
+
+
+def _mma_blocks(device: torch.device, C: int, blocks: Optional[dict]) -> dict:
+    """BM, BK (and num_warps, num_stages on a GPU) of the tensor-core kernel; ``blocks``
+    overrides them (tests)."""
+    base = PATCH_MMA_GPU_CONFIG if device.type == "cuda" else PATCH_MMA_CPU_CONFIG
+    blk = {key: (blocks or {}).get(key, base[key]) for key in base}
+    for key, allowed in PATCH_MMA_LIMITS.items():
+        if blk[key] not in allowed:
+            raise ValueError(f"blocks[{key!r}] must be one of {allowed} (int8 tl.dot tiles), got {blk[key]}")
+    return blk
+
+
+def mma_tiling(C: int, W: int, Lj: int, BM: int) -> Tuple[int, int, int]:
+    """``(BW, nt, n_half)``: image columns per tile (``C * BW <= BM`` rows of (channel,
+    column)), column tiles, and the largest tile offset ``|tj - ti|`` that meets the band
+    ``|dj| <= Lj``. BW = 0 when C channels do not fit a tile of BM rows."""
+    BW = BM // C
+    if BW == 0:
+        return 0, 0, 0
+    return BW, -(-W // BW), -(-Lj // BW)
+
+
+def mma_efficiency(B: int, C: int, W: int, Lj: int, BM: int, BK: int) -> float:
+    """Useful fraction of the tensor-core kernel's int8 products for one row pair: the band's
+    ``sum_{|dj| <= Lj} C^2 (W - |dj|)`` products per image over the ``BM^2`` of each column-tile
+    pair inside the image, times the images over the batch padded to BK."""
+    BW, nt, n_half = mma_tiling(C, W, Lj, BM)
+    if BW == 0:
+        return 0.0
+    lj = min(Lj, W - 1)
+    useful = C * C * ((2 * lj + 1) * W - lj * (lj + 1))
+    pairs = sum(nt - abs(o) for o in range(-n_half, n_half + 1) if abs(o) < nt)
+    return useful / (pairs * BM * BM) * B / (-(-B // BK) * BK)
+
+
+def _use_mma(x: torch.Tensor, is_u8: bool, Lj: int, blocks: Optional[dict]) -> bool:
+    """Which kernel computes the lag products: ``blocks["mma"]`` (tests), else PATCH_MMA."""
+    if not is_u8:
+        return False  # float products on tensor cores would round
+    B, C, H, W = x.shape
+    choice = (blocks or {}).get("mma", PATCH_MMA)
+    blk = _mma_blocks(x.device, C, blocks)
+    fits = blk["BM"] // C > 0
+    if choice is True:
+        if not fits:
+            raise ValueError(f"blocks: {C} channels do not fit a tensor-core tile of BM = {blk['BM']} rows")
+        return True
+    if choice is False or not fits:
+        return False
+    return mma_efficiency(B, C, W, Lj, blk["BM"], blk["BK"]) >= _MMA_MIN_EFFICIENCY
+
+
+def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 lag products on int8 tensor cores for row lags [di0, di0 + n_di) and every dj in
+    [-Lj, Lj]: int64 ``[n_di, 2Lj+1, C, C, H, W]``, bit-identical to the CUDA-core kernel.
+    ``U``: int64 ``[C, H, W]`` per-pixel sums of x over the batch. ``out`` (tests): a flat
+    buffer to write into (every element is written)."""
+    B, C, H, W = x.shape
+    blk = _mma_blocks(x.device, C, blocks)
+    BW, nt, n_half = mma_tiling(C, W, Lj, blk["BM"])
+    L = n_di * (2 * Lj + 1)
+    if out is None:
+        out = torch.empty(L * C * C * H * W, dtype=torch.int64, device=x.device)
+    launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]} if x.device.type == "cuda" else {}
+    block_images = max(blk["BK"], _MMA_BLOCK_IMAGES // blk["BK"] * blk["BK"])
+    with triton_support.launch_context(x):
+        _kernels().lagprod_mma_kernel[(H, n_di, nt * (2 * n_half + 1))](
+            x, *x.stride(), U, out, B, C, H, W, di0, Lj, n_half, -16384 * B,
+            BW=BW, BM=blk["BM"], BK=blk["BK"], BLOCK_IMAGES=block_images, **launch,
+        )
     return out.reshape(n_di, 2 * Lj + 1, C, C, H, W)
 
 
@@ -215,10 +383,12 @@ def patch_sums(x: torch.Tensor, k: int, shift: Optional[torch.Tensor] = None, *,
     T = torch.empty(k, 2 * k - 1, C, C, k, k, dtype=dt, device=x.device)
     per_di = (2 * k - 1) * C * C * H * W * 8
     group = max(1, min(k, _P_BUDGET // per_di))
+    S1 = _per_pixel_sums(x, sh, is_u8)
+    mma = _use_mma(x, is_u8, k - 1, blocks)
     for di0 in range(0, k, group):
         n_di = min(group, k - di0)
-        T[di0 : di0 + n_di] = _corner_sums(_launch(x, sh, is_u8, di0, n_di, k - 1, False, blocks), k, oh, ow)
-    S1 = _per_pixel_sums(x, sh, is_u8)
+        P = _launch_mma(x, S1, di0, n_di, k - 1, blocks) if mma else _launch(x, sh, is_u8, di0, n_di, k - 1, False, blocks)
+        T[di0 : di0 + n_di] = _corner_sums(P, k, oh, ow)
     return window_sums(S1, k), patch_s2(T, C, k)
 
 
@@ -226,8 +396,18 @@ def lag_sums(x: torch.Tensor, Li: int, Lj: int, shift: Optional[torch.Tensor] = 
     """Whole-image lag sums ``A [Li+1, 2Lj+1, C, C]`` (di = 0, dj < 0 left 0) and per-pixel
     sums ``S1 [C, H, W]``: int64 exact for uint8, float64 of ``x - shift`` otherwise."""
     x, sh, is_u8 = _prepare(x, shift)
-    A = _launch(x, sh, is_u8, 0, Li + 1, Lj, True, blocks)
-    return A, _per_pixel_sums(x, sh, is_u8)
+    S1 = _per_pixel_sums(x, sh, is_u8)
+    B, C, H, W = x.shape
+    per_di = (2 * Lj + 1) * C * C * H * W * 8
+    if not (per_di <= _P_BUDGET and _use_mma(x, is_u8, Lj, blocks)):
+        return _launch(x, sh, is_u8, 0, Li + 1, Lj, True, blocks), S1
+    # tensor cores: the per-pixel products of a group of row lags, summed over the image
+    A = torch.empty(Li + 1, 2 * Lj + 1, C, C, dtype=torch.int64, device=x.device)
+    group = max(1, min(Li + 1, _P_BUDGET // per_di))
+    for di0 in range(0, Li + 1, group):
+        n_di = min(group, Li + 1 - di0)
+        A[di0 : di0 + n_di] = _launch_mma(x, S1, di0, n_di, Lj, blocks).sum((-2, -1))
+    return A, S1
 
 
 BACKEND = SimpleNamespace(name="triton", patch_sums=patch_sums, lag_sums=lag_sums)
