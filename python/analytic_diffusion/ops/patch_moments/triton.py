@@ -50,7 +50,10 @@ _INTERP_VALUES = 1 << 18  # interpreter: bound on BB * CP^2 * BP
 # lagprod_mma_kernel (uint8 on int8 tensor cores). Launch shape on a GPU: tile rows BM
 # (channel, column) pairs, BK images per tl.dot, warps, pipeline stages. Untuned (no GPU was
 # available while writing it); gpu_static_check.py compiles it for sm_80 and sm_90.
+# 64-row tiles (a Hopper warpgroup's wgmma m64), or 32-row tiles (mma.sync) where they more
+# than double the useful fraction of the products (narrow rows: C = 1 up to ~40 pixels).
 PATCH_MMA_GPU_CONFIG = dict(BM=64, BK=64, num_warps=4, num_stages=2)
+PATCH_MMA_GPU_SMALL = dict(BM=32, BK=64, num_warps=2, num_stages=2)
 PATCH_MMA_CPU_CONFIG = dict(BM=32, BK=32)  # the interpreter: small tiles, few wasted products
 # What the tensor-core kernel accepts on every device (an int8 tl.dot needs tiles of >= 16
 # rows and K >= 32; powers of two for tl.arange)
@@ -144,13 +147,13 @@ def _kernels():
 
     @triton.jit
     def lagprod_mma_kernel(
-        x_ptr,  # uint8 [B, C, H, W], element strides sxb, sxc, sxh, sxw
+        x_ptr,  # int8 view of uint8 [B, C, H, W] (the bytes u), element strides sxb, sxc, sxh, sxw
         sxb,
         sxc,
         sxh,
         sxw,
         u_ptr,  # int64 [C, H, W] contiguous: per-pixel sums of the batch's bytes (U)
-        out_ptr,  # int64 [L, C, C, H*W], every element written (zeros outside the band's valid pairs)
+        out_ptr,  # int64 [L, C, C, H*W]: every element written (0 outside the valid pairs)
         B,
         C,
         H,
@@ -165,7 +168,7 @@ def _kernels():
         BLOCK_IMAGES: tl.constexpr,  # images per int32 partial sum (a multiple of BK, <= 131071)
     ):
         # program (image row r, row lag di, column tiles (ti, tj)): the [BM, BM] block of
-        # X_r^T X_{r+di}, X_r = [B, (c, w)] the batch's row r; its entries (c, w; c', w') are
+        # X_r^T X_{r+di}, X_r = [B, (c, w)] the batch's row r; its entry (c, w; c', w') is
         # P_e[c, c'](r, w) for e = (di, w' - w)
         r = tl.program_id(0)
         di = di0 + tl.program_id(1)
@@ -180,12 +183,11 @@ def _kernels():
         # conditions on program scalars enter masks as vectors (zero + scalar): the interpreter
         # turns a block & scalar-bool into int32, which tl.load refuses as a mask
         zero = m * 0
-        row_ok = r + di < H
         ok_a = (ch < C) & (wa < W)
         ok_b = (ch < C) & (wb >= 0) & (wb < W) & (zero + r + di < H)
-        # tiles wholly outside the image, rows past the bottom, and at di = 0 the tiles
-        # left of the diagonal (dj < 0: transposes, left 0 by the contract) stream no images
-        skip = (tj < 0) | (tj * BW >= W) | (~row_ok) | ((di == 0) & (off < 0))
+        # tiles wholly outside the image, rows past the bottom, and at di = 0 the tiles left of
+        # the diagonal (dj < 0: transposes, left 0 by the contract) stream no images
+        skip = (tj < 0) | (tj * BW >= W) | (r + di >= H) | ((di == 0) & (off < 0))
         b_end = tl.where(skip, 0, B)
         live = zero + b_end > 0  # [BM]: not skip (B >= 1)
         oa = ch.to(tl.int64) * sxc + r.to(tl.int64) * sxh + wa.to(tl.int64) * sxw
@@ -198,27 +200,33 @@ def _kernels():
                 b = b1 + kk
                 mb = b < b_end
                 ob_b = b.to(tl.int64) * sxb
-                # padding (images past the batch, pixels outside the image) is u = 128,
-                # s = 0: it adds nothing to the products
-                a = tl.load(x_ptr + oa[:, None] + ob_b[None, :], mask=ok_a[:, None] & mb[None, :], other=128)  # [BM, BK]
-                v = tl.load(x_ptr + ob_b[:, None] + ob[None, :], mask=mb[:, None] & ok_b[None, :], other=128)  # [BK, BM]
-                a = (a.to(tl.int16) - 128).to(tl.int8)
-                v = (v.to(tl.int16) - 128).to(tl.int8)
+                # s = u - 128 is the byte u with its top bit flipped, read as int8; padding
+                # (images past the batch, pixels outside the image) is u = 128: s = 0, no product
+                a = tl.load(x_ptr + oa[:, None] + ob_b[None, :], mask=ok_a[:, None] & mb[None, :], other=-128) ^ -128  # [BM, BK]
+                v = tl.load(x_ptr + ob_b[:, None] + ob[None, :], mask=mb[:, None] & ok_b[None, :], other=-128) ^ -128  # [BK, BM]
                 part = tl.dot(a, v, part, out_dtype=tl.int32)  # |s s'| <= 2^14: no wrap below 131072 images
             acc += part.to(tl.int64)
-        # sum u u' = sum s s' + 128 (U + U') - 128^2 B (docs/algorithms.md §2.3), for valid pairs only
+        # sum u u' = sum s s' + 128 (U + U') - 128^2 B (docs/algorithms.md §2.3); U, U' and the
+        # constant enter as a row and a column vector, 0 where the pair is not valid
         HW = H * W
         ua = tl.load(u_ptr + ch.to(tl.int64) * HW + r * W + wa, mask=ok_a & live, other=0)
         ub = tl.load(u_ptr + ch.to(tl.int64) * HW + (r + di) * W + wb, mask=ok_b & live, other=0)
+        ca = tl.where(ok_a & live, 128 * ua + corr, 0)  # [BM]
+        cb = tl.where(ok_b & live, 128 * ub, 0)
         dj = wb[None, :] - wa[:, None]  # [BM, BM]
-        valid = (ok_a & live)[:, None] & ok_b[None, :] & ((dj >= 0) | (dj * 0 + di > 0))
-        val = tl.where(valid, acc + 128 * (ua[:, None] + ub[None, :]) + corr, 0)
+        lo = tl.where(di > 0, -Lj, 0)  # at di = 0 only dj >= 0
+        pair_ok = (ok_a & live)[:, None] & (ok_b & live)[None, :]
+        val = tl.where(pair_ok & (dj >= lo), acc + ca[:, None] + cb[None, :], 0)
         # every (lag, c, c', r, w) with |dj| <= Lj, w < W belongs to exactly one program: the
-        # one whose tile tj holds column w + dj (inside the image or not); it writes it
-        lag = ((di - di0) * (2 * Lj + 1) + dj + Lj).to(tl.int64)
-        dst = ((lag * C + ch.to(tl.int64)[:, None]) * C + ch.to(tl.int64)[None, :]) * HW + (r * W + wa).to(tl.int64)[:, None]
-        keep = (ch < C)[:, None] & (ch < C)[None, :] & (wa < W)[:, None] & (dj <= Lj) & (dj >= -Lj)
-        tl.store(out_ptr + dst, val, mask=keep)
+        # one whose tile tj holds column w + dj (inside the image or not); it writes it.
+        # address ((l C + c) C + c') HW + r W + w with l = (di - di0)(2Lj + 1) + Lj + dj,
+        # split into a scalar, a row vector (c, w) and a column vector (c', w + dj)
+        CCHW = (r.to(tl.int64) * 0 + C) * C * H * W  # int64 (C, H, W may be constexpr 1)
+        base = ((di - di0) * (2 * Lj + 1) + Lj).to(tl.int64) * CCHW + r * W
+        row = ch.to(tl.int64) * (C * HW) + wa - wa.to(tl.int64) * CCHW
+        col = ch.to(tl.int64) * HW + wb.to(tl.int64) * CCHW
+        keep = (ok_a[:, None] & (ch < C)[None, :]) & (dj <= Lj) & (dj >= -Lj)
+        tl.store(out_ptr + (base + row[:, None] + col[None, :]), val, mask=keep)
 
     return SimpleNamespace(lagprod_kernel=lagprod_kernel, lagprod_mma_kernel=lagprod_mma_kernel)
 
@@ -287,10 +295,16 @@ def _launch(x, shift, is_u8, di0: int, n_di: int, Lj: int, reduce: bool, blocks:
     return out.reshape(n_di, 2 * Lj + 1, C, C, H, W)
 
 
-def _mma_blocks(device: torch.device, C: int, blocks: Optional[dict]) -> dict:
-    """BM, BK (and num_warps, num_stages on a GPU) of the tensor-core kernel; ``blocks``
-    overrides them (tests)."""
-    base = PATCH_MMA_GPU_CONFIG if device.type == "cuda" else PATCH_MMA_CPU_CONFIG
+def _mma_blocks(device: torch.device, shape, Lj: int, blocks: Optional[dict] = None) -> dict:
+    """BM, BK (and num_warps, num_stages on a GPU) of the tensor-core kernel for a batch of
+    ``shape = (B, C, H, W)``; ``blocks`` overrides them (tests)."""
+    base = PATCH_MMA_CPU_CONFIG
+    if device.type == "cuda":
+        B, C, _, W = shape
+        big, small = PATCH_MMA_GPU_CONFIG, PATCH_MMA_GPU_SMALL
+        e_big = mma_efficiency(B, C, W, Lj, big["BM"], big["BK"])
+        e_small = mma_efficiency(B, C, W, Lj, small["BM"], small["BK"])
+        base = small if e_small > 2 * e_big else big
     blk = {key: (blocks or {}).get(key, base[key]) for key in base}
     for key, allowed in PATCH_MMA_LIMITS.items():
         if blk[key] not in allowed:
@@ -321,13 +335,15 @@ def mma_efficiency(B: int, C: int, W: int, Lj: int, BM: int, BK: int) -> float:
     return useful / (pairs * BM * BM) * B / (-(-B // BK) * BK)
 
 
-def _use_mma(x: torch.Tensor, is_u8: bool, Lj: int, blocks: Optional[dict]) -> bool:
-    """Which kernel computes the lag products: ``blocks["mma"]`` (tests), else PATCH_MMA."""
+def use_mma(shape, device: torch.device, is_u8: bool, Lj: int, blocks: Optional[dict] = None) -> bool:
+    """Whether the lag products of a ``shape = (B, C, H, W)`` batch with column lags up to
+    ``Lj`` go to the tensor-core kernel: uint8 only; ``blocks["mma"]`` (tests) or PATCH_MMA:
+    True, False, or "auto" (``mma_efficiency >= _MMA_MIN_EFFICIENCY`` at the launch shape)."""
     if not is_u8:
         return False  # float products on tensor cores would round
-    B, C, H, W = x.shape
+    B, C, H, W = shape
     choice = (blocks or {}).get("mma", PATCH_MMA)
-    blk = _mma_blocks(x.device, C, blocks)
+    blk = _mma_blocks(device, shape, Lj, blocks)
     fits = blk["BM"] // C > 0
     if choice is True:
         if not fits:
@@ -344,7 +360,7 @@ def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out:
     ``U``: int64 ``[C, H, W]`` per-pixel sums of x over the batch. ``out`` (tests): a flat
     buffer to write into (every element is written)."""
     B, C, H, W = x.shape
-    blk = _mma_blocks(x.device, C, blocks)
+    blk = _mma_blocks(x.device, x.shape, Lj, blocks)
     BW, nt, n_half = mma_tiling(C, W, Lj, blk["BM"])
     L = n_di * (2 * Lj + 1)
     if out is None:
@@ -353,7 +369,7 @@ def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out:
     block_images = max(blk["BK"], _MMA_BLOCK_IMAGES // blk["BK"] * blk["BK"])
     with triton_support.launch_context(x):
         _kernels().lagprod_mma_kernel[(H, n_di, nt * (2 * n_half + 1))](
-            x, *x.stride(), U, out, B, C, H, W, di0, Lj, n_half, -16384 * B,
+            x.view(torch.int8), *x.stride(), U, out, B, C, H, W, di0, Lj, n_half, -16384 * B,
             BW=BW, BM=blk["BM"], BK=blk["BK"], BLOCK_IMAGES=block_images, **launch,
         )
     return out.reshape(n_di, 2 * Lj + 1, C, C, H, W)
@@ -375,7 +391,9 @@ def _corner_sums(P: torch.Tensor, k: int, oh: int, ow: int) -> torch.Tensor:
 def patch_sums(x: torch.Tensor, k: int, shift: Optional[torch.Tensor] = None, *, blocks: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(s1 [d], s2 [d, d])`` over every k x k patch of ``x [B, C, H, W]`` (any strides),
     d = C*k*k, s2 full and symmetric: int64 exact for uint8 ``x``, float64 sums of
-    ``x - shift`` otherwise (the backend contract). ``blocks``: BB, BP, num_warps (tests)."""
+    ``x - shift`` otherwise (the backend contract). ``blocks`` (tests): BB, BP, num_warps of
+    the CUDA-core kernel; mma (True / False / "auto", see use_mma), BM, BK of the
+    tensor-core kernel (uint8)."""
     x, sh, is_u8 = _prepare(x, shift)
     B, C, H, W = x.shape
     oh, ow = H - k + 1, W - k + 1
@@ -384,7 +402,7 @@ def patch_sums(x: torch.Tensor, k: int, shift: Optional[torch.Tensor] = None, *,
     per_di = (2 * k - 1) * C * C * H * W * 8
     group = max(1, min(k, _P_BUDGET // per_di))
     S1 = _per_pixel_sums(x, sh, is_u8)
-    mma = _use_mma(x, is_u8, k - 1, blocks)
+    mma = use_mma(x.shape, x.device, is_u8, k - 1, blocks)
     for di0 in range(0, k, group):
         n_di = min(group, k - di0)
         P = _launch_mma(x, S1, di0, n_di, k - 1, blocks) if mma else _launch(x, sh, is_u8, di0, n_di, k - 1, False, blocks)
@@ -399,7 +417,7 @@ def lag_sums(x: torch.Tensor, Li: int, Lj: int, shift: Optional[torch.Tensor] = 
     S1 = _per_pixel_sums(x, sh, is_u8)
     B, C, H, W = x.shape
     per_di = (2 * Lj + 1) * C * C * H * W * 8
-    if not (per_di <= _P_BUDGET and _use_mma(x, is_u8, Lj, blocks)):
+    if not (per_di <= _P_BUDGET and use_mma(x.shape, x.device, is_u8, Lj, blocks)):
         return _launch(x, sh, is_u8, 0, Li + 1, Lj, True, blocks), S1
     # tensor cores: the per-pixel products of a group of row lags, summed over the image
     A = torch.empty(Li + 1, 2 * Lj + 1, C, C, dtype=torch.int64, device=x.device)
