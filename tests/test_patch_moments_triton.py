@@ -206,24 +206,33 @@ def test_interp_mma_patch_sums_bit_identical(case):
 
 
 @needs_interpreter
-def test_interp_mma_lag_products_every_element_written(monkeypatch):
-    # The raw lag-product images against the CUDA-core kernel, element by element, written into
-    # a poisoned buffer: several column tiles (BM = 16, C = 2: 8 columns per tile, 3 tiles for
-    # W = 17) with offsets up to +-2 (Lj = 9), tiles outside the image, di = 0 (dj < 0 left 0)
-    # and rows past the bottom; channels-last strides; a run of 255s (largest products); int32
-    # partial sums flushed to int64 every 32 images (3 flushes for 66 images).
-    monkeypatch.setattr(pm_tri, "_MMA_BLOCK_IMAGES", 32)
-    x = _u8((66, 2, 4, 17), 11)
-    x[:40, :, 1:3, 5:16] = 255
+def test_interp_mma_lag_products_every_element_written():
+    # The raw lag-product images against a direct int64 torch transcription, element by
+    # element, written into a poisoned buffer: several column tiles (BM = 16, C = 2: 8 columns
+    # per tile, 3 tiles for W = 17) with offsets up to +-2 (Lj = 9), tiles outside the image,
+    # di = 0 (dj < 0 left 0) and rows past the bottom; channels-last strides; a run of 255s
+    # (largest products); 40 images: one full K tile of 32 and a partial one.
+    x = _u8((40, 2, 4, 17), 11)
+    x[:30, :, 1:3, 5:16] = 255
     x = x.contiguous(memory_format=torch.channels_last)
     assert not x.is_contiguous()
     U = x.sum(0, dtype=torch.int64)
     n_di, Lj = 2, 9
     poison = torch.full((n_di * (2 * Lj + 1) * 2 * 2 * 4 * 17,), -(1 << 62), dtype=torch.int64)
     got = pm_tri._launch_mma(x, U, 0, n_di, Lj, dict(BM=16, BK=32), out=poison)
-    want = _lag_products(x, n_di, Lj)
-    assert got.data_ptr() == poison.data_ptr() and torch.equal(got, want)
+    assert got.data_ptr() == poison.data_ptr() and torch.equal(got, _lag_products(x, n_di, Lj))
     assert not got[0, :Lj].any() and not got[1, :, :, :, 3].any()  # di = 0, dj < 0; the last row at di = 1
+
+
+@needs_interpreter
+def test_interp_mma_batch_split(monkeypatch):
+    # batches above _MMA_MAX_IMAGES (int32 bound) go in several launches whose int64 products
+    # are added: 7 images in launches of at most 3, into a poisoned buffer
+    monkeypatch.setattr(pm_tri, "_MMA_MAX_IMAGES", 3)
+    x = _u8((7, 2, 2, 5), 12)
+    poison = torch.full((2 * 5 * 2 * 2 * 2 * 5,), -(1 << 62), dtype=torch.int64)
+    got = pm_tri._launch_mma(x, x.sum(0, dtype=torch.int64), 0, 2, 2, dict(BM=32, BK=32), out=poison)
+    assert torch.equal(got, _lag_products(x, 2, 2))
 
 
 @needs_interpreter

@@ -66,7 +66,10 @@ PATCH_MMA = "auto"
 # ops/s dense against ~67 T int32 ops/s); requiring 1/8 useful work keeps a 4x margin on an
 # unmeasured ratio
 _MMA_MIN_EFFICIENCY = 0.125
-_MMA_BLOCK_IMAGES = 16384  # images per int32 partial sum: 16384 * 2^14 < 2^31 - 1 (bound: 131071)
+# images per launch of the tensor-core kernel, whose int32 sums of s s' (|s s'| <= 2^14) would
+# wrap beyond 131071 images: 65536 * 2^14 = 2^30; larger batches are split and their int64
+# products added on the host
+_MMA_MAX_IMAGES = 65536
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +168,6 @@ def _kernels():
         BW: tl.constexpr,  # image columns per tile (C * BW <= BM)
         BM: tl.constexpr,  # tile rows (channel, column), a power of two >= 16
         BK: tl.constexpr,  # images per int8 tl.dot (>= 32)
-        BLOCK_IMAGES: tl.constexpr,  # images per int32 partial sum (a multiple of BK, <= 131071)
     ):
         # program (image row r, row lag di, column tiles (ti, tj)): the [BM, BM] block of
         # X_r^T X_{r+di}, X_r = [B, (c, w)] the batch's row r; its entry (c, w; c', w') is
@@ -193,19 +195,17 @@ def _kernels():
         oa = ch.to(tl.int64) * sxc + r.to(tl.int64) * sxh + wa.to(tl.int64) * sxw
         ob = ch.to(tl.int64) * sxc + (r + di).to(tl.int64) * sxh + wb.to(tl.int64) * sxw
         kk = tl.arange(0, BK)
-        acc = tl.zeros([BM, BM], tl.int64)
-        for b0 in range(0, b_end, BLOCK_IMAGES):
-            part = tl.zeros([BM, BM], tl.int32)
-            for b1 in range(b0, tl.minimum(b0 + BLOCK_IMAGES, b_end), BK):
-                b = b1 + kk
-                mb = b < b_end
-                ob_b = b.to(tl.int64) * sxb
-                # s = u - 128 is the byte u with its top bit flipped, read as int8; padding
-                # (images past the batch, pixels outside the image) is u = 128: s = 0, no product
-                a = tl.load(x_ptr + oa[:, None] + ob_b[None, :], mask=ok_a[:, None] & mb[None, :], other=-128) ^ -128  # [BM, BK]
-                v = tl.load(x_ptr + ob_b[:, None] + ob[None, :], mask=mb[:, None] & ok_b[None, :], other=-128) ^ -128  # [BK, BM]
-                part = tl.dot(a, v, part, out_dtype=tl.int32)  # |s s'| <= 2^14: no wrap below 131072 images
-            acc += part.to(tl.int64)
+        # int32: |s s'| <= 2^14 and a launch holds at most _MMA_MAX_IMAGES <= 131071 images
+        acc = tl.zeros([BM, BM], tl.int32)
+        for b1 in range(0, b_end, BK):
+            b = b1 + kk
+            mb = b < b_end
+            ob_b = b.to(tl.int64) * sxb
+            # s = u - 128 is the byte u with its top bit flipped, read as int8; padding (images
+            # past the batch, pixels outside the image) is u = 128: s = 0, no product
+            a = tl.load(x_ptr + oa[:, None] + ob_b[None, :], mask=ok_a[:, None] & mb[None, :], other=-128) ^ -128  # [BM, BK]
+            v = tl.load(x_ptr + ob_b[:, None] + ob[None, :], mask=mb[:, None] & ok_b[None, :], other=-128) ^ -128  # [BK, BM]
+            acc = tl.dot(a, v, acc, out_dtype=tl.int32)
         # sum u u' = sum s s' + 128 (U + U') - 128^2 B (docs/algorithms.md §2.3); U, U' and the
         # constant enter as a row and a column vector, 0 where the pair is not valid
         HW = H * W
@@ -216,7 +216,7 @@ def _kernels():
         dj = wb[None, :] - wa[:, None]  # [BM, BM]
         lo = tl.where(di > 0, -Lj, 0)  # at di = 0 only dj >= 0
         pair_ok = (ok_a & live)[:, None] & (ok_b & live)[None, :]
-        val = tl.where(pair_ok & (dj >= lo), acc + ca[:, None] + cb[None, :], 0)
+        val = tl.where(pair_ok & (dj >= lo), acc.to(tl.int64) + ca[:, None] + cb[None, :], 0)
         # every (lag, c, c', r, w) with |dj| <= Lj, w < W belongs to exactly one program: the
         # one whose tile tj holds column w + dj (inside the image or not); it writes it.
         # address ((l C + c) C + c') HW + r W + w with l = (di - di0)(2Lj + 1) + Lj + dj,
@@ -358,7 +358,8 @@ def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out:
     """uint8 lag products on int8 tensor cores for row lags [di0, di0 + n_di) and every dj in
     [-Lj, Lj]: int64 ``[n_di, 2Lj+1, C, C, H, W]``, bit-identical to the CUDA-core kernel.
     ``U``: int64 ``[C, H, W]`` per-pixel sums of x over the batch. ``out`` (tests): a flat
-    buffer to write into (every element is written)."""
+    buffer to write into (every element is written). Batches above _MMA_MAX_IMAGES images
+    are split (int32 bound) and the chunks' products added in int64."""
     B, C, H, W = x.shape
     blk = _mma_blocks(x.device, x.shape, Lj, blocks)
     BW, nt, n_half = mma_tiling(C, W, Lj, blk["BM"])
@@ -366,12 +367,18 @@ def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out:
     if out is None:
         out = torch.empty(L * C * C * H * W, dtype=torch.int64, device=x.device)
     launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]} if x.device.type == "cuda" else {}
-    block_images = max(blk["BK"], _MMA_BLOCK_IMAGES // blk["BK"] * blk["BK"])
-    with triton_support.launch_context(x):
-        _kernels().lagprod_mma_kernel[(H, n_di, nt * (2 * n_half + 1))](
-            x.view(torch.int8), *x.stride(), U, out, B, C, H, W, di0, Lj, n_half, -16384 * B,
-            BW=BW, BM=blk["BM"], BK=blk["BK"], BLOCK_IMAGES=block_images, **launch,
-        )
+    step = _MMA_MAX_IMAGES
+    for b0 in range(0, B, step):
+        xb = x[b0 : b0 + step]
+        Ub = U if B <= step else xb.sum(0, dtype=torch.int64)
+        dst = out if b0 == 0 else torch.empty_like(out)
+        with triton_support.launch_context(x):
+            _kernels().lagprod_mma_kernel[(H, n_di, nt * (2 * n_half + 1))](
+                xb.view(torch.int8), *xb.stride(), Ub, dst, xb.shape[0], C, H, W, di0, Lj, n_half, -16384 * xb.shape[0],
+                BW=BW, BM=blk["BM"], BK=blk["BK"], **launch,
+            )
+        if b0:
+            out += dst  # int64: exact
     return out.reshape(n_di, 2 * Lj + 1, C, C, H, W)
 
 
