@@ -21,9 +21,38 @@ the ``[d, d]`` ``s2`` off with layout.py's index maps, as the CPU backend does. 
 processed in groups of row lags so that the ``P_e`` buffer stays below ``_P_BUDGET``
 bytes. ``S1`` (per-pixel sums of z) is a torch reduction (int64 for uint8).
 
-Work: ``B * H * W * C^2`` multiply-adds per lag, on the CUDA cores. Integer tensor cores
-are not used: the lag products are a banded GEMM whose band (|dj| < k) is narrow for
-k << W (docs/patch_moments.md, "GPU kernel").
+Work: ``B * H * W * C^2`` multiply-adds per lag on the CUDA cores.
+
+Tensor-core kernel (``lagprod_mma_kernel``, uint8 only). For an image row r and a row lag di,
+``X_r^T X_{r+di}`` with ``X_r = [B, (c, w)]`` (the batch's row r over channel and column) is a
+``[C*W, C*W]`` GEMM over the batch whose entry ``(c, w; c', w')`` is ``P_e[c, c'](r, w)`` for
+``e = (di, w' - w)``: the lag products are its band ``|w' - w| <= Lj``. Columns are tiled in
+blocks of ``BW = BM // C`` pixels (``C * BW <= BM`` rows of (channel, column), BM = 64 or 32);
+one program per (row r, row lag di, column-tile pair (ti, tj)) with ``|tj - ti| <=
+ceil(Lj / BW)``, the only pairs that meet the band, runs ``tl.dot`` on int8 tiles ``[BM, BK]
+x [BK, BM]`` over the batch (int8 ``mma.sync ... s32.s8.s8`` on sm_80, ``wgmma ... s8`` on
+sm_90) and scatters the band entries of its block to ``P_e``. Exactness (docs/algorithms.md
+§2.3): ``s = u - 128`` (the byte with its top bit flipped, read as int8) and
+
+    sum_b u u' = sum_b s s' + 128 (U + U') - 128^2 B,      U = per-pixel sums of u
+
+with ``|s s'| <= 2^14``: the int32 sum of a launch (at most ``_MMA_MAX_IMAGES = 65536``
+images, ``2^30 < 2^31``; larger batches are split and their products added in int64; the
+``.satfinite`` of sm_80's instruction never triggers) is exact, and the corrections are added
+in int64. Padding (images past the batch, pixels outside the image, rows ``r + di >= H``) is
+loaded as ``u = 128``, ``s = 0``, and the corrections are applied only to pairs of valid
+pixels; every element of ``P_e`` is written by exactly one program (the one whose tile tj holds
+column ``w + dj``), zeros included, so results are bit-identical to the CUDA-core kernel.
+Useful fraction of the int8 products (``mma_efficiency``): 36% at 64x64x3, k = 15 (10 tile
+pairs of 64 x 64 for a band of ``9 (29 * 64 - 210)`` products per row pair; C = 3 leaves one
+of 64 tile rows empty); tensor cores do ~30x the int32 multiply-adds of the CUDA cores
+(H100 data sheet), so ``use_mma`` picks this kernel for uint8 when its modelled efficiency,
+including the batch padded to BK, is at least 1/8 (``PATCH_MMA = "auto"``; True / False
+force a kernel), and the CUDA-core kernel otherwise (float input always: tensor cores would
+round). ``lag_sums`` uses it through per-pixel products summed per lag when they fit
+``_P_BUDGET``. Compiled for sm_80 and sm_90 (benchmarks/gpu_static_check.py: IMMA /
+IGMMA in the SASS, no spills) and tested in Triton's interpreter; **never run on a GPU**,
+its speed is a model (benchmarks/results/gpu-model.md).
 """
 from __future__ import annotations
 
