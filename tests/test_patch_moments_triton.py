@@ -233,6 +233,8 @@ def test_interp_mma_batch_split(monkeypatch):
     poison = torch.full((2 * 5 * 2 * 2 * 2 * 5,), -(1 << 62), dtype=torch.int64)
     got = pm_tri._launch_mma(x, x.sum(0, dtype=torch.int64), 0, 2, 2, dict(BM=32, BK=32), out=poison)
     assert torch.equal(got, _lag_products(x, 2, 2))
+    empty = pm_tri._launch_mma(x[:0], x[:0].sum(0, dtype=torch.int64), 0, 2, 2, dict(BM=32, BK=32), out=poison.fill_(-1))
+    assert not empty.any()
 
 
 @needs_interpreter

@@ -356,7 +356,7 @@ def mma_efficiency(B: int, C: int, W: int, Lj: int, BM: int, BK: int) -> float:
     ``sum_{|dj| <= Lj} C^2 (W - |dj|)`` products per image over the ``BM^2`` of each column-tile
     pair inside the image, times the images over the batch padded to BK."""
     BW, nt, n_half = mma_tiling(C, W, Lj, BM)
-    if BW == 0:
+    if BW == 0 or B == 0:
         return 0.0
     lj = min(Lj, W - 1)
     useful = C * C * ((2 * lj + 1) * W - lj * (lj + 1))
@@ -397,7 +397,7 @@ def _launch_mma(x, U, di0: int, n_di: int, Lj: int, blocks: Optional[dict], out:
         out = torch.empty(L * C * C * H * W, dtype=torch.int64, device=x.device)
     launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]} if x.device.type == "cuda" else {}
     step = _MMA_MAX_IMAGES
-    for b0 in range(0, B, step):
+    for b0 in range(0, max(B, 1), step):  # an empty batch still writes its zeros
         xb = x[b0 : b0 + step]
         Ub = U if B <= step else xb.sum(0, dtype=torch.int64)
         dst = out if b0 == 0 else torch.empty_like(out)
