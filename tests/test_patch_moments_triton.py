@@ -75,6 +75,22 @@ def test_triton_backend_not_offered_for_cpu_tensors():
         pm_tri.patch_sums(_u8((2, 1, 5, 5), 0), 3)
 
 
+@pytest.mark.parametrize("H,W,k", [(1, 1, 1), (5, 7, 1), (5, 7, 3), (7, 5, 5), (9, 11, 9)])
+def test_corner_sums_match_an_integral_image(H, W, k):
+    # the rectangle sums patch_sums takes from the lag products (window starts along columns,
+    # then rows) against a 2-D integral image: exact for int64, float64 to rounding
+    oh, ow = H - k + 1, W - k + 1
+    P = torch.randint(-(10**12), 10**12, (3, 2, H, W), generator=torch.Generator().manual_seed(H * W), dtype=torch.int64)
+    I = torch.nn.functional.pad(P.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    want = I[..., oh : oh + k, ow : ow + k] - I[..., :k, ow : ow + k] - I[..., oh : oh + k, :k] + I[..., :k, :k]
+    got = pm_tri._corner_sums(P, k, oh, ow)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    brute = torch.stack([torch.stack([P[..., i : i + oh, j : j + ow].sum((-2, -1)) for j in range(k)], -1) for i in range(k)], -2)
+    assert torch.equal(got, brute)
+    Pf = P.double() / 1e12
+    assert (pm_tri._corner_sums(Pf, k, oh, ow) - brute.double() / 1e12).abs().max() < 1e-12
+
+
 # --------------------------------------------------------------------------- Triton, interpreted on CPU
 @needs_interpreter
 @pytest.mark.parametrize("k,C,blocks", [(1, 3, None), (3, 3, dict(BB=2, BP=16)), (5, 1, None), (5, 2, dict(BB=4, BP=32))])

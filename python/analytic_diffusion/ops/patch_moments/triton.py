@@ -15,8 +15,10 @@ float64 products of ``z = x - shift[c]``. ``REDUCE``: each program stores the su
 pixels instead (the whole-image lag sums of ``lag_sums``; the host adds the blocks in a
 fixed order, so float results are deterministic too).
 
-Host: ``patch_sums`` turns ``P_e`` into the rectangle sums ``T [k, 2k-1, C, C, k, k]`` with
-one integral image per (lag, channel pair) (int64 for uint8: exact) and reads ``s1`` and
+Host: ``patch_sums`` turns ``P_e`` into the rectangle sums ``T [k, 2k-1, C, C, k, k]``
+(int64 for uint8: exact) by window sums along the columns (each line's total minus its
+border entries: one read of ``P_e``, the largest array of the call), then along the rows of
+the small ``[..., H, k]`` result, and reads ``s1`` and
 the ``[d, d]`` ``s2`` off with layout.py's index maps, as the CPU backend does. Lags are
 processed in groups of row lags so that the ``P_e`` buffer stays below ``_P_BUDGET``
 bytes. ``S1`` (per-pixel sums of z) is a torch reduction (int64 for uint8).
@@ -417,11 +419,26 @@ def _per_pixel_sums(x: torch.Tensor, shift: torch.Tensor, is_u8: bool) -> torch.
     return (x.to(torch.float64) - shift.reshape(-1, 1, 1)).sum(0)
 
 
+def _window_starts(P: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sums of ``P`` along ``dim`` (length n) over the windows ``[j, j + n - k + 1)``, j < k:
+    the whole line minus its first j and last ``k - 1 - j`` entries (one pass over P, then
+    only the 2(k - 1) border entries)."""
+    n = P.shape[dim]
+    head = P.narrow(dim, 0, k - 1).cumsum(dim)  # [j] = sum of entries <= j
+    tail = P.narrow(dim, n - k + 1, k - 1).flip(dim).cumsum(dim).flip(dim)  # [t] = sum of entries >= n - k + 1 + t
+    zero = torch.zeros_like(P.narrow(dim, 0, 1).sum(dim, keepdim=True))
+    left = torch.cat([zero, head], dim)  # [j] = sum of the j first entries
+    right = torch.cat([tail, zero], dim)  # [j] = sum of the k - 1 - j last entries
+    return P.sum(dim, keepdim=True) - left - right
+
+
 def _corner_sums(P: torch.Tensor, k: int, oh: int, ow: int) -> torch.Tensor:
-    """Sums of ``P [..., H, W]`` over the ``oh x ow`` rectangles with top-left corner (i, j),
-    i, j < k: ``[..., k, k]``, one integral image (int64 for integer P: exact)."""
-    I = torch.nn.functional.pad(P.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
-    return I[..., oh : oh + k, ow : ow + k] - I[..., :k, ow : ow + k] - I[..., oh : oh + k, :k] + I[..., :k, :k]
+    """Sums of ``P [..., H, W]`` over the ``oh x ow`` rectangles (``oh = H - k + 1``,
+    ``ow = W - k + 1``) with top-left corner (i, j), i, j < k: ``[..., k, k]`` (int64 for
+    integer P: exact). Column windows first (one read of P: on a GPU these products are the
+    largest array of the call, and an integral image would read and write it several times),
+    then row windows of the small ``[..., H, k]`` result."""
+    return _window_starts(_window_starts(P, k, P.dim() - 1), k, P.dim() - 2)
 
 
 def patch_sums(x: torch.Tensor, k: int, shift: Optional[torch.Tensor] = None, *, blocks: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
