@@ -59,7 +59,10 @@ def test_pruned_equals_unpruned_and_dense_transcription(crops, t):
         assert rel(pruned, plain) < 1e-12, t
         assert rel(pruned, dense(x, train, window, ab)) < 1e-10, t
         assert st["skip_logit"] == pytest.approx(64 * math.log(2) + math.log(len(train)))
-        assert st["warm_images"] > 0
+        assert (st["warm_images"] > 0) == (ab >= 0.3)  # warm start by default where the softmax is sharp
+        # forced warm start at every noise level: still the unpruned result
+        warm = wl_cpu.windowed_locality_denoise_cpu(x, train, window, ab, warm_start=True, stats=st)
+        assert st["warm_images"] > 0 and rel(warm, plain) < 1e-12, t
         if t <= 10:  # the sharp end: the bound really skips (an assertion that can fail)
             assert st["skipped_fraction"] > 0.5, st
         if t >= 900:  # flat softmax: nothing is 45 logits below the best

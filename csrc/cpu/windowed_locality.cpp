@@ -667,7 +667,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     };
 
     // Warm start (exact mode): per query, the training images nearest in a subsampled
-    // distance (every 4th row and column) over each 16 x 16 region and over the whole image.
+    // distance (every 8th row and column) over each 16 x 16 region and over the whole image.
     // Only a heuristic choice: what the kernel uses is their exact logits, computed below with
     // the same code as the main pass. Ties go to the lower index, so the choice (and the
     // result) does not depend on the thread count.
@@ -675,7 +675,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     const bool warm = warm_start && !wssm_mode && N > 1;
     std::vector<std::vector<int64_t>> cand(static_cast<size_t>(B));
     if (warm) {
-        constexpr int64_t kStep = 4, kRegion = 16;
+        constexpr int64_t kStep = 8, kRegion = 16;
         const int64_t nrw = ceil_div(W, kRegion), nr = ceil_div(H, kRegion) * nrw;
         std::vector<int64_t> soff, sreg;  // sampled (c, h, w): offset in a training image, region
         std::vector<int64_t> xoff;        // and in xq (per query)
