@@ -27,6 +27,11 @@
 // (query range, training block) with their own state, run under a dynamic OpenMP schedule
 // and merged exactly (docs/algorithms.md §5.3 rule) in block order, so the result depends neither on the
 // thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
+//
+// Certified pruning (docs/algorithms.md §14.6): an image's update of 8 pixels of a group is
+// skipped when all 8 logits lie more than skip_logit (64 ln 2 + ln N from the caller) below the
+// running max; in exact mode the running max may start from the exact logits of a few
+// candidate images (warm start), so that the test bites from the first image on.
 
 #include "windowed_locality.h"
 
