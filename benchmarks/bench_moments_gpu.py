@@ -1,5 +1,7 @@
 """uint8 moment sums on the GPU: the int8 tensor-core SYRK (CUDA and Triton backends)
-against torch float64 ``X^T X`` (the exact float path) on the same data, same run.
+against torch float64 ``X^T X`` (the exact float path) on the same data, same run; and the
+uint8 patch sums of ``patch_moments`` (Triton) with the tensor-core lag products against the
+CUDA-core kernel (script only, ``PATCH_CASES``).
 
 As a pytest-benchmark module it is skipped without a CUDA device. As a script
 (``python benchmarks/bench_moments_gpu.py --json out.json``) it prints one line per
@@ -23,6 +25,7 @@ import gpu_bench
 from analytic_diffusion.ops.moments import cuda as _cuda
 from analytic_diffusion.ops import triton_support
 from analytic_diffusion.ops.moments import triton as _triton
+from analytic_diffusion.ops.patch_moments import triton as _patch_triton
 
 try:  # pytest (benchmarks/ is the rootdir's conftest directory) or script (same folder)
     from conftest import QUICK
@@ -118,6 +121,41 @@ def test_estimate_moments_gpu_end_to_end(benchmark, record):
     record("moments_gpu", f"estimate_moments uint8 N={N} n={n}", "cuda", seconds, device="cuda")
 
 
+# patch_moments (Triton): uint8 patch sums of one batch, tensor-core lag products against the
+# CUDA-core kernel (docs/patch_moments.md, "GPU kernels"); (B, C, H, W, k)
+PATCH_CASES = [(256, 3, 64, 64, 15), (256, 1, 64, 64, 15), (256, 3, 128, 128, 15)]
+PATCH_DRY = [(5, 1, 5, 7, 3)]
+
+
+def patch_case(B: int, C: int, H: int, W: int, k: int, dev: str = "cuda", repeats: int = 5) -> list:
+    """Time ``patch_sums`` (whole call) and one launch of the lag products (row lags 0..k-1)
+    with each kernel on the same natural-looking random bytes; the tensor-core result must be
+    bit-identical to the CUDA-core one."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, device=dev, generator=g)
+    U = x.sum(0, dtype=torch.int64)
+    dummy = torch.zeros(1, dtype=torch.float64, device=dev)
+    rows, sums = [], {}
+    for mma in (True, False):
+        blocks = dict(mma=mma)
+        row = dict(impl="patch_sums " + ("tensor cores" if mma else "CUDA cores"), shape=f"uint8 B={B} {C}x{H}x{W} k={k}",
+                   device=gpu_bench.device_name(dev), auto_picks_mma=_patch_triton.use_mma(x.shape, x.device, True, k - 1))
+        sums[mma] = _patch_triton.patch_sums(x, k, blocks=blocks)
+        row["seconds"] = gpu_bench.cuda_seconds(lambda: _patch_triton.patch_sums(x, k, blocks=blocks), repeats=repeats,
+                                                warmup=1 if dev == "cuda" else 0, dev=dev)
+        if mma:
+            launch = lambda: _patch_triton._launch_mma(x, U, 0, k, k - 1, blocks)  # noqa: E731
+        else:
+            launch = lambda: _patch_triton._launch(x, dummy, True, 0, k, k - 1, False, blocks)  # noqa: E731
+        row["kernel_seconds"] = gpu_bench.cuda_seconds(launch, repeats=repeats, warmup=1 if dev == "cuda" else 0, dev=dev)
+        rows.append(row)
+        gpu_bench.free(dev)
+    exact = all(torch.equal(a, b) for a, b in zip(sums[True], sums[False]))
+    for row in rows:
+        row["exact"] = exact
+    return rows
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -148,6 +186,14 @@ def main(argv=None) -> int:
                     gpu_bench.free(dev)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    for case in PATCH_DRY if dry else PATCH_CASES:
+        try:
+            for row in patch_case(*case, dev=dev, repeats=1 if dry else 5):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        except Exception as e:  # keep going
+            rows.append(dict(impl="patch_sums", shape=str(case), error=gpu_bench.error_text(e)))
+            gpu_bench.free(dev)
     gpu_bench.write_json(args.json, rows, dev)
     return 0 if all(r.get("exact", True) and "error" not in r for r in rows) else 1
 

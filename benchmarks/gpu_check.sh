@@ -14,7 +14,9 @@
 #                tests/test_patch_moments_triton.py,
 #                tests/test_build.py (CUDA and compiled Triton, fixed and autotuned shapes)
 #   moments      benchmarks/bench_moments_gpu.py: uint8 SYRK, N = 20000, n = 3072 and 12288,
-#                CUDA and Triton launch shapes, vs torch float64 X^T X and torch._int_mm
+#                CUDA and Triton launch shapes, vs torch float64 X^T X and torch._int_mm;
+#                patch_moments uint8 patch sums (B = 256, 64x64x3 k = 15 ...), tensor-core
+#                vs CUDA-core lag products (bit-identical, timed)
 #   locality     benchmarks/bench_locality_gpu.py: CIFAR shape (N = 50000, n = 3072,
 #                B = 128), the 10 DDIM steps, and optimal_denoise; target 60 ms/step
 #   sanitizer    compute-sanitizer memcheck and racecheck on small moments updates

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "python"))
 
 # Peaks (dense, no sparsity), KERNEL-NOTES.md and NVIDIA's data sheets.
 GPUS = {
-    "H100 SXM": dict(fp16_tc=989e12, int8_tc=1979e12, fp32=67e12, exp2=132 * 16 * 1.83e9, hbm=3.35e12),
-    "H200": dict(fp16_tc=989e12, int8_tc=1979e12, fp32=67e12, exp2=132 * 16 * 1.83e9, hbm=4.8e12),
+    "H100 SXM": dict(fp16_tc=989e12, int8_tc=1979e12, fp32=67e12, exp2=132 * 16 * 1.83e9, hbm=3.35e12, int32=132 * 64 * 2 * 1.83e9),
+    "H200": dict(fp16_tc=989e12, int8_tc=1979e12, fp32=67e12, exp2=132 * 16 * 1.83e9, hbm=4.8e12, int32=132 * 64 * 2 * 1.83e9),
 }
 # Assumed fractions of peak reached (the model's free parameters, stated up front).
 EFF = dict(
@@ -80,6 +80,7 @@ def roof(terms: dict, gpu: dict) -> tuple:
     amount / (peak * efficiency)."""
     peak = dict(wgmma_fp16=gpu["fp16_tc"] * EFF["wgmma"], wgmma_int8=gpu["int8_tc"] * EFF["wgmma"],
                 mma_int8=gpu["int8_tc"] * EFF["mma_sync"], fp32=gpu["fp32"] * EFF["fp32"], exp2=gpu["exp2"] * EFF["exp2"],
+                int32=gpu["int32"] * EFF["fp32"],
                 hbm=gpu["hbm"] * EFF["hbm"])
     times = {k: v / peak[k] for k, v in terms.items() if v}
     bound = max(times, key=times.get)
@@ -133,7 +134,47 @@ def locality_rows(steps):
     return rows, per_step
 
 
+def patch_rows():
+    """patch_moments (Triton), uint8, a batch of B = 256 images per call: the lag-product images of
+    ``patch_sums`` (every row lag di < k, column lags |dj| < k; di = 0 only dj >= 0) from the
+    CUDA-core kernel (int32 IMAD over every pixel of every lag, channels padded to a power of
+    two) and from the tensor-core kernel (int8 products of the column-tile pairs that meet the
+    band, at the launch shape the library picks). Both write the same int64 images."""
+    import torch
+
+    from analytic_diffusion.ops.patch_moments import triton as pm
+
+    rows, B = [], 256
+    for C, S, k in ((3, 64, 15), (1, 64, 15), (3, 128, 15), (1, 32, 9)):
+        H = W = S
+        Lj = k - 1
+        useful = B * C * C * sum((H - di) * (W - abs(dj)) for di in range(k) for dj in range(0 if di == 0 else -Lj, k))
+        cp = 1 << (C - 1).bit_length()
+        lags = (k - 1) * (2 * k - 1) + k
+        cc = B * H * W * cp * cp * lags
+        blk = pm._mma_blocks(torch.device("cuda"), (B, C, H, W), Lj)
+        bm, bk = blk["BM"], blk["BK"]
+        _, nt, n_half = pm.mma_tiling(C, W, Lj, bm)
+        pairs = lambda lo: sum(nt - abs(o) for o in range(lo, n_half + 1) if abs(o) < nt)  # noqa: E731
+        progs = sum((H - di) * pairs(0 if di == 0 else -n_half) for di in range(k))  # that stream images
+        tc = progs * bm * bm * (-(-B // bk) * bk)
+        l2_mma = progs * 2 * bm * (-(-B // bk) * bk)  # each program reads its two row tiles of the batch
+        l2_cc = lags * H * W * cp * B * 2  # each (pixel block, lag) program reads the batch at q and q + e
+        out = k * (2 * k - 1) * C * C * H * W * 8
+        byt = out + B * C * H * W
+        shape = f"uint8 B={B} {C}x{S}x{S} k={k}"
+        res = "wgmma_int8" if bm >= 64 and blk["num_warps"] >= 4 else "mma_int8"  # wgmma needs a warpgroup and m64
+        rows.append(dict(kernel="lagprod_kernel (CUDA cores)", shape=shape, work=f"{2 * cc / 1e9:.2f} G int32 ops ({useful / cc:.0%} useful)",
+                         bytes=byt, terms={"int32": 2.0 * cc, "hbm": byt}, note=f"{out / 1e6:.0f} MB of int64 lag-product images written; {l2_cc / 1e9:.2f} GB of L2 reads"))
+        rows.append(dict(kernel="lagprod_mma_kernel (int8 tensor cores)", shape=shape, work=f"{2 * tc / 1e9:.2f} G int8 ops ({useful / tc:.0%} useful)",
+                         bytes=byt, terms={res: 2.0 * tc, "hbm": byt},
+                         note=f"BM={bm} BK={bk}; the same images written; {l2_mma / 1e9:.2f} GB of L2 reads"))
+    return rows
+
+
 def fmt_time(s):
+    if s < 1e-5:
+        return f"{s * 1e6:.1f} us"
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
@@ -222,6 +263,30 @@ def render(steps) -> str:
         "",
         "Both are FP32 (no tensor cores by design: the distances need fp32 direct differences and the weighted",
         "sum uses an IEEE fp32 dot); 16-query tiles re-read the training set B/16 = 8 times.",
+        "",
+        "## Patch moments (Triton): lag-product images of patch_sums, uint8",
+        "",
+        "Per call of `patch_sums` on a batch of 256 images (the default `batch_size`): the CUDA-core",
+        "`lagprod_kernel` (int32 multiply-adds, INT32 peak assumed 132 SMs x 64 lanes x 2 ops x 1.83 GHz =",
+        "31 T ops/s at the fp32 efficiency) against `lagprod_mma_kernel` (int8 products of the column-tile",
+        "pairs of X_r^T X_{r+di} that meet the band |dj| < k; docs/patch_moments.md). Bytes: the int64",
+        "lag-product images written plus the batch read once; the host's rectangle sums that follow read",
+        "those images once more (not counted: the same for both kernels).",
+        "L2 reads (the batch re-read by every program, not in the roofline) are listed in the notes.",
+        "",
+        "| kernel | shape | work | bytes | bound (H200) | H100 SXM | H200 | note |",
+        "|---|---|---|---:|---|---:|---:|---|",
+    ]
+    for r in patch_rows():
+        t1, _, _ = roof(r["terms"], GPUS["H100 SXM"])
+        t2, b2, times = roof(r["terms"], GPUS["H200"])
+        second = sorted(times.items(), key=lambda kv: -kv[1])
+        nxt = f" (next: {second[1][0]} {fmt_time(second[1][1])})" if len(second) > 1 else ""
+        out.append(f"| {r['kernel']} | {r['shape']} | {r['work']} | {r['bytes'] / 1e6:.0f} MB | {b2}{nxt} | {fmt_time(t1)} | {fmt_time(t2)} | {r['note']} |")
+    out += [
+        "",
+        "Both are bound by writing the int64 images at these shapes once the products run on tensor",
+        "cores; the CUDA-core kernel is bound by its int32 multiply-adds. Neither has run on a GPU.",
         "",
         "## Mask densities used",
         "",

@@ -362,7 +362,33 @@ def v_lagprod(kid, mod, tuners, target) -> Iterator[Variant]:
                   dict(IS_U8=True, REDUCE=False, BB=bb, BP=bp, CP=4, BLOCK_IMAGES=16384 // bb * bb), warps, 1, {"default"}, False)
 
 
-SPECS = {"els_kernel": v_els, "lagprod_kernel": v_lagprod, "wloc_kernel": v_wloc, "colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum}
+def v_lagprod_mma(kid, mod, tuners, target) -> Iterator[Variant]:
+    """patch_moments, uint8 on int8 tensor cores: the launch shape the library picks
+    (``_mma_blocks``: 64-row tiles, or 32-row tiles for narrow rows) at the shapes where
+    ``use_mma`` sends uint8 batches to it: 64x64, k = 15, C = 1 and 3, a batch of 256;
+    32x32, C = 1, k = 9 (32-row tiles); and a channels-last, misaligned batch of odd size
+    (3 x 63 x 61, 1001 images, row lags from 3)."""
+    import torch
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+
+    def variant(label, shape, Lj, di0, strides, aligned=True):
+        B, C, H, W = shape
+        assert mod.use_mma(shape, cuda, True, Lj), f"{label}: the library would not use the tensor-core kernel here"
+        blk = mod._mma_blocks(cuda, shape, Lj)
+        BW, nt, n_half = mod.mma_tiling(C, W, Lj, blk["BM"])
+        args = (Ptr("int8", aligned), *strides, I64, I64, B, C, H, W, di0, Lj, n_half, -16384 * B)
+        cx = dict(BW=BW, BM=blk["BM"], BK=blk["BK"])
+        return Variant(kid, f"{label} BM={blk['BM']} BK={blk['BK']}", args, cx, blk["num_warps"], blk["num_stages"], {"default"}, True)
+
+    for C in (1, 3):
+        yield variant(f"patch uint8 C={C} 64x64 k=15", (256, C, 64, 64), 14, 0, (C * 4096, 4096, 64, 1))
+    yield variant("patch uint8 C=1 32x32 k=9", (256, 1, 32, 32), 4, 0, (1024, 1024, 32, 1))
+    C, H, W = 3, 63, 61
+    yield variant("patch uint8 channels-last misaligned 3x63x61 k=15", (1001, C, H, W), 14, 3, (C * H * W, 1, W * C, C), aligned=False)
+
+
+SPECS = {"els_kernel": v_els, "lagprod_kernel": v_lagprod, "lagprod_mma_kernel": v_lagprod_mma, "wloc_kernel": v_wloc, "colsum_kernel": v_colsum, "syrk_kernel": v_syrk, "loc_kernel": v_loc, "dist_kernel": v_dist, "wsum_kernel": v_wsum}
 
 
 def triton_variants(targets, only: Optional[str]) -> Tuple[List[Variant], List[str]]:

@@ -96,13 +96,15 @@ def test_ls_denoiser_matches_dense(crops, t):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled CPU backend not built")
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
-@pytest.mark.parametrize("t", [0, 10, 20, 300])
+@pytest.mark.parametrize("t", [0, 10, 20, 300, 900])
 def test_cpu_matches_reference_at_low_noise(padding, t):
     """The CPU kernel expands ||Q - a q||^2 in float64 (bound in csrc/cpu/els.cpp): at t <= 20
     with queries that are noisy copies of held-out images (the sharp regime) it must still
-    agree with the direct-difference reference far below the 1e-6 target."""
-    c = ad.data.natural_crops(18, size=12, seed=11)
-    train, held = c[:16], c[16:]
+    agree with the direct-difference reference far below the 1e-6 target; at t = 900 (the flat
+    end: every candidate counts) too. 17 images: three octets of lanes, the last one with a
+    single image, in two work items of two octets (the second one's other octet all padding)."""
+    c = ad.data.natural_crops(19, size=12, seed=11)
+    train, held = c[:17], c[17:]
     ab = ad.alpha_bar_at(t)
     x = noisy_queries(held, ab, seed=t)
     ref = els_denoise(x, train, 5, ab, padding=padding, backend="reference")
@@ -111,6 +113,21 @@ def test_cpu_matches_reference_at_low_noise(padding, t):
     x2 = noisy_queries(train[:2], ab, seed=t + 1)
     ref2 = els_denoise(x2, train, 5, ab, padding=padding, backend="reference")
     assert rel(els_denoise(x2, train, 5, ab, padding=padding, backend="cpu"), ref2) < 1e-9
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled CPU backend not built")
+@pytest.mark.parametrize("P", [3, 7, 9, 11])
+@pytest.mark.parametrize("t", [900, 100, 0])
+def test_cpu_patch_sizes_match_reference(P, t):
+    """Every code path of the kernel's inner-product sums (compile-time P = 3, 5, 7 summed in
+    the fold; P = 9 direct, P = 11 by doubling) on the flat and the sharp ends, circular."""
+    c = ad.data.natural_crops(12, size=12, seed=5)
+    train, held = c[:10], c[10:]
+    ab = ad.alpha_bar_at(t)
+    x = noisy_queries(held, ab, seed=P + t)
+    ref = els_denoise(x, train, P, ab, padding="circular", backend="reference")
+    got = els_denoise(x, train, P, ab, padding="circular", backend="cpu")
+    assert torch.isfinite(got).all() and rel(got, ref) < 1e-9
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -39,6 +39,22 @@ def _unfold_sums(x, k):
     return P.sum(0), P.T @ P
 
 
+def _lag_products(x, n_di, Lj):
+    """int64 ``P[di, dj + Lj, c, c', r, w] = sum_b x[b, c, r, w] x[b, c', r + di, w + dj]`` (0 where
+    the partner is outside the image, and for di = 0, dj < 0): the kernels' per-pixel output."""
+    B, C, H, W = x.shape
+    z = x.long()
+    P = torch.zeros(n_di, 2 * Lj + 1, C, C, H, W, dtype=torch.int64)
+    for di in range(min(n_di, H)):
+        for dj in range(0 if di == 0 else -Lj, min(Lj, W - 1) + 1):
+            if -dj >= W:
+                continue
+            a = z[:, :, : H - di, max(0, -dj) : W - max(0, dj)]
+            b = z[:, :, di:, max(0, dj) : W - max(0, -dj)]
+            P[di, dj + Lj, :, :, : H - di, max(0, -dj) : W - max(0, dj)] = torch.einsum("bchw,bdhw->cdhw", a, b)
+    return P
+
+
 # --------------------------------------------------------------------------- no Triton execution
 def test_gpu_launch_shapes():
     bb, products, warps = pm_tri.PATCH_GPU_CONFIG
@@ -57,6 +73,22 @@ def test_triton_backend_not_offered_for_cpu_tensors():
     assert "triton" not in ad.available_backends("patch_moments", "cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         pm_tri.patch_sums(_u8((2, 1, 5, 5), 0), 3)
+
+
+@pytest.mark.parametrize("H,W,k", [(1, 1, 1), (5, 7, 1), (5, 7, 3), (7, 5, 5), (9, 11, 9)])
+def test_corner_sums_match_an_integral_image(H, W, k):
+    # the rectangle sums patch_sums takes from the lag products (window starts along columns,
+    # then rows) against a 2-D integral image: exact for int64, float64 to rounding
+    oh, ow = H - k + 1, W - k + 1
+    P = torch.randint(-(10**12), 10**12, (3, 2, H, W), generator=torch.Generator().manual_seed(H * W), dtype=torch.int64)
+    I = torch.nn.functional.pad(P.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    want = I[..., oh : oh + k, ow : ow + k] - I[..., :k, ow : ow + k] - I[..., oh : oh + k, :k] + I[..., :k, :k]
+    got = pm_tri._corner_sums(P, k, oh, ow)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    brute = torch.stack([torch.stack([P[..., i : i + oh, j : j + ow].sum((-2, -1)) for j in range(k)], -1) for i in range(k)], -2)
+    assert torch.equal(got, brute)
+    Pf = P.double() / 1e12
+    assert (pm_tri._corner_sums(Pf, k, oh, ow) - brute.double() / 1e12).abs().max() < 1e-12
 
 
 # --------------------------------------------------------------------------- Triton, interpreted on CPU
@@ -141,6 +173,99 @@ def test_interp_accumulator_contract():
     assert (f.cov - want.cov).abs().max() < 1e-12 and f.extra["backend"] == "triton" and not f.extra["exact"]
 
 
+# --------------------------------------------------------------------------- the tensor-core kernel (uint8)
+def test_mma_tiling_and_choice():
+    # 64x64x3, k = 15: 21 columns per 64-row tile, 4 column tiles, offsets -1..1: 10 tile pairs
+    # of 64 x 64 int8 products for 29 * 64 - 210 band columns of 9 channel pairs
+    assert pm_tri.mma_tiling(3, 64, 14, 64) == (21, 4, 1)
+    assert pm_tri.mma_tiling(1, 64, 14, 64) == (64, 1, 1)
+    assert pm_tri.mma_tiling(5, 13, 4, 32) == (6, 3, 1) and pm_tri.mma_tiling(40, 64, 3, 32)[0] == 0
+    eff = pm_tri.mma_efficiency(256, 3, 64, 14, 64, 64)
+    assert eff == pytest.approx(9 * (29 * 64 - 14 * 15) / (10 * 64 * 64))
+    assert pm_tri.mma_efficiency(100, 3, 64, 14, 64, 64) == pytest.approx(eff * 100 / 128)
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+    assert pm_tri.use_mma((256, 3, 64, 64), cuda, True, 14)
+    assert pm_tri._mma_blocks(cuda, (256, 3, 64, 64), 14) == pm_tri.PATCH_MMA_GPU_CONFIG
+    # C = 1, 32 x 32, k = 9: 32-row tiles (26% useful) instead of one 64-row tile (6.5%)
+    assert pm_tri._mma_blocks(cuda, (256, 1, 32, 32), 4) == pm_tri.PATCH_MMA_GPU_SMALL
+    assert pm_tri.use_mma((256, 1, 32, 32), cuda, True, 4)
+    assert not pm_tri.use_mma((256, 3, 64, 64), cuda, False, 14)  # float: never on tensor cores
+    assert not pm_tri.use_mma((1, 3, 64, 64), cuda, True, 14)  # one image in a K tile of 64
+    assert not pm_tri.use_mma((256, 3, 64, 64), cuda, True, 0)  # k = 1: the band is one diagonal
+    assert not pm_tri.use_mma((256, 3, 64, 64), cuda, True, 14, dict(mma=False))
+    assert not pm_tri.use_mma((256, 80, 64, 64), cuda, True, 14)  # channels do not fit a tile
+    assert pm_tri.use_mma((1, 3, 8, 8), cuda, True, 0, dict(mma=True))
+    with pytest.raises(ValueError, match="do not fit"):
+        pm_tri.use_mma((256, 80, 64, 64), cuda, True, 14, dict(mma=True))
+    with pytest.raises(ValueError, match="BM"):
+        pm_tri.use_mma((256, 3, 64, 64), cuda, True, 14, dict(BM=48))
+    with pytest.raises(ValueError, match="BK"):
+        pm_tri.use_mma((256, 3, 64, 64), cuda, True, 14, dict(BK=16))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["C1 random 7x11 k5", "C3 crops 11x13 k3"])
+def test_interp_mma_patch_sums_bit_identical(case):
+    # a batch that is not a multiple of the 32-image K tile; C = 1: one 32-column tile holds
+    # the whole row; C = 3 real crops: 21 columns per 64-row tile (one row of padding)
+    if case.startswith("C1"):
+        x, k, blocks = _u8((37, 1, 7, 11), 5), 5, dict(mma=True, BM=32, BK=32)
+    else:
+        x, k, blocks = ad.data.natural_crops(40, size=13, seed=2)[:, :, 1:12], 3, dict(mma=True, BM=64, BK=32)
+    x_before = x.clone()
+    s1, s2 = pm_tri.patch_sums(x, k, blocks=blocks)
+    r1, r2 = pm_ref.BACKEND.patch_sums(x, k)
+    u1, u2 = _unfold_sums(x, k)
+    assert s1.dtype == s2.dtype == torch.int64 and torch.equal(x, x_before)
+    assert torch.equal(s1, r1) and torch.equal(s2, r2)
+    assert torch.equal(s2.double(), u2) and torch.equal(s1.double(), u1)
+
+
+@needs_interpreter
+def test_interp_mma_lag_products_every_element_written():
+    # The raw lag-product images against a direct int64 torch transcription, element by
+    # element, written into a poisoned buffer: several column tiles (BM = 16, C = 2: 8 columns
+    # per tile, 3 tiles for W = 17) with offsets up to +-2 (Lj = 9), tiles outside the image,
+    # di = 0 (dj < 0 left 0) and rows past the bottom; channels-last strides; a run of 255s
+    # (largest products); 40 images: one full K tile of 32 and a partial one.
+    x = _u8((40, 2, 4, 17), 11)
+    x[:30, :, 1:3, 5:16] = 255
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    U = x.sum(0, dtype=torch.int64)
+    n_di, Lj = 2, 9
+    poison = torch.full((n_di * (2 * Lj + 1) * 2 * 2 * 4 * 17,), -(1 << 62), dtype=torch.int64)
+    got = pm_tri._launch_mma(x, U, 0, n_di, Lj, dict(BM=16, BK=32), out=poison)
+    assert got.data_ptr() == poison.data_ptr() and torch.equal(got, _lag_products(x, n_di, Lj))
+    assert not got[0, :Lj].any() and not got[1, :, :, :, 3].any()  # di = 0, dj < 0; the last row at di = 1
+
+
+@needs_interpreter
+def test_interp_mma_batch_split(monkeypatch):
+    # batches above _MMA_MAX_IMAGES (int32 bound) go in several launches whose int64 products
+    # are added: 7 images in launches of at most 3, into a poisoned buffer
+    monkeypatch.setattr(pm_tri, "_MMA_MAX_IMAGES", 3)
+    x = _u8((7, 2, 2, 5), 12)
+    poison = torch.full((2 * 5 * 2 * 2 * 2 * 5,), -(1 << 62), dtype=torch.int64)
+    got = pm_tri._launch_mma(x, x.sum(0, dtype=torch.int64), 0, 2, 2, dict(BM=32, BK=32), out=poison)
+    assert torch.equal(got, _lag_products(x, 2, 2))
+    empty = pm_tri._launch_mma(x[:0], x[:0].sum(0, dtype=torch.int64), 0, 2, 2, dict(BM=32, BK=32), out=poison.fill_(-1))
+    assert not empty.any()
+
+
+@needs_interpreter
+def test_interp_mma_lag_sums():
+    # lag_sums through the tensor-core kernel (per-pixel products summed per lag): every lag
+    # of a 5 x 6 image, bit-identical to the torch loop
+    x = _u8((9, 2, 5, 6), 4)
+    A, S1 = pm_tri.lag_sums(x, 4, 5, blocks=dict(mma=True, BM=32, BK=32))
+    RA, RS = pm_ref.lag_sums(x, 4, 5)
+    assert A.dtype == torch.int64 and torch.equal(A, RA) and torch.equal(S1, RS)
+    assert not A[0, :5].any()
+    one = _u8((1, 1, 1, 1), 5)  # one image, one pixel: arguments Triton specializes to 1
+    assert torch.equal(pm_tri.patch_sums(one, 1, blocks=dict(mma=True))[1], one.long().reshape(1, 1) ** 2)
+
+
 # --------------------------------------------------------------------------- a CUDA machine
 @needs_cuda_triton
 def test_cuda_patch_sums_bit_identical():
@@ -150,3 +275,6 @@ def test_cuda_patch_sums_bit_identical():
     assert torch.equal(s1.cpu(), r1) and torch.equal(s2.cpu(), r2)
     A, _ = pm_tri.lag_sums(x.cuda(), 31, 31)
     assert torch.equal(A.cpu(), pm_ref.lag_sums(x, 31, 31)[0])
+    for mma in (True, False):  # both kernels, forced
+        s1, s2 = pm_tri.patch_sums(x.cuda(), 9, blocks=dict(mma=mma))
+        assert torch.equal(s1.cpu(), r1) and torch.equal(s2.cpu(), r2)

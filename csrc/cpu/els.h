@@ -10,7 +10,8 @@
 namespace analytic_diffusion {
 
 // Writes the exact float64 online-softmax state of every query pixel over all its candidate
-// patches in all N training images: mx [B, H, W] (running max of the logits), l [B, H, W]
+// patches in all N training images: mx [B, H, W] (a reference logit: a counted logit at most
+// the max and within kElsLazyLogit of it, see els.cpp), l [B, H, W]
 // (sum of exp(logit - mx)) and acc [B, C, H, W] (sum of exp(logit - mx) * centre pixel);
 // the denoised image is acc / l. Every output element is written.
 void els_denoise_run(
@@ -33,9 +34,14 @@ void els_denoise_run(
     uintptr_t acc_ptr     // float64 [B, C, H, W] out
 );
 
-// A candidate whose logit is more than this below the running max of its pixel contributes
-// less than exp(-50) = 1.9e-22 of that max term: the kernel skips its exponential when a
+// A candidate whose logit is more than this below its lane's reference (a counted logit) contributes
+// less than exp(-50) = 1.9e-22 of that counted term: the kernel skips its exponential when a
 // whole vector of candidates is that far below (see els.cpp for the bound on the result).
 constexpr double kElsSkipLogit = 50.0;
+
+// The kernel's state keeps a reference logit per lane within this of the lane's running max
+// (never above it): terms are exp(logit - reference) <= e^30 = 1.1e13, far from overflow for
+// any N, and the state is rescaled only when a logit exceeds the reference by more than this.
+constexpr double kElsLazyLogit = 30.0;
 
 }  // namespace analytic_diffusion

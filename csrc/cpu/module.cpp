@@ -185,6 +185,9 @@ py::dict windowed_stats_dict(const WindowedStats& s) {
     d["units"] = s.units;
     d["cost"] = s.cost;
     d["plan"] = s.plan;
+    d["softmax_vectors"] = s.softmax_vectors;
+    d["skipped_vectors"] = s.skipped_vectors;
+    d["warm_images"] = s.warm_images;
     return d;
 }
 
@@ -211,14 +214,17 @@ py::dict windowed_locality_run_py(
     uintptr_t l_ptr,        // [B, C*H*W] float64 state or 0
     uintptr_t acc_ptr,      // [B, C*H*W] float64 state or 0
     int64_t options,        // planner restrictions (0 = free)
-    bool force_portable     // plain C++ copy even with AVX-512
+    bool force_portable,    // plain C++ copy even with AVX-512
+    double skip_logit,      // pruning margin in logits (690: only underflowing weights)
+    bool warm_start         // start the running max from candidate images (exact mode)
 ) {
     WindowedStats s;
     {
         py::gil_scoped_release nogil;
         s = windowed_locality_run(x_ptr, B, C, H, W, xs0, xs1, xs2, xs3, x_is_double, train_ptr, N, ts0, ts1,
                                   ts2, ts3, train_kind, window_ptr, k, ws0, ws1, ws2, ws3, a, scale, chunk,
-                                  out_ptr, out_is_double, mx_ptr, l_ptr, acc_ptr, options, force_portable);
+                                  out_ptr, out_is_double, mx_ptr, l_ptr, acc_ptr, options, force_portable,
+                                  skip_logit, warm_start);
     }
     return windowed_stats_dict(s);
 }
@@ -384,6 +390,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("ws0"), py::arg("ws1"), py::arg("ws2"), py::arg("ws3"), py::arg("a"), py::arg("scale"),
           py::arg("chunk"), py::arg("out_ptr"), py::arg("out_is_double"), py::arg("mx_ptr"), py::arg("l_ptr"),
           py::arg("acc_ptr"), py::arg("options") = 0, py::arg("force_portable") = false,
+          py::arg("skip_logit") = 690.0, py::arg("warm_start") = false,
           "Windowed locality denoising (docs/algorithms.md §9): exact (chunk = 0) or WSSM; writes out and/or the "
           "float64 state [B, C*H*W]; returns the plan's statistics as a dict.");
     m.def("windowed_locality_plan", &analytic_diffusion::windowed_locality_plan_py, py::arg("window_ptr"),

@@ -27,6 +27,11 @@
 // (query range, training block) with their own state, run under a dynamic OpenMP schedule
 // and merged exactly (docs/algorithms.md §5.3 rule) in block order, so the result depends neither on the
 // thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
+//
+// Certified pruning (docs/algorithms.md §14.6): an image's update of 8 pixels of a group is
+// skipped when all 8 logits lie more than skip_logit (64 ln 2 + ln N from the caller) below the
+// running max; in exact mode the running max may start from the exact logits of a few
+// candidate images (warm start), so that the test bites from the first image on.
 
 #include "windowed_locality.h"
 
@@ -550,7 +555,8 @@ WindowedStats stats_of(const WlPlan& P) {
 
 using PlanesFn = void (*)(const WlPlan&, const double*, const double*, double, double*);
 using DistFn = void (*)(const WlPlan&, const double*, int64_t*, double*, double*);
-using SoftmaxFn = void (*)(const WlPlan&, const double*, const double*, int, double, double*, double*, double*);
+using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*);
+using MaxFn = void (*)(const WlPlan&, const double*, double, double*);
 using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, double*, double*, double*, double*);
 
 // images [k0, k0 + kn) -> y [kn][C][H][Wv] float64 (zero past W), in the kernel's orientation
@@ -586,7 +592,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                                     uintptr_t window_ptr, int64_t k, int64_t ws0, int64_t ws1, int64_t ws2,
                                     int64_t ws3, double a, double scale, int64_t chunk, uintptr_t out_ptr,
                                     bool out_is_double, uintptr_t mx_ptr, uintptr_t l_ptr, uintptr_t acc_ptr,
-                                    int64_t options, bool force_portable) {
+                                    int64_t options, bool force_portable, double skip_logit, bool warm_start) {
     if (B < 1 || N < 1 || C < 1 || H0 < 1 || W0 < 1)
         throw std::invalid_argument("windowed_locality_run: need B, N, C, H, W >= 1");
     if (x_ptr == 0 || train_ptr == 0 || window_ptr == 0) throw std::invalid_argument("windowed_locality_run: null input");
@@ -598,6 +604,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         throw std::invalid_argument("windowed_locality_run: states exist only in exact mode (chunk = 0)");
     if (!(a > 0.0) || !(scale > 0.0) || !std::isfinite(scale))
         throw std::invalid_argument("windowed_locality_run: a and scale must be positive and finite");
+    if (!(skip_logit > 0.0)) throw std::invalid_argument("windowed_locality_run: skip_logit must be > 0");
 
     // bound on the squared differences (train is in [-1, 1]): picks the precise-enough planes
     double xmax = 0.0;
@@ -624,12 +631,14 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     DistFn dist_fn = wl_portable::compute_distances;
     SoftmaxFn softmax_fn = wl_portable::softmax_chunk;
     MergeFn merge_fn = wl_portable::merge_blocks;
+    MaxFn max_fn = wl_portable::max_logits;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
         planes_fn = wl_avx512::compute_planes;
         dist_fn = wl_avx512::compute_distances;
         softmax_fn = wl_avx512::softmax_chunk;
         merge_fn = wl_avx512::merge_blocks;
+        max_fn = wl_avx512::max_logits;
         stats.avx512 = true;
     }
 #endif
@@ -661,6 +670,103 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             load_images_as(reinterpret_cast<const double*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
                            [](double v) { return v; });
     };
+
+    // Warm start (exact mode): per query, the training images nearest in a subsampled
+    // distance (every 8th row and column) over each 16 x 16 region and over the whole image.
+    // Only a heuristic choice: what the kernel uses is their exact logits, computed below with
+    // the same code as the main pass. Ties go to the lower index, so the choice (and the
+    // result) does not depend on the thread count.
+    const bool wssm_mode = chunk > 0;
+    const bool warm = warm_start && !wssm_mode && N > 1;
+    std::vector<std::vector<int64_t>> cand(static_cast<size_t>(B));
+    if (warm) {
+        constexpr int64_t kStep = 8, kRegion = 16;
+        const int64_t nrw = ceil_div(W, kRegion), nr = ceil_div(H, kRegion) * nrw;
+        std::vector<int64_t> soff, sreg;  // sampled (c, h, w): offset in a training image, region
+        std::vector<int64_t> xoff;        // and in xq (per query)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = std::min<int64_t>(kStep / 2, H - 1); h < H; h += kStep)
+                for (int64_t w = std::min<int64_t>(kStep / 2, W - 1); w < W; w += kStep) {
+                    soff.push_back(c * ts1 + h * tsh + w * tsw);
+                    xoff.push_back((c * H + h) * Wv + w);
+                    sreg.push_back((h / kRegion) * nrw + w / kRegion);
+                }
+        const int64_t ns = static_cast<int64_t>(soff.size()), nb = nr + 2;  // regions, then the 2 best overall
+        using Best = std::pair<double, int64_t>;
+        const Best none{std::numeric_limits<double>::infinity(), N};
+        const int nt0 = team_size();
+        std::vector<std::vector<Best>> best(static_cast<size_t>(nt0), std::vector<Best>(static_cast<size_t>(B * nb), none));
+        auto sample = [&](int64_t kimg, double* ys) {
+            if (train_kind == 0) {
+                const auto* src = reinterpret_cast<const uint8_t*>(train_ptr) + kimg * ts0;
+                for (int64_t i = 0; i < ns; ++i) ys[i] = lut[src[soff[i]]];
+            } else if (train_kind == 1) {
+                const auto* src = reinterpret_cast<const float*>(train_ptr) + kimg * ts0;
+                for (int64_t i = 0; i < ns; ++i) ys[i] = static_cast<double>(src[soff[i]]);
+            } else {
+                const auto* src = reinterpret_cast<const double*>(train_ptr) + kimg * ts0;
+                for (int64_t i = 0; i < ns; ++i) ys[i] = src[soff[i]];
+            }
+        };
+        const double swork = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(ns);
+        const int steam = swork < 4.0e6 ? 1 : nt0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(steam) if (steam > 1)
+#endif
+        {
+            std::vector<double> ys(static_cast<size_t>(ns)), xs(static_cast<size_t>(B * ns)), rs(static_cast<size_t>(nr));
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < ns; ++i) xs[b * ns + i] = xq[b * C * HW + xoff[i]];
+            std::vector<Best>& bt = best[thread_index()];
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+            for (int64_t kimg = 0; kimg < N; ++kimg) {
+                sample(kimg, ys.data());
+                for (int64_t b = 0; b < B; ++b) {
+                    std::fill(rs.begin(), rs.end(), 0.0);
+                    const double* xb = xs.data() + b * ns;
+                    for (int64_t i = 0; i < ns; ++i) {
+                        const double e = xb[i] - a * ys[i];
+                        rs[sreg[i]] += e * e;
+                    }
+                    Best* bb = bt.data() + b * nb;
+                    double tot = 0.0;
+                    for (int64_t r = 0; r < nr; ++r) {
+                        tot += rs[r];
+                        const Best v{rs[r], kimg};
+                        if (v < bb[r]) bb[r] = v;
+                    }
+                    const Best v{tot, kimg};
+                    if (v < bb[nr + 1]) {
+                        if (v < bb[nr]) {
+                            bb[nr + 1] = bb[nr];
+                            bb[nr] = v;
+                        } else {
+                            bb[nr + 1] = v;
+                        }
+                    }
+                }
+            }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+            std::vector<Best> m(best[0].begin() + b * nb, best[0].begin() + (b + 1) * nb);
+            std::vector<Best> tops;
+            for (size_t t = 0; t < best.size(); ++t) {
+                for (int64_t r = 0; r < nr; ++r) m[r] = std::min(m[r], best[t][b * nb + r]);
+                tops.push_back(best[t][b * nb + nr]);
+                tops.push_back(best[t][b * nb + nr + 1]);
+            }
+            std::sort(tops.begin(), tops.end());
+            std::vector<int64_t>& cb = cand[b];
+            for (int64_t r = 0; r < nr; ++r) cb.push_back(m[r].second);
+            for (size_t t = 0; t < tops.size() && t < 2; ++t) cb.push_back(tops[t].second);
+            cb.erase(std::remove_if(cb.begin(), cb.end(), [N](int64_t v) { return v >= N; }), cb.end());
+            std::sort(cb.begin(), cb.end());
+            cb.erase(std::unique(cb.begin(), cb.end()), cb.end());
+            stats.warm_images += static_cast<int64_t>(cb.size());
+        }
+    }
 
     // Training blocks: exact mode splits the kWlChunk-image chunks into nblk contiguous blocks;
     // WSSM groups whole WSSM chunks. nblk depends only on N and the state budget, never on the
@@ -694,6 +800,10 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     std::vector<std::unique_ptr<double[], FreeDeleter>> scratch;
     for (int t = 0; t < team; ++t) scratch.push_back(aligned_array<double>(scratch_len));
     const double ninf = -std::numeric_limits<double>::infinity();
+    // per query the warm-start maxima [B][G][HW] (exact mode with warm start only)
+    auto m0 = aligned_array<double>(warm ? B * G * HW : 1);
+    if (warm) std::fill(m0.get(), m0.get() + B * G * HW, ninf);
+    std::vector<int64_t> skipped_t(static_cast<size_t>(team), 0);
 
     // Merge the blocks of each query in block order and write the outputs in the caller's
     // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
@@ -716,6 +826,21 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         auto* ptrs = reinterpret_cast<int64_t*>(ybuf + kWlChunk * C * HW);
         double* coefs = ybuf + kWlChunk * C * HW + max_terms;
         std::fill(planes, planes + nplanes * P.plane_size, 0.0);  // padding stays zero
+        if (warm) {
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+            for (int64_t b = 0; b < B; ++b) {
+                const double* xb = xq.get() + b * C * HW;
+                for (int64_t kimg : cand[b]) {
+                    load_images(kimg, 1, ybuf);
+                    planes_fn(P, xb, ybuf, a, planes);
+                    dist_fn(P, planes, ptrs, coefs, dbuf);
+                    max_fn(P, dbuf, scale, m0.get() + b * G * HW);
+                }
+            }
+        }  // (implicit barrier: every m0 is complete before the main pass)
+        int64_t& nskip = skipped_t[thread_index()];
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -730,7 +855,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             auto reset = [&]() {
                 for (int64_t b = b0; b < b1; ++b) {
                     double* s = mx_of(b);
-                    std::fill(s, s + G * HW, ninf);
+                    if (warm) std::copy(m0.get() + b * G * HW, m0.get() + (b + 1) * G * HW, s);
+                    else std::fill(s, s + G * HW, ninf);
                     std::fill(s + G * HW, s + (2 * G + C) * HW, 0.0);
                 }
             };
@@ -749,7 +875,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                             dist_fn(P, planes, ptrs, coefs, dbuf + j * G * HW);
                         }
                         double* s = mx_of(b);
-                        softmax_fn(P, dbuf, ybuf, kn, scale, s, s + G * HW, s + 2 * G * HW);
+                        nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW);
                     }
                 }
                 if (wssm) {  // this chunk's softmax mean joins the sum, then a fresh state
@@ -809,6 +935,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         }
             }
     }
+    for (int64_t v : skipped_t) stats.skipped_vectors += v;
+    stats.softmax_vectors = B * N * G * (HW / 8);
     return stats;
 }
 

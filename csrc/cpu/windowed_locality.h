@@ -27,6 +27,9 @@ struct WindowedStats {
     int64_t integral_planes = 0;  // of which 2-D integral images
     int64_t units = 0;            // parallel work units (query range x training block), merged in order
     double cost = 0.0;            // the plan's estimated vector operations per 8 pixels
+    int64_t softmax_vectors = 0;  // (query, image, group, 8 pixels) softmax updates considered
+    int64_t skipped_vectors = 0;  // of which skipped: every lane's logit below running max - skip_logit
+    int64_t warm_images = 0;      // (query, image) pairs run once more to start the running max (0: off)
     std::string plan;             // human-readable plan, one line per group
 };
 
@@ -43,6 +46,13 @@ struct WindowedStats {
 // `options`: bit 0 forbids the transposed orientation, bit 1 forbids 2-D integral images,
 // bit 2 forbids box-minus-holes decompositions, bit 3 forces the transposed orientation
 // (tests use them to run every code path); 0 = let the planner choose.
+// Certified pruning (docs/algorithms.md §14.6): an (image, 8 pixels, group) softmax update
+// is skipped when every lane's logit is below the running max minus `skip_logit` (> 0; the
+// caller passes 64 ln 2 + ln N, so all skipped weights together are below 2^-64 of the
+// largest; 690 skips only weights that underflow). `warm_start` (exact mode only): before the
+// main pass each query's running max starts at the exact logits of a few training images
+// chosen by a cheap subsampled distance (per 16 x 16 region and over the whole image), so
+// that the bound bites from the first image on; the maximum stays a computed logit.
 WindowedStats windowed_locality_run(
     uintptr_t x_ptr,       // queries x [B, C, H, W], float32 or float64
     int64_t B, int64_t C, int64_t H, int64_t W,  // sizes, all >= 1
@@ -64,7 +74,9 @@ WindowedStats windowed_locality_run(
     uintptr_t l_ptr,       // [B, C*H*W] float64 or 0
     uintptr_t acc_ptr,     // [B, C*H*W] float64 or 0
     int64_t options,       // planner restrictions, see above (0 = free choice)
-    bool force_portable    // true: the plain C++ copy even where AVX-512 runs
+    bool force_portable,   // true: the plain C++ copy even where AVX-512 runs
+    double skip_logit,     // > 0: pruning margin in logits (see above)
+    bool warm_start        // start the running max from candidate images (exact mode)
 );
 
 // The plan alone (no images needed) for inspection: same window arguments as above, plus

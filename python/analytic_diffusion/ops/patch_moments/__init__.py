@@ -3,7 +3,8 @@ docs/patch_moments.md), streaming, with the contract of the full moments op: exa
 sums for uint8 (independent of batch order and size), float64 shifted sums for float data,
 ``num_workers``, checkpoint/resume, ``merge`` / ``all_reduce``, and backends chosen through
 the registry (``"reference"``: torch lag GEMMs, any device; ``"cpu"``: compiled lag sums;
-``"triton"``: GPU lag-product images, exact integer sums for uint8) and recorded in
+``"triton"``: GPU lag-product images, exact integer sums for uint8, on int8 tensor cores
+where the band of products fills them enough) and recorded in
 ``Moments.extra["backend"]``.
 
 Also the full stationary covariance (all offsets up to the image size):

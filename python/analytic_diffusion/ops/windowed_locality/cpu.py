@@ -17,6 +17,14 @@ The softmax is float64 and online, in chunks of 8 training images (one exp per l
 per chunk), in fixed training blocks merged exactly in order: the result depends neither on
 the thread count nor on the schedule. :func:`windowed_plan` shows what the planner chose.
 
+Certified pruning (``prune=True``, the default; docs/algorithms.md §14.6): an (image, 8
+pixels, group) softmax update is skipped when all 8 logits lie more than
+``64 ln 2 + ln N`` below the running maximum (``pruning.softmax_margin`` in logits), so all
+skipped weights together are below ``2^-64`` of the largest; in exact mode each query's running
+maximum starts at the exact logits of a few training images nearest in a subsampled distance
+(per 16 x 16 region), so that the bound bites from the first image on. ``last_stats()`` tells
+how much was skipped.
+
 Importing this module only registers the backend; the compiled module is loaded on the first
 availability probe or call.
 """
@@ -28,9 +36,25 @@ import torch
 
 from ... import _ext, registry
 from ...schedule import noise_level
+from ..pruning import softmax_margin
 from ..softmax_state import SoftmaxState
 
-__all__ = ["available", "windowed_locality_denoise_cpu", "windowed_plan"]
+__all__ = ["available", "last_stats", "windowed_locality_denoise_cpu", "windowed_plan"]
+
+# logit margin of the unpruned kernel: only weights below e^-690 (which underflow) are skipped
+_UNPRUNED_SKIP = 690.0
+# warm start by default from this alpha_bar on (a speed setting: measured skipped fractions are
+# 0 at t >= 500, 1-3% at t = 400 (alpha_bar 0.19), 13-22% at t = 300 (0.39), docs/algorithms.md §14.6)
+_WARM_ALPHA_BAR = 0.3
+_LAST: dict = {}
+
+
+def last_stats() -> dict:
+    """Statistics of the last call in this process: the plan's (see :func:`windowed_plan`) plus
+    ``softmax_vectors`` (query x image x group x 8-pixel softmax updates), ``skipped_vectors``
+    and ``skipped_fraction`` (those the pruning bound skipped), ``warm_images`` (query x image
+    pairs computed once more to start the running max) and ``skip_logit``."""
+    return dict(_LAST)
 
 _SYMBOLS = ("windowed_locality_run", "windowed_locality_plan")
 
@@ -64,12 +88,20 @@ def windowed_plan(window: torch.Tensor, image_shape, alpha_bar: float, *, temper
 
 
 def windowed_locality_denoise_cpu(
-    x, train, window, alpha_bar, temperature=1.0, softmax="exact", chunk_size=256, return_state=False, *, options: int = 0, force_portable: bool = False, stats: dict = None
+    x, train, window, alpha_bar, temperature=1.0, softmax="exact", chunk_size=256, return_state=False, *, options: int = 0, force_portable: bool = False, stats: dict = None,
+    prune: bool = True,
+    warm_start=None,
 ):
     """Backend of ``ops.windowed_locality_denoise`` (reference signature; inputs validated).
 
     ``options`` / ``force_portable`` restrict the planner / pick the plain C++ copy (tests);
-    ``stats``, if a dict, receives the plan's statistics."""
+    ``stats``, if a dict, receives the call's statistics (see :func:`last_stats`).
+    ``prune=False`` skips only weights that underflow (e^-690) and starts every running max
+    at -inf: the unpruned kernel, for tests and benchmarks; the pruned result differs from it
+    by less than ``2^-63`` per pixel before rounding (docs/algorithms.md §14.6). ``warm_start``
+    (exact mode, with ``prune``): start the running maxima from a few candidate images; the
+    default (None) does so when ``alpha_bar >= 0.3`` (t <~ 330 in the DDPM schedule): at higher
+    noise the softmax is flat, nothing is skipped, and the candidate search would only cost."""
     if x.device.type != "cpu" or train.device.type != "cpu" or window.device.type != "cpu":
         raise ValueError("the cpu windowed locality backend needs CPU tensors")
     if train.dtype not in _ext.TRAIN_KIND:
@@ -84,6 +116,11 @@ def windowed_locality_denoise_cpu(
     if not math.isfinite(scale):
         raise ValueError("the logit scale 1 / (2 (1 - alpha_bar) temperature) is not finite")
     w8 = _window_u8(window)
+    # pruning margin in logits: 64 ln 2 + ln N (every skipped weight < 2^-64 / N of the largest)
+    skip = softmax_margin(N, alpha_bar, temperature) * scale if prune else _UNPRUNED_SKIP
+    if not (math.isfinite(skip) and skip > 0):
+        skip = _UNPRUNED_SKIP
+    warm = bool(prune) and (alpha_bar >= _WARM_ALPHA_BAR if warm_start is None else bool(warm_start))
     nan = float("nan")
     # outputs start as NaN so that anything the kernel failed to write is visible
     out = None if return_state else torch.full((B, n), nan, dtype=x.dtype)
@@ -97,8 +134,12 @@ def windowed_locality_denoise_cpu(
         w8.data_ptr(), w8.shape[-1], *w8.stride(),
         a, scale, 0 if softmax == "exact" else int(chunk_size),
         ptr(out), x.dtype == torch.float64, ptr(mx), ptr(l), ptr(acc),
-        int(options), bool(force_portable),
+        int(options), bool(force_portable), float(skip), bool(warm),
     )
+    res["skip_logit"] = float(skip)
+    res["skipped_fraction"] = res["skipped_vectors"] / max(res["softmax_vectors"], 1)
+    _LAST.clear()
+    _LAST.update(res)
     if stats is not None:
         stats.update(res)
     if return_state:
