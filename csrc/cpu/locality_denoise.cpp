@@ -823,6 +823,11 @@ bool row_converter_ok(const double* lut) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq")
 #endif
+// eight uint8 pixels -> their grey levels as float64 (exact)
+static AD_FORCEINLINE __m512d u8x8_grey(const uint8_t* p) {
+    return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // eight uint8 pixels -> their exact float64 values (convert_u8_row_avx512's arithmetic)
 static AD_FORCEINLINE __m512d u8x8_exact(const uint8_t* p) {
     const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -887,19 +892,16 @@ void softmax_update_u8(const double* d, const uint8_t* const* rows, int nvalid, 
                   b6 = _mm512_set1_pd(pq[6]), b7 = _mm512_set1_pd(pq[7]);
     const uint8_t *u0 = rows[0], *u1 = rows[1], *u2 = rows[2], *u3 = rows[3], *u4 = rows[4], *u5 = rows[5],
                   *u6 = rows[6], *u7 = rows[7];
-    auto cv = [](const uint8_t* p8) {
-        return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8))));
-    };
     int64_t m = 0;
     for (; m + 8 <= n; m += 8) {
-        __m512d s0 = _mm512_mul_pd(b0, cv(u0 + m));
-        __m512d s1 = _mm512_mul_pd(b1, cv(u1 + m));
-        s0 = _mm512_fmadd_pd(b2, cv(u2 + m), s0);
-        s1 = _mm512_fmadd_pd(b3, cv(u3 + m), s1);
-        s0 = _mm512_fmadd_pd(b4, cv(u4 + m), s0);
-        s1 = _mm512_fmadd_pd(b5, cv(u5 + m), s1);
-        s0 = _mm512_fmadd_pd(b6, cv(u6 + m), s0);
-        s1 = _mm512_fmadd_pd(b7, cv(u7 + m), s1);
+        __m512d s0 = _mm512_mul_pd(b0, u8x8_grey(u0 + m));
+        __m512d s1 = _mm512_mul_pd(b1, u8x8_grey(u1 + m));
+        s0 = _mm512_fmadd_pd(b2, u8x8_grey(u2 + m), s0);
+        s1 = _mm512_fmadd_pd(b3, u8x8_grey(u3 + m), s1);
+        s0 = _mm512_fmadd_pd(b4, u8x8_grey(u4 + m), s0);
+        s1 = _mm512_fmadd_pd(b5, u8x8_grey(u5 + m), s1);
+        s0 = _mm512_fmadd_pd(b6, u8x8_grey(u6 + m), s0);
+        s1 = _mm512_fmadd_pd(b7, u8x8_grey(u7 + m), s1);
         _mm512_storeu_pd(accu + m, _mm512_add_pd(_mm512_loadu_pd(accu + m), _mm512_add_pd(s0, s1)));
     }
     for (; m < n; ++m)
