@@ -101,7 +101,10 @@ AD_TARGET_VNNI void dots_vnni(const int8_t* q, int64_t n, const uint8_t* const* 
 // VNNI layout) into 16 x 16 int32 sums: 16 times the work of a vpdpbusd, which makes the bound
 // a pass at memory speed. Needs the OS to grant the tile state (Linux arch_prctl); used only
 // when CPUID, XCR0 and the grant all say yes.
-#if AD_X86_DISPATCH && defined(__linux__)
+// The AMX intrinsics and their target attributes exist from GCC 11 / Clang 12 on: older
+// compilers build the VNNI / portable paths only.
+#if AD_X86_DISPATCH && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define AD_PB_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
