@@ -837,34 +837,59 @@ static AD_FORCEINLINE __m512d u8x8_exact(const uint8_t* p) {
     return _mm512_fmadd_pd(_mm512_fnmadd_pd(y0, _mm512_set1_pd(255.0), c), rcp, y0);
 }
 
-// One query's distances to nvalid uint8 images read in place: the operations (and order) of
-// ld_avx512::full_distances8 on the converted rows, so the distances are the unpruned run's,
-// bit for bit (the state's max logit stays exact), without writing converted rows anywhere:
-// a pruned run converts an image per (query, image) pair, and staging 8 converted rows
-// (196 KB at 32x32x3) ran out of L2 bandwidth. Only where row_converter_ok.
-void full_distances_u8(const double* xb, const uint8_t* const* rows, int nvalid, int64_t n, double a,
-                       const double* lut, double* d) {
+// The distances of Q queries to one uint8 image read in place, out[q] = ||xs[q] - a y||^2: per
+// query the operations (and order) of ld_avx512::full_distances8 on the converted row, so the
+// distances are the unpruned run's, bit for bit (the state's max logit stays exact). Each
+// 32-pixel slice of the image is converted once (in registers) for all Q queries: a pruned run
+// visits each surviving image for ~3 queries at t = 300, and the exact conversion costs more than
+// the distance itself. No converted row is written anywhere (staging converted rows, 24 KB each
+// at 32x32x3, ran out of L2 bandwidth). Q <= 4 keeps the 4Q accumulators in registers.
+// Only where row_converter_ok.
+template <int Q>
+void distances_u8_multi(const double* const* xs, const uint8_t* y, int64_t n, double a, const double* lut,
+                        double* out) {
     const __m512d va = _mm512_set1_pd(a);
-    for (int q = 0; q < nvalid; ++q) {
-        const uint8_t* y = rows[q];
-        __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
-        int64_t j = 0;
-        for (; j + 32 <= n; j += 32) {
-            const __m512d d0 = _mm512_fnmadd_pd(va, u8x8_exact(y + j), _mm512_loadu_pd(xb + j));
-            const __m512d d1 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 8), _mm512_loadu_pd(xb + j + 8));
-            const __m512d d2 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 16), _mm512_loadu_pd(xb + j + 16));
-            const __m512d d3 = _mm512_fnmadd_pd(va, u8x8_exact(y + j + 24), _mm512_loadu_pd(xb + j + 24));
-            s0 = _mm512_fmadd_pd(d0, d0, s0);
-            s1 = _mm512_fmadd_pd(d1, d1, s1);
-            s2 = _mm512_fmadd_pd(d2, d2, s2);
-            s3 = _mm512_fmadd_pd(d3, d3, s3);
+    __m512d s[Q][4];
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) s[q][0] = s[q][1] = s[q][2] = s[q][3] = _mm512_setzero_pd();
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m512d y0 = u8x8_exact(y + j), y1 = u8x8_exact(y + j + 8), y2 = u8x8_exact(y + j + 16),
+                      y3 = u8x8_exact(y + j + 24);
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; ++q) {
+            const double* xb = xs[q];
+            const __m512d d0 = _mm512_fnmadd_pd(va, y0, _mm512_loadu_pd(xb + j));
+            const __m512d d1 = _mm512_fnmadd_pd(va, y1, _mm512_loadu_pd(xb + j + 8));
+            const __m512d d2 = _mm512_fnmadd_pd(va, y2, _mm512_loadu_pd(xb + j + 16));
+            const __m512d d3 = _mm512_fnmadd_pd(va, y3, _mm512_loadu_pd(xb + j + 24));
+            s[q][0] = _mm512_fmadd_pd(d0, d0, s[q][0]);
+            s[q][1] = _mm512_fmadd_pd(d1, d1, s[q][1]);
+            s[q][2] = _mm512_fmadd_pd(d2, d2, s[q][2]);
+            s[q][3] = _mm512_fmadd_pd(d3, d3, s[q][3]);
         }
-        double t = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
-        for (; j < n; ++j) {
-            const double e = xb[j] - a * lut[y[j]];
+    }
+    for (int q = 0; q < Q; ++q) {
+        const double* xb = xs[q];
+        double t = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s[q][0], s[q][1]), _mm512_add_pd(s[q][2], s[q][3])));
+        for (int64_t jj = j; jj < n; ++jj) {
+            const double e = xb[jj] - a * lut[y[jj]];
             t += e * e;
         }
-        d[q] = t;
+        out[q] = t;
+    }
+}
+
+// distances_u8_multi for any number of queries, four at a time
+void distances_u8_queries(const double* const* xs, int m, const uint8_t* y, int64_t n, double a, const double* lut,
+                          double* out) {
+    int g = 0;
+    for (; g + 4 <= m; g += 4) distances_u8_multi<4>(xs + g, y, n, a, lut, out + g);
+    switch (m - g) {
+        case 3: distances_u8_multi<3>(xs + g, y, n, a, lut, out + g); break;
+        case 2: distances_u8_multi<2>(xs + g, y, n, a, lut, out + g); break;
+        case 1: distances_u8_multi<1>(xs + g, y, n, a, lut, out + g); break;
+        default: break;
     }
 }
 
@@ -980,6 +1005,43 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
     auto* arg_out = reinterpret_cast<int64_t*>(arg_ptr);
     // a few survivors (low noise, nearest): one thread; a parallel region costs more than the
     // work below ~2^20 pixel visits on a busy machine
+    // uint8 images read in place (the common case): phase 1 computes every surviving pair's
+    // distance image by image, so that each image is converted once for all the queries that keep
+    // it (the survivor lists inverted into per-image query lists); phase 2 runs each query's online
+    // softmax over its images in ascending order, as the unpruned run does.
+#if AD_LD_DISPATCH
+    const bool use_inv = fast_u8 && train_kind == 0 && ts1 == 1 && !argmin;
+#else
+    const bool use_inv = false;
+#endif
+    std::vector<double> dist_all;           // [off[B]] the distance of each survivor, CSR order
+    std::vector<int64_t> img_start;         // [N + 1] image k's pairs: inv_*[img_start[k] .. img_start[k + 1])
+    std::vector<int64_t> inv_pos;           // [off[B]] a pair's CSR position
+    std::vector<int64_t> img_list;          // the distinct surviving images
+    std::unique_ptr<double[], FreeDeleter> xall;  // [B][n] the queries, float64
+    if (use_inv) {
+        xall = aligned_array<double>(B * n);
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = 0; j < n; ++j)
+                xall[b * n + j] = x_is_double
+                                      ? reinterpret_cast<const double*>(x_ptr)[b * xs0 + j * xs1]
+                                      : static_cast<double>(reinterpret_cast<const float*>(x_ptr)[b * xs0 + j * xs1]);
+        img_start.assign(N + 1, 0);
+        for (int64_t i = 0; i < off[B]; ++i) ++img_start[idx[i] + 1];
+        for (int64_t k = 0; k < N; ++k) {
+            if (img_start[k + 1] > 0) img_list.push_back(k);
+            img_start[k + 1] += img_start[k];
+        }
+        std::vector<int64_t> cur(img_start.begin(), img_start.end() - 1);
+        inv_pos.resize(off[B]);
+        for (int64_t i = 0; i < off[B]; ++i) inv_pos[cur[idx[i]]++] = i;
+        dist_all.resize(off[B]);
+    }
+    // the query of CSR position i: off is ascending, so a binary search (phase 1 only)
+    auto query_of = [off, B](int64_t i) {
+        return static_cast<int64_t>(std::upper_bound(off, off + B + 1, i) - off) - 1;
+    };
+    (void)query_of;
     const int team = off[B] * n < (int64_t(1) << 20) ? 1 : static_cast<int>(std::min<int64_t>(nt, B));
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(team) if (team > 1)
@@ -989,6 +1051,26 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
         double* xb = Ys + kLdLanes * n;
         double* acc = xb + n;
         double* d = acc + n;
+#if AD_LD_DISPATCH
+        if (use_inv) {
+            const auto* base = reinterpret_cast<const uint8_t*>(train_ptr);
+            const int64_t nimg = static_cast<int64_t>(img_list.size());
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 16)
+#endif
+            for (int64_t u = 0; u < nimg; ++u) {
+                const int64_t k = img_list[u];
+                for (int64_t p = img_start[k]; p < img_start[k + 1]; p += 4) {
+                    const int m = static_cast<int>(std::min<int64_t>(4, img_start[k + 1] - p));
+                    const double* xs[4];
+                    double out[4];
+                    for (int q = 0; q < m; ++q) xs[q] = xall.get() + query_of(inv_pos[p + q]) * n;
+                    distances_u8_queries(xs, m, base + k * ts0, n, a, lut, out);
+                    for (int q = 0; q < m; ++q) dist_all[inv_pos[p + q]] = out[q];
+                }
+            }
+        }
+#endif
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -1001,15 +1083,17 @@ void full_pruned_run(const LocalityPlan& plan, uintptr_t x_ptr, int64_t B, int64
             int64_t barg = -1;
             std::fill(acc, acc + n, 0.0);
 #if AD_LD_DISPATCH
-            if (fast_u8 && train_kind == 0 && ts1 == 1 && !argmin) {
-                // uint8 images read in place: no converted copies (see full_distances_u8)
+            if (use_inv) {
+                // distances from phase 1; the softmax visits the images in ascending order, as before
                 const auto* base = reinterpret_cast<const uint8_t*>(train_ptr);
                 for (int64_t i0 = off[b]; i0 < off[b + 1]; i0 += kLdLanes) {
                     const int nvalid = static_cast<int>(std::min<int64_t>(kLdLanes, off[b + 1] - i0));
                     const uint8_t* rows[kLdLanes];
                     // padding lanes repeat the last image: weight exactly 0 (logit -inf)
-                    for (int q = 0; q < kLdLanes; ++q) rows[q] = base + idx[i0 + std::min(q, nvalid - 1)] * ts0;
-                    full_distances_u8(xb, rows, nvalid, n, a, lut, d);
+                    for (int q = 0; q < kLdLanes; ++q) {
+                        rows[q] = base + idx[i0 + std::min(q, nvalid - 1)] * ts0;
+                        d[q] = dist_all[i0 + std::min(q, nvalid - 1)];
+                    }
                     softmax_update_u8(d, rows, nvalid, n, scale, mx, l, acc);
                 }
                 for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / 127.5 - l;  // grey levels -> sum_k p_k y_k
