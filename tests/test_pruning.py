@@ -297,3 +297,32 @@ def test_optimal_and_nearest_pruned_every_bound_odd_sizes(monkeypatch, method, t
     npr = nearest_cpu.nearest_denoise_cpu(x, train, ab, return_state=True)
     assert pruning.last_stats()["skipped_fraction"] > 0.5
     assert torch.equal(npr.index, nf.index) and torch.equal(npr.dist, nf.dist) and npr.index[0].item() == 3
+
+
+@pytest.mark.parametrize("t", [300, 900])
+def test_optimal_pruned_images_shared_by_many_queries_threads(t):
+    """The pruned exact pass converts each surviving uint8 image once for every query that keeps
+    it (docs/algorithms.md §14.3): 13 queries (groups of 4 and a remainder) sharing most images,
+    enough survivors for the parallel path, one and two threads give the same state, with the
+    unpruned run's max logit exactly and its result to 1e-12."""
+    u = ad.data.natural_crops(N + 13, size=SIZE, seed=5).reshape(N + 13, -1)
+    u[9] = u[2]
+    train, held = u[:N], u[N:]
+    x, ab = queries(held, t, train, exact_index=2)
+    x[1] = x[0]  # two identical queries keep the same images
+    full = locality_cpu.optimal_denoise_cpu(x, train, ab, return_state=True, prune=False)
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            states.append(locality_cpu.optimal_denoise_cpu(x, train, ab, return_state=True))
+    finally:
+        torch.set_num_threads(before)
+    assert pruning.last_stats()["pairs"] == 13 * N
+    for st in states:
+        assert torch.equal(st.mx, full.mx)
+        assert rel(st.result(), full.result()) < 1e-12
+    assert torch.equal(states[0].mx, states[1].mx) and torch.equal(states[0].l, states[1].l)
+    assert torch.equal(states[0].acc, states[1].acc)
+    assert torch.equal(states[0].result()[0], states[0].result()[1])
