@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import analytic_diffusion as ad
-from conftest import QUICK, rel_err, time_call
+from conftest import QUICK, crops_split, noisy_queries, rel_err, time_call
 
 SIZE = 8 if QUICK else 32
 N_TRAIN = 16 if QUICK else int(os.environ.get("AD_BENCH_N", "2000"))
@@ -106,18 +106,9 @@ def published_ls(x, train_f32, k, alpha_bar, chunk=PUBLISHED_CHUNK * 16):
     return (x + bt2 * score) / a
 
 
-_DATA: dict = {}
-
-
 def inputs(t):
-    if "crops" not in _DATA:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
-        _DATA["crops"] = (crops[:N_TRAIN], crops[N_TRAIN:])
-    train, held = _DATA["crops"]
-    ab = ad.alpha_bar_at(t)
-    g = torch.Generator().manual_seed(t)
-    x0 = held.double() / 127.5 - 1
-    x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    train, held = crops_split(N_TRAIN, BATCH, SIZE)
+    x, ab = noisy_queries(held, t)
     return train, x, ab
 
 

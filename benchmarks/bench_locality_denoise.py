@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import analytic_diffusion as ad
-from conftest import QUICK, rel_err, time_call
+from conftest import QUICK, crops_split, geo_mean, noisy_queries, rel_err, time_call
 
 SIZES = [8] if QUICK else [16, 32]
 TIMESTEPS = [900, 100, 0] if QUICK else ad.ddim_timesteps(10)
@@ -41,9 +41,8 @@ _SETUP: dict = {}
 
 def setup(size: int):
     if size not in _SETUP:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=size, seed=0)
         moments = ad.estimate_moments(ad.data.natural_crops(N_MOMENTS[size], size=size, seed=1))
-        _SETUP[size] = (crops[:N_TRAIN], crops[N_TRAIN:], ad.WienerFilter(moments))
+        _SETUP[size] = (*crops_split(N_TRAIN, BATCH, size), ad.WienerFilter(moments))
     return _SETUP[size]
 
 
@@ -55,11 +54,9 @@ def step_inputs(size: int, t: int):
     """Inputs of one DDIM step and the baselines timed on them, once per (size, t)."""
     if (size, t) not in _BASE:
         train, held, filt = setup(size)
-        ab = ad.alpha_bar_at(t)
+        x, ab = noisy_queries(held, t)
+        x = x.reshape(BATCH, -1)
         mask = filt.mask(ab, 0.02)
-        g = torch.Generator().manual_seed(t)
-        x0 = held.double() / 127.5 - 1
-        x = (math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=torch.float64)).reshape(BATCH, -1)
         x32, train_f32 = x.float(), (train.float() / 127.5 - 1).reshape(N_TRAIN, -1)
         exact64 = ad.ops.locality_denoise_reference(x, train.reshape(N_TRAIN, -1), mask, ab)
         official_s = time_call(lambda: official_locality_denoise(x32, train_f32, mask, ab), repeats=REPEATS, warmup=0)
@@ -100,8 +97,8 @@ def test_geometric_mean_over_timesteps(record, size):
     for (sz, backend), pairs in sorted(_SPEEDUPS.items()):
         if sz != size or len(pairs) != len(TIMESTEPS):
             continue
-        geo = math.exp(sum(math.log(p[0]) for p in pairs) / len(pairs))
-        geo_ref = math.exp(sum(math.log(p[1]) for p in pairs) / len(pairs))
+        geo = geo_mean(p[0] for p in pairs)
+        geo_ref = geo_mean(p[1] for p in pairs)
         record("locality_denoise geo-mean", f"{size}x{size}x3 N={N_TRAIN} B={BATCH}, {len(pairs)} DDIM steps", backend, None,
                speedup_vs_official=geo, speedup_vs_reference_exact=geo_ref)
         assert geo > 0

@@ -21,7 +21,7 @@ import torch
 import analytic_diffusion as ad
 from analytic_diffusion.denoisers.schedules import preset_schedule
 from bench_els import published_ls
-from conftest import QUICK, rel_err, time_call, write_bench_table
+from conftest import QUICK, crops_split, geo_mean, noisy_queries, rel_err, time_call, write_bench_table
 
 SIZE = 8 if QUICK else 32
 N_TRAIN = 16 if QUICK else int(os.environ.get("AD_BENCH_N", "2000"))
@@ -32,24 +32,14 @@ SCHEDULE = preset_schedule("cifar10-unet", ad.ddim_timesteps(10) if not QUICK el
 # per training image does not depend on it)
 _UNFOLD_FLOATS = 2e7
 
-_DATA: dict = {}
 _SPEEDUPS: list = []
-
-
-def data():
-    if not _DATA:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
-        _DATA.update(train=crops[:N_TRAIN], held=crops[N_TRAIN:])
-    return _DATA["train"], _DATA["held"]
 
 
 @pytest.mark.parametrize("t", TIMESTEPS)
 def test_ls_step(record, t):
-    train, held = data()
+    train, held = crops_split(N_TRAIN, BATCH, SIZE)
     P = min(SCHEDULE[t], 2 * SIZE - 1)
-    ab = ad.alpha_bar_at(t)
-    g = torch.Generator().manual_seed(t)
-    x = math.sqrt(ab) * (held.double() / 127.5 - 1) + math.sqrt(1 - ab) * torch.randn(held.shape, generator=g, dtype=torch.float64)
+    x, ab = noisy_queries(held, t)
     x32 = x.float()
     train_f32 = train.float() / 127.5 - 1
     box = torch.ones(3, 3, P, P, dtype=torch.bool)
@@ -72,7 +62,7 @@ def test_ls_step(record, t):
 
 def test_ls_geo_mean(record):
     if len(_SPEEDUPS) == len(TIMESTEPS):
-        geo = math.exp(sum(math.log(s) for s in _SPEEDUPS) / len(_SPEEDUPS))
+        geo = geo_mean(_SPEEDUPS)
         record("ls_denoise geo-mean", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(TIMESTEPS)} DDIM steps, cifar10-unet schedule",
                "LSDenoiser", None, speedup_vs_published=geo, min_speedup=min(_SPEEDUPS))
     write_bench_table("ls_denoise", "LS (Kamb & Ganguli): LSDenoiser (windowed CPU backend) vs the published unfold algorithm")

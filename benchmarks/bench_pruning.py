@@ -42,7 +42,7 @@ from analytic_diffusion.denoisers.screening import GoldDiffScreening
 from analytic_diffusion.ops.locality import cpu as locality_cpu
 from analytic_diffusion.ops.nearest import cpu as nearest_cpu
 from bench_locality_denoise import official_locality_denoise
-from conftest import QUICK, rel_err, write_bench_table
+from conftest import QUICK, crops_split, geo_mean, noisy_queries, rel_err, write_bench_table
 
 SIZE = 8 if QUICK else 32
 N_TRAIN = 320 if QUICK else int(os.environ.get("AD_BENCH_N", 20000))
@@ -78,10 +78,10 @@ def golddiff_torch(screen: GoldDiffScreening, x, train_u8, mask, alpha_bar, chun
 
 def setup():
     if not _STATE:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
+        train, held = crops_split(N_TRAIN, BATCH, SIZE)
         moments = ad.estimate_moments(ad.data.natural_crops(N_MOMENTS, size=SIZE, seed=1))
-        train = crops[:N_TRAIN].reshape(N_TRAIN, -1)
-        _STATE.update(train=train, held=crops[N_TRAIN:], filt=ad.WienerFilter(moments),
+        train = train.reshape(N_TRAIN, -1)
+        _STATE.update(train=train, held=held, filt=ad.WienerFilter(moments),
                       dense_train=(train[:N_DENSE].float() / 127.5 - 1),
                       screen=GoldDiffScreening(train, (3, SIZE, SIZE), {"k_min": max(1, round(N_TRAIN / 20)), "k_max": max(1, round(N_TRAIN / 10)), "seed": 0}))
     return _STATE
@@ -144,9 +144,8 @@ def optimal_only_step(record, t, train, ab, x64, x32):
 def test_pruning_step(record, t):
     s = setup()
     train, held, filt = s["train"], s["held"], s["filt"]
-    ab = ad.alpha_bar_at(t)
-    g = torch.Generator().manual_seed(t)
-    x64 = (math.sqrt(ab) * (held.double() / 127.5 - 1) + math.sqrt(1 - ab) * torch.randn(held.shape, generator=g, dtype=torch.float64)).reshape(BATCH, -1)
+    x64, ab = noisy_queries(held, t)
+    x64 = x64.reshape(BATCH, -1)
     x32 = x64.float()
     if OPTIMAL_ONLY:
         return optimal_only_step(record, t, train, ab, x64, x32)
@@ -194,7 +193,7 @@ def test_pruning_summary(record):
         write_bench_table("pruning_optimal", "Certified pruning: optimal_denoise and nearest_denoise, pruned vs unpruned CPU backend, per DDIM step")
         return
     rows = [_ROWS[t] for t in TIMESTEPS]
-    geo = math.exp(sum(math.log(r["baseline_seconds"] / r["seconds"]) for r in rows) / len(rows))
+    geo = geo_mean(r["baseline_seconds"] / r["seconds"] for r in rows)
     record("pruning summary", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(rows)} DDIM steps", "ours (exact) + plan", sum(r["seconds"] for r in rows),
            geo_speedup_vs_dense=geo, min_golddiff_over_ours=min(r["golddiff_over_ours"] for r in rows),
            golddiff_over_ours_per_step=" ".join(f"{r['golddiff_over_ours']:.2f}" for r in rows),

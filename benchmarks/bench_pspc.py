@@ -15,7 +15,7 @@ import torch
 
 import analytic_diffusion as ad
 from analytic_diffusion.ops.patch_posterior import windowed as pw
-from conftest import QUICK, rel_err, time_call, write_bench_table
+from conftest import QUICK, crops_split, geo_mean, noisy_queries, rel_err, time_call, write_bench_table
 
 SIZE = 8 if QUICK else 32
 N_TRAIN = 40 if QUICK else int(os.environ.get("AD_BENCH_N", 200))
@@ -61,24 +61,14 @@ def published_pspc_square(z, sigma, imgs_u8, P, bs=100):
     return composite / normalizer
 
 
-_DATA: dict = {}
 _SPEEDUPS: list = []
-
-
-def data():
-    if not _DATA:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
-        _DATA.update(train=crops[:N_TRAIN], held=crops[N_TRAIN:])
-    return _DATA["train"], _DATA["held"]
 
 
 @pytest.mark.parametrize("t", TIMESTEPS)
 def test_pspc_square_step(record, t):
-    train, held = data()
+    train, held = crops_split(N_TRAIN, BATCH, SIZE)
     P = min(SCHEDULE[t], SIZE)
-    ab = ad.alpha_bar_at(t)
-    g = torch.Generator().manual_seed(t)
-    x = math.sqrt(ab) * (held.double() / 127.5 - 1) + math.sqrt(1 - ab) * torch.randn(held.shape, generator=g, dtype=torch.float64)
+    x, ab = noisy_queries(held, t)
     x32 = x.float()
     sigma = math.sqrt((1 - ab) / ab)
     exact64 = ad.ops.patch_posterior_denoise(x[:1], train, P, ab, backend="reference")  # errors on query 0
@@ -100,7 +90,7 @@ def test_pspc_square_step(record, t):
 
 def test_pspc_square_geo_mean(record):
     if len(_SPEEDUPS) == len(TIMESTEPS):
-        geo = math.exp(sum(math.log(s) for s in _SPEEDUPS) / len(_SPEEDUPS))
+        geo = geo_mean(_SPEEDUPS)
         record("pspc_square geo-mean", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(TIMESTEPS)} DDIM steps", "default backend", None,
                speedup_vs_published=geo, min_speedup=min(_SPEEDUPS))
     write_bench_table("pspc_square", "PSPC-square: default CPU backend (windowed for P = 3, else boxsum) vs the published per-window algorithm")

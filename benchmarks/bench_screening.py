@@ -16,10 +16,9 @@ import os
 import time
 
 import pytest
-import torch
 
 import analytic_diffusion as ad
-from conftest import QUICK, write_bench_table
+from conftest import QUICK, crops_split, geo_mean, noisy_queries, write_bench_table
 
 SIZE = 8 if QUICK else 32
 N_TRAIN = 64 if QUICK else int(os.environ.get("AD_BENCH_N", 10000))
@@ -35,21 +34,19 @@ _RATIOS: list = []
 
 def denoiser():
     if not _STATE:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
+        train, held = crops_split(N_TRAIN, BATCH, SIZE)
         moments = ad.estimate_moments(ad.data.natural_crops(N_MOMENTS, size=SIZE, seed=1))
-        den = ad.LocalityDenoiser(crops[:N_TRAIN], moments, threshold=0.03, screening="golddiff", screening_options=OPTIONS)
+        den = ad.LocalityDenoiser(train, moments, threshold=0.03, screening="golddiff", screening_options=OPTIONS)
         t0 = time.perf_counter()
         den.prepare(TIMESTEPS)  # masks and CPU plans of every step, shared by both modes
-        _STATE.update(den=den, held=crops[N_TRAIN:], prepare_s=time.perf_counter() - t0)
+        _STATE.update(den=den, held=held, prepare_s=time.perf_counter() - t0)
     return _STATE["den"], _STATE["held"]
 
 
 @pytest.mark.parametrize("t", TIMESTEPS)
 def test_screening_step(record, t):
     den, held = denoiser()
-    ab = ad.alpha_bar_at(t)
-    g = torch.Generator().manual_seed(t)
-    x = (math.sqrt(ab) * (held.double() / 127.5 - 1) + math.sqrt(1 - ab) * torch.randn(held.shape, generator=g, dtype=torch.float64)).float()
+    x = noisy_queries(held, t)[0].float()
     infos = [den.screening_error(x, t) for _ in range(REPEATS)]
     scr = sorted(i["seconds_screened"] for i in infos)[len(infos) // 2]
     exact = sorted(i["seconds_exact"] for i in infos)[len(infos) // 2]
@@ -64,7 +61,7 @@ def test_screening_step(record, t):
 
 def test_screening_summary(record):
     if len(_RATIOS) == len(TIMESTEPS):
-        geo = math.exp(sum(math.log(r) for r in _RATIOS) / len(_RATIOS))
+        geo = geo_mean(_RATIOS)
         record("golddiff_screening geo-mean", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(TIMESTEPS)} DDIM steps", "golddiff", None,
                speedup_vs_exact=geo, min_speedup=min(_RATIOS), max_speedup=max(_RATIOS), prepare_masks_plans_s=_STATE.get("prepare_s"))
     write_bench_table("golddiff_screening", "GoldDiff screening vs the exact CPU locality denoiser, per DDIM step")

@@ -29,7 +29,7 @@ import torch
 
 import analytic_diffusion as ad
 from bench_locality_denoise import official_locality_denoise
-from conftest import QUICK, RECORD, device_name, rel_err, time_call
+from conftest import QUICK, RECORD, crops_split, device_name, geo_mean, noisy_queries, rel_err, time_call
 
 SIZE = 16 if QUICK else 64
 N_TRAIN = 64 if QUICK else 2000
@@ -47,9 +47,9 @@ _ROWS: list = []
 
 def setup():
     if not _SETUP:
-        crops = ad.data.natural_crops(N_TRAIN + BATCH, size=SIZE, seed=0)
+        train, held = crops_split(N_TRAIN, BATCH, SIZE)
         m = ad.estimate_patch_moments(ad.data.natural_crops(N_MOMENTS, size=SIZE, seed=1), K)
-        _SETUP.update(train=crops[:N_TRAIN], held=crops[N_TRAIN:], ww=ad.WindowedWiener(m))
+        _SETUP.update(train=train, held=held, ww=ad.WindowedWiener(m))
     return _SETUP
 
 
@@ -57,12 +57,9 @@ def setup():
 def test_windowed_step(benchmark, record, t):
     s = setup()
     train, held, ww = s["train"], s["held"], s["ww"]
-    ab = ad.alpha_bar_at(t)
+    x, ab = noisy_queries(held, t)
     window = ww.mask(ab, 0.02)
     shape = (3, SIZE, SIZE)
-    g = torch.Generator().manual_seed(t)
-    x0 = held.double() / 127.5 - 1
-    x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     x32 = x.float()
     plan = ad.ops.windowed_locality.cpu.windowed_plan(window, shape, ab, xmax=float(x32.abs().max()))
     case = f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH} t={t} k={K} window={int(window.sum())}/{window.numel()}"
@@ -119,9 +116,9 @@ def test_geometric_mean(record):
     """The issue's headline: geometric-mean speed-up over the DDIM steps."""
     if len(_ROWS) != len(TIMESTEPS):
         pytest.skip("needs every step's row")
-    geo = math.exp(sum(math.log(r["dense"] / r["ours"]) for r in _ROWS) / len(_ROWS))
-    geo_first = math.exp(sum(math.log((r["mask"] + r["plan"] + r["dense"]) / (r["win"] + r["ours"])) for r in _ROWS) / len(_ROWS))
-    geo_off = math.exp(sum(math.log(r["off"] / r["ours_off"]) for r in _ROWS) / len(_ROWS))
+    geo = geo_mean(r["dense"] / r["ours"] for r in _ROWS)
+    geo_first = geo_mean((r["mask"] + r["plan"] + r["dense"]) / (r["win"] + r["ours"]) for r in _ROWS)
+    geo_off = geo_mean(r["off"] / r["ours_off"] for r in _ROWS)
     record("windowed_locality geo-mean", f"{SIZE}x{SIZE}x3 N={N_TRAIN} B={BATCH}, {len(_ROWS)} DDIM steps, k={K}", "cpu", None,
            speedup_vs_dense_mask_cpu=geo, speedup_vs_dense_first_call=geo_first, speedup_vs_official_same_n=geo_off)
     if RECORD and not QUICK:

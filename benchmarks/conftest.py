@@ -8,7 +8,9 @@ each, so they cannot rot). ``AD_BENCH_RECORD=1`` writes the table to
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import platform
 import re
@@ -58,6 +60,34 @@ def time_call(fn, device: str = "cpu", repeats: int = 3, warmup: int = 1) -> flo
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double().cpu()
     return float((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def geo_mean(values) -> float:
+    """Geometric mean of positive numbers (speed-up ratios)."""
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+@functools.lru_cache(maxsize=None)
+def crops_split(n_train: int, batch: int, size: int):
+    """``(train [n_train, 3, size, size], held [batch, 3, size, size])`` uint8 natural crops
+    (seed 0), the data every CPU benchmark uses; cached, never modified by a benchmark."""
+    import analytic_diffusion as ad
+
+    crops = ad.data.natural_crops(n_train + batch, size=size, seed=0)
+    return crops[:n_train], crops[n_train:]
+
+
+def noisy_queries(held: torch.Tensor, t: int):
+    """``(x, alpha_bar)``: float64 queries ``sqrt(ab) x0 + sqrt(1 - ab) eps`` at DDPM step t
+    for the uint8 images ``held`` (x0 in [-1, 1]); the noise is seeded by t, so every
+    benchmark (and both sides of each comparison) sees the same inputs at a step."""
+    import analytic_diffusion as ad
+
+    ab = ad.alpha_bar_at(t)
+    g = torch.Generator().manual_seed(t)
+    x0 = held.double() / 127.5 - 1
+    return math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=torch.float64), ab
 
 
 @pytest.fixture
