@@ -45,7 +45,7 @@ from .. import _ext
 from .._validate import to_unit
 from ..schedule import noise_level
 
-__all__ = ["TrainFeatures", "train_features", "survivors", "quantise", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "METHOD", "LEVELS", "softmax_margin", "fp32_gemm_is_ieee"]
+__all__ = ["TrainFeatures", "train_features", "survivors", "quantise", "last_stats", "set_stats", "clear_feature_cache", "CANDIDATES", "METHOD", "LEVELS", "softmax_margin", "softmax_logit_margin", "fp32_gemm_is_ieee"]
 
 CANDIDATES = 4  # exact distances per query for the upper bound
 # Bound for uint8 training sets: "int8" (exact integer dot products, _C.prune_bound_u8, VNNI
@@ -211,11 +211,17 @@ def nan_array(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.full(shape, np.nan, dtype=np.float64 if dtype == torch.float64 else np.float32))
 
 
+def softmax_logit_margin(N: int) -> float:
+    """The pruning margin of a softmax over N images in logits, ``64 ln 2 + ln N``: every
+    skipped weight is below ``2^-64 / N`` of the largest (docs/algorithms.md §14.2)."""
+    return 64.0 * math.log(2.0) + math.log(max(N, 1))
+
+
 def softmax_margin(N: int, alpha_bar: float, temperature: float) -> float:
-    """``delta`` of the module docstring for a softmax over N images: a distance margin whose
-    logit is ``64 ln 2 + ln N`` (docs/algorithms.md §14.2)."""
+    """``delta`` of the module docstring for a softmax over N images: the distance margin
+    whose logit is :func:`softmax_logit_margin` (docs/algorithms.md §14.2)."""
     _, s2 = noise_level(alpha_bar)
-    return (64.0 * math.log(2.0) + math.log(max(N, 1))) * 2.0 * s2 * temperature
+    return softmax_logit_margin(N) * 2.0 * s2 * temperature
 
 
 def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +230,6 @@ def survivors(x: torch.Tensor, train: torch.Tensor, alpha_bar: float, margin: fl
     listed (proof in the module docstring and docs/algorithms.md §14.1), the others may be
     dropped. ``x`` float32/float64 ``[B, n]``, ``train`` ``[N, n]`` (uint8 or float), CPU.
     A uint8 set uses the integer bound (``METHOD``), a float set the float32 GEMM bound."""
-    B, n = x.shape
-    N = train.shape[0]
     a, _ = noise_level(alpha_bar)
     tf = train_features(train)
     # the compiled kernels have no autograd: the caller sees a result without grad. numpy, not

@@ -19,7 +19,7 @@ the thread count nor on the schedule. :func:`windowed_plan` shows what the plann
 
 Certified pruning (``prune=True``, the default; docs/algorithms.md §14.6): an (image, 8
 pixels, group) softmax update is skipped when all 8 logits lie more than
-``64 ln 2 + ln N`` below the running maximum (``pruning.softmax_margin`` in logits), so all
+``64 ln 2 + ln N`` below the running maximum (``pruning.softmax_logit_margin``), so all
 skipped weights together are below ``2^-64`` of the largest; in exact mode each query's running
 maximum starts at the exact logits of a few training images nearest in a subsampled distance
 (per 16 x 16 region), so that the bound bites from the first image on. ``last_stats()`` tells
@@ -36,7 +36,7 @@ import torch
 
 from ... import _ext, registry
 from ...schedule import noise_level
-from ..pruning import softmax_margin
+from ..pruning import softmax_logit_margin
 from ..softmax_state import SoftmaxState
 
 __all__ = ["available", "last_stats", "windowed_locality_denoise_cpu", "windowed_plan"]
@@ -116,10 +116,7 @@ def windowed_locality_denoise_cpu(
     if not math.isfinite(scale):
         raise ValueError("the logit scale 1 / (2 (1 - alpha_bar) temperature) is not finite")
     w8 = _window_u8(window)
-    # pruning margin in logits: 64 ln 2 + ln N (every skipped weight < 2^-64 / N of the largest)
-    skip = softmax_margin(N, alpha_bar, temperature) * scale if prune else _UNPRUNED_SKIP
-    if not (math.isfinite(skip) and skip > 0):
-        skip = _UNPRUNED_SKIP
+    skip = softmax_logit_margin(N) if prune else _UNPRUNED_SKIP
     warm = bool(prune) and (alpha_bar >= _WARM_ALPHA_BAR if warm_start is None else bool(warm_start))
     nan = float("nan")
     # outputs start as NaN so that anything the kernel failed to write is visible
