@@ -659,25 +659,27 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 }
     double lut[256];
     for (int u = 0; u < 256; ++u) lut[u] = dequantize_u8_value<double>(static_cast<uint8_t>(u));
-    auto load_images = [&](int64_t k0, int kn, double* y) {
+    // f(base, conv): the training set as its element type and that type's conversion to
+    // float64 (uint8 through the exact table)
+    auto with_train = [&](auto&& f) {
         if (train_kind == 0)
-            load_images_as(reinterpret_cast<const uint8_t*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
-                           [&lut](uint8_t u) { return lut[u]; });
+            f(reinterpret_cast<const uint8_t*>(train_ptr), [&lut](uint8_t u) { return lut[u]; });
         else if (train_kind == 1)
-            load_images_as(reinterpret_cast<const float*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
-                           [](float v) { return static_cast<double>(v); });
+            f(reinterpret_cast<const float*>(train_ptr), [](float v) { return static_cast<double>(v); });
         else
-            load_images_as(reinterpret_cast<const double*>(train_ptr), k0, kn, P, ts0, ts1, tsh, tsw, y,
-                           [](double v) { return v; });
+            f(reinterpret_cast<const double*>(train_ptr), [](double v) { return v; });
     };
+    auto load_images = [&](int64_t k0, int kn, double* y) {
+        with_train([&](auto base, auto conv) { load_images_as(base, k0, kn, P, ts0, ts1, tsh, tsw, y, conv); });
+    };
+    const bool wssm = chunk > 0;
 
     // Warm start (exact mode): per query, the training images nearest in a subsampled
     // distance (every 8th row and column) over each 16 x 16 region and over the whole image.
     // Only a heuristic choice: what the kernel uses is their exact logits, computed below with
     // the same code as the main pass. Ties go to the lower index, so the choice (and the
     // result) does not depend on the thread count.
-    const bool wssm_mode = chunk > 0;
-    const bool warm = warm_start && !wssm_mode && N > 1;
+    const bool warm = warm_start && !wssm && N > 1;
     std::vector<std::vector<int64_t>> cand(static_cast<size_t>(B));
     if (warm) {
         constexpr int64_t kStep = 8, kRegion = 16;
@@ -697,16 +699,10 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         const int nt0 = team_size();
         std::vector<std::vector<Best>> best(static_cast<size_t>(nt0), std::vector<Best>(static_cast<size_t>(B * nb), none));
         auto sample = [&](int64_t kimg, double* ys) {
-            if (train_kind == 0) {
-                const auto* src = reinterpret_cast<const uint8_t*>(train_ptr) + kimg * ts0;
-                for (int64_t i = 0; i < ns; ++i) ys[i] = lut[src[soff[i]]];
-            } else if (train_kind == 1) {
-                const auto* src = reinterpret_cast<const float*>(train_ptr) + kimg * ts0;
-                for (int64_t i = 0; i < ns; ++i) ys[i] = static_cast<double>(src[soff[i]]);
-            } else {
-                const auto* src = reinterpret_cast<const double*>(train_ptr) + kimg * ts0;
-                for (int64_t i = 0; i < ns; ++i) ys[i] = src[soff[i]];
-            }
+            with_train([&](auto base, auto conv) {
+                const auto* src = base + kimg * ts0;
+                for (int64_t i = 0; i < ns; ++i) ys[i] = conv(src[soff[i]]);
+            });
         };
         const double swork = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(ns);
         const int steam = swork < 4.0e6 ? 1 : nt0;
@@ -771,7 +767,6 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     // Training blocks: exact mode splits the kWlChunk-image chunks into nblk contiguous blocks;
     // WSSM groups whole WSSM chunks. nblk depends only on N and the state budget, never on the
     // thread count, so neither does the result.
-    const bool wssm = chunk > 0;
     const int64_t seg = wssm ? chunk : N;               // softmax segment (WSSM chunk, or everything)
     const int64_t nseg = ceil_div(N, seg);
     const int64_t nitems = wssm ? nseg : ceil_div(N, kWlChunk);  // what blocks are made of
