@@ -780,41 +780,6 @@ void gather_row(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n
     }
 }
 
-#if AD_LD_DISPATCH
-// uint8 row -> (u - 127.5) / 127.5 = (2u - 255) / 255 in float64, eight at a time: y0 = c r with
-// r = fl(1/255), then one Newton-Markstein correction y = y0 + (c - 255 y0) r (the remainder is
-// exact in an FMA). This replaces the scalar table lookup in the pruned runs, where each
-// (query, image) pair converts its image (the unpruned run converts an image once for all
-// queries). Used only where it reproduces the table for all 256 values (row_converter_ok).
-__attribute__((target("avx512f"))) void convert_u8_row_avx512(double* dst, const uint8_t* r, int64_t n, const double* lut) {
-    const __m512d rcp = _mm512_set1_pd(1.0 / 255.0), d255 = _mm512_set1_pd(255.0);
-    const __m512i k255 = _mm512_set1_epi32(255);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
-        const __m512i c = _mm512_sub_epi32(_mm512_slli_epi32(w, 1), k255);  // 2u - 255, exact
-        const __m512d c0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(c));
-        const __m512d c1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(c, 1));
-        const __m512d y0 = _mm512_mul_pd(c0, rcp), y1 = _mm512_mul_pd(c1, rcp);
-        const __m512d e0 = _mm512_fnmadd_pd(y0, d255, c0), e1 = _mm512_fnmadd_pd(y1, d255, c1);
-        _mm512_storeu_pd(dst + j, _mm512_fmadd_pd(e0, rcp, y0));
-        _mm512_storeu_pd(dst + j + 8, _mm512_fmadd_pd(e1, rcp, y1));
-    }
-    for (; j < n; ++j) dst[j] = lut[r[j]];
-}
-
-bool row_converter_ok(const double* lut) {
-    static const bool ok = [lut] {
-        if (!cpu_has_avx512()) return false;
-        alignas(64) uint8_t u[256];
-        alignas(64) double y[256];
-        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
-        convert_u8_row_avx512(y, u, 256, lut);
-        return std::memcmp(y, lut, sizeof(y)) == 0;
-    }();
-    return ok;
-}
-#endif
 
 #if AD_LD_DISPATCH
 #if defined(__clang__)
@@ -828,13 +793,24 @@ static AD_FORCEINLINE __m512d u8x8_grey(const uint8_t* p) {
     return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// eight uint8 pixels -> their exact float64 values (convert_u8_row_avx512's arithmetic)
+// eight uint8 pixels -> (u - 127.5) / 127.5 = (2u - 255) / 255 in float64: y0 = c r with r =
+// fl(1/255), then one Newton-Markstein correction y = y0 + (c - 255 y0) r (the remainder is
+// exact in an FMA). It replaces the scalar table lookup in the pruned runs, where the
+// conversion costs more than the distance; used only where it reproduces the table for all
+// 256 values (row_converter_ok).
 static AD_FORCEINLINE __m512d u8x8_exact(const uint8_t* p) {
     const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     const __m512d c = _mm512_cvtepi32_pd(_mm256_sub_epi32(_mm256_slli_epi32(w, 1), _mm256_set1_epi32(255)));
     const __m512d rcp = _mm512_set1_pd(1.0 / 255.0);
     const __m512d y0 = _mm512_mul_pd(c, rcp);
     return _mm512_fmadd_pd(_mm512_fnmadd_pd(y0, _mm512_set1_pd(255.0), c), rcp, y0);
+}
+
+// a uint8 row -> its float64 values with u8x8_exact (the table for the tail)
+void convert_u8_row_avx512(double* dst, const uint8_t* r, int64_t n, const double* lut) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm512_storeu_pd(dst + j, u8x8_exact(r + j));
+    for (; j < n; ++j) dst[j] = lut[r[j]];
 }
 
 // The distances of Q queries to one uint8 image read in place, out[q] = ||xs[q] - a y||^2: per
@@ -938,6 +914,22 @@ void softmax_update_u8(const double* d, const uint8_t* const* rows, int nvalid, 
 #else
 #pragma GCC pop_options
 #endif
+#endif
+
+#if AD_LD_DISPATCH
+// Whether u8x8_exact gives the table's value for every byte (checked once: the pruned runs'
+// distances must be the unpruned kernel's bit for bit).
+bool row_converter_ok(const double* lut) {
+    static const bool ok = [lut] {
+        if (!cpu_has_avx512()) return false;
+        alignas(64) uint8_t u[256];
+        alignas(64) double y[256];
+        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
+        convert_u8_row_avx512(y, u, 256, lut);
+        return std::memcmp(y, lut, sizeof(y)) == 0;
+    }();
+    return ok;
+}
 #endif
 
 // gather_row with the vector conversion of uint8 rows where it is exact (see above)
