@@ -91,7 +91,7 @@ bool cpu_has_avx512() {
 
 // ======================================================================== plan
 
-// Planes of one (query, image): [H + 1][Ws] doubles each, pixel (h, w) at column Lp + w,
+// Planes of one (query, image): rows of Ws doubles (a ring of k + 1 rows per plane in the kernel), pixel (h, w) at column Lp + w,
 // zero outside what the kernel writes. For a set of input channels (a "chain"):
 //   S   sum over the set of (x - a y)^2 (rows 0..H-1)
 //   V   vertical prefix: V[h] = sum_{h' < h} S[h'] (rows 0..H)
@@ -119,19 +119,14 @@ struct WlPlan {
     int64_t k = 0, r = 0;
     int64_t Wv = 0;               // W rounded up to 8: rows of outputs, images and states
     int64_t Lp = 0, Ws = 0;       // planes: left padding (multiple of 8, > r) and row stride
-    int64_t plane_size = 0;       // (H + 1) * Ws
     bool transposed = false;
     int64_t G = 0;
     int64_t nplanes = 0;
+    std::vector<int64_t> ring_slot;  // [H + 1] plane row rho -> (rho % (k + 1)) * Ws, its row in the kernel's ring
     std::vector<WlChain> chains;
     std::vector<int32_t> chain_channels;
     std::vector<WlTerm> terms;
     std::vector<int64_t> term_off;       // [G + 1]
-    // per term, for the interior rows [row_lo[g], row_hi[g]) of its group (no clamping or
-    // skipping there): offset of its read relative to planes + h * Ws, and its coefficient
-    std::vector<int64_t> term_rel;
-    std::vector<double> term_coef;
-    std::vector<int64_t> row_lo, row_hi;  // [G]
     std::vector<int32_t> group_channels;  // output channels of each group
     std::vector<int32_t> group_off;       // [G + 1]
     std::vector<int32_t> group_of_channel;  // [C]
@@ -432,7 +427,6 @@ WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64
     P.Wv = pl.Wv();
     P.Lp = pl.Lp();
     P.Ws = pl.Ws();
-    P.plane_size = (H + 1) * P.Ws;
     // groups: output channels with identical windows, numbered by first channel
     P.group_of_channel.assign(static_cast<size_t>(C), -1);
     std::vector<int32_t> first;
@@ -461,16 +455,7 @@ WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64
     for (int64_t g = 0; g < P.G; ++g) {
         std::string how;
         const std::vector<CTerm> ts = pl.plan_group(pat[first[g]], how);
-        int64_t lo = 0, hi = H;
-        for (const CTerm& t : ts) {
-            const int32_t id = pl.ensure(t.kind, t.mask);
-            P.terms.push_back({id, t.dy, t.col, t.clamp ? 1 : 0, t.coef});
-            // interior rows: h + dy inside [0, H] (clamped reads) or [0, H) (skipped reads)
-            lo = std::max<int64_t>(lo, -t.dy);
-            hi = std::min<int64_t>(hi, (t.clamp ? H + 1 : H) - t.dy);
-        }
-        P.row_lo.push_back(lo);
-        P.row_hi.push_back(std::max(lo, hi));
+        for (const CTerm& t : ts) P.terms.push_back({pl.ensure(t.kind, t.mask), t.dy, t.col, t.clamp ? 1 : 0, t.coef});
         P.term_off.push_back(static_cast<int64_t>(P.terms.size()));
         nterms += static_cast<int64_t>(ts.size());
         desc << "; group " << g << " (channels";
@@ -482,12 +467,9 @@ WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64
         for (int64_t ci = 0; ci < C; ++ci) area += std::count(pat[c][ci].begin(), pat[c][ci].end(), uint8_t(1));
     P.area = area;
     const double rows = static_cast<double>(H) * static_cast<double>(P.Wv) / 8.0;
-    for (const WlTerm& t : P.terms) {
-        P.term_rel.push_back(static_cast<int64_t>(t.plane) * P.plane_size + static_cast<int64_t>(t.dy) * P.Ws + t.col);
-        P.term_coef.push_back(t.coef);
-    }
     P.cost = rows * (pl.finish(P) + static_cast<double>(nterms) + 25.0 * static_cast<double>(P.G) + 2.0 * static_cast<double>(C));
     P.desc = desc.str();
+    for (int64_t rho = 0; rho <= H; ++rho) P.ring_slot.push_back((rho % (k + 1)) * P.Ws);
     return P;
 }
 
@@ -553,8 +535,7 @@ WindowedStats stats_of(const WlPlan& P) {
 #undef WL_SIMD
 #undef WL_NS
 
-using PlanesFn = void (*)(const WlPlan&, const double*, const double*, double, double*);
-using DistFn = void (*)(const WlPlan&, const double*, int64_t*, double*, double*);
+using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, int64_t*, double*, double*);
 using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*);
 using MaxFn = void (*)(const WlPlan&, const double*, double, double*);
 using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, double*, double*, double*, double*);
@@ -627,15 +608,13 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     const int64_t xsh = tr ? xs3 : xs2, xsw = tr ? xs2 : xs3;
     const int64_t tsh = tr ? ts3 : ts2, tsw = tr ? ts2 : ts3;
 
-    PlanesFn planes_fn = wl_portable::compute_planes;
-    DistFn dist_fn = wl_portable::compute_distances;
+    FusedFn fused_fn = wl_portable::compute_fused;
     SoftmaxFn softmax_fn = wl_portable::softmax_chunk;
     MergeFn merge_fn = wl_portable::merge_blocks;
     MaxFn max_fn = wl_portable::max_logits;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
-        planes_fn = wl_avx512::compute_planes;
-        dist_fn = wl_avx512::compute_distances;
+        fused_fn = wl_avx512::compute_fused;
         softmax_fn = wl_avx512::softmax_chunk;
         merge_fn = wl_avx512::merge_blocks;
         max_fn = wl_avx512::max_logits;
@@ -787,7 +766,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     int64_t max_terms = 1;
     for (int64_t g = 0; g < G; ++g) max_terms = std::max(max_terms, P.term_off[g + 1] - P.term_off[g]);
     const int64_t nplanes = std::max<int64_t>(1, P.nplanes);
-    const int64_t scratch_len = nplanes * P.plane_size + kWlChunk * G * HW + kWlChunk * C * HW + 2 * max_terms;
+    const int64_t ring_len = nplanes * (P.k + 1) * P.Ws;
+    const int64_t scratch_len = ring_len + kWlChunk * G * HW + kWlChunk * C * HW + 2 * max_terms;
     // Small calls run on one thread: on a busy machine waking an OpenMP team can cost a
     // scheduler time slice (tens of ms), far more than the work itself.
     const double work = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(C * HW);
@@ -816,11 +796,11 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
 #endif
     {
         double* planes = scratch[thread_index()].get();
-        double* dbuf = planes + nplanes * P.plane_size;
+        double* dbuf = planes + ring_len;
         double* ybuf = dbuf + kWlChunk * G * HW;
         auto* ptrs = reinterpret_cast<int64_t*>(ybuf + kWlChunk * C * HW);
         double* coefs = ybuf + kWlChunk * C * HW + max_terms;
-        std::fill(planes, planes + nplanes * P.plane_size, 0.0);  // padding stays zero
+        std::fill(planes, planes + ring_len, 0.0);  // padding stays zero
         if (warm) {
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
@@ -829,8 +809,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 const double* xb = xq.get() + b * C * HW;
                 for (int64_t kimg : cand[b]) {
                     load_images(kimg, 1, ybuf);
-                    planes_fn(P, xb, ybuf, a, planes);
-                    dist_fn(P, planes, ptrs, coefs, dbuf);
+                    fused_fn(P, xb, ybuf, a, planes, ptrs, coefs, dbuf);
                     max_fn(P, dbuf, scale, m0.get() + b * G * HW);
                 }
             }
@@ -866,8 +845,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xq.get() + b * C * HW;
                         for (int j = 0; j < kn; ++j) {
-                            planes_fn(P, xb, ybuf + j * C * HW, a, planes);
-                            dist_fn(P, planes, ptrs, coefs, dbuf + j * G * HW);
+                            fused_fn(P, xb, ybuf + j * C * HW, a, planes, ptrs, coefs, dbuf + j * G * HW);
                         }
                         double* s = mx_of(b);
                         nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW);
