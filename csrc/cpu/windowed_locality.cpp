@@ -122,7 +122,16 @@ struct WlPlan {
     bool transposed = false;
     int64_t G = 0;
     int64_t nplanes = 0;
-    std::vector<int64_t> ring_slot;  // [H + 1] plane row rho -> (rho % (k + 1)) * Ws, its row in the kernel's ring
+    // The kernel's ring: R = k + 1 rows of Ws doubles per plane (plane row rho at slot rho % R),
+    // then one zero row (ring_len doubles in all).
+    int64_t ring_rows = 0, ring_len = 0;
+    // Term reads per output row, precomputed: output row h of group g sums
+    // term_coef[t] * ring[row_offs[row_list[h] * nterms + t] + w] over t in [term_off[g],
+    // term_off[g + 1]). Rows differ only by ring slot (h % R) away from the borders, so few
+    // distinct lists exist; an S read outside the image points at the zero row.
+    std::vector<int32_t> row_list;  // [H]
+    std::vector<int32_t> row_offs;  // [lists][terms]
+    std::vector<double> term_coef;  // [terms]
     std::vector<WlChain> chains;
     std::vector<int32_t> chain_channels;
     std::vector<WlTerm> terms;
@@ -414,6 +423,40 @@ std::vector<std::vector<Pattern>> read_window(uintptr_t window_ptr, int64_t C, i
     return pat;
 }
 
+// The ring layout and the per-row term offsets (see WlPlan::row_offs).
+void build_row_lists(WlPlan& P) {
+    const int64_t H = P.H, R = P.k + 1, RS = R * P.Ws, T = static_cast<int64_t>(P.terms.size());
+    P.ring_rows = R;
+    P.ring_len = std::max<int64_t>(1, P.nplanes) * RS + P.Ws;
+    const int64_t zero_row = std::max<int64_t>(1, P.nplanes) * RS;
+    if (P.ring_len > std::numeric_limits<int32_t>::max())
+        throw std::invalid_argument("windowed_locality: image too wide for the kernel's ring");
+    for (const WlTerm& t : P.terms) P.term_coef.push_back(t.coef);
+    std::map<std::vector<int32_t>, int32_t> seen;
+    std::vector<int32_t> offs(static_cast<size_t>(T));
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t i = 0; i < T; ++i) {
+            const WlTerm& t = P.terms[i];
+            int64_t row = h + t.dy, off;
+            if (t.clamp) {
+                row = row < 0 ? 0 : (row > H ? H : row);
+                off = t.plane * RS + (row % R) * P.Ws + t.col;
+            } else if (row < 0 || row >= H) {
+                off = zero_row + t.col;  // reads zeros (cols stay inside the row: Lp > r)
+            } else {
+                off = t.plane * RS + (row % R) * P.Ws + t.col;
+            }
+            offs[i] = static_cast<int32_t>(off);
+        }
+        auto it = seen.find(offs);
+        if (it == seen.end()) {
+            it = seen.emplace(offs, static_cast<int32_t>(seen.size())).first;
+            P.row_offs.insert(P.row_offs.end(), offs.begin(), offs.end());
+        }
+        P.row_list.push_back(it->second);
+    }
+}
+
 WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64_t H, int64_t W, int64_t k,
                   bool transposed, double scale, double emax, int64_t options) {
     WlPlan P;
@@ -469,7 +512,7 @@ WlPlan build_plan(const std::vector<std::vector<Pattern>>& pat, int64_t C, int64
     const double rows = static_cast<double>(H) * static_cast<double>(P.Wv) / 8.0;
     P.cost = rows * (pl.finish(P) + static_cast<double>(nterms) + 25.0 * static_cast<double>(P.G) + 2.0 * static_cast<double>(C));
     P.desc = desc.str();
-    for (int64_t rho = 0; rho <= H; ++rho) P.ring_slot.push_back((rho % (k + 1)) * P.Ws);
+    build_row_lists(P);
     return P;
 }
 
@@ -535,7 +578,7 @@ WindowedStats stats_of(const WlPlan& P) {
 #undef WL_SIMD
 #undef WL_NS
 
-using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, int64_t*, double*, double*);
+using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, double*);
 using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*);
 using MaxFn = void (*)(const WlPlan&, const double*, double, double*);
 using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, double*, double*, double*, double*);
@@ -763,11 +806,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     stats.units = nunits;
     std::vector<std::unique_ptr<double[], FreeDeleter>> state;
     for (int64_t u = 0; u < nunits; ++u) state.push_back(aligned_array<double>(std::min(bq, B - (u / nblk) * bq) * per_b));
-    int64_t max_terms = 1;
-    for (int64_t g = 0; g < G; ++g) max_terms = std::max(max_terms, P.term_off[g + 1] - P.term_off[g]);
-    const int64_t nplanes = std::max<int64_t>(1, P.nplanes);
-    const int64_t ring_len = nplanes * (P.k + 1) * P.Ws;
-    const int64_t scratch_len = ring_len + kWlChunk * G * HW + kWlChunk * C * HW + 2 * max_terms;
+    const int64_t ring_len = P.ring_len;
+    const int64_t scratch_len = ring_len + kWlChunk * G * HW + kWlChunk * C * HW;
     // Small calls run on one thread: on a busy machine waking an OpenMP team can cost a
     // scheduler time slice (tens of ms), far more than the work itself.
     const double work = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(C * HW);
@@ -798,8 +838,6 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         double* planes = scratch[thread_index()].get();
         double* dbuf = planes + ring_len;
         double* ybuf = dbuf + kWlChunk * G * HW;
-        auto* ptrs = reinterpret_cast<int64_t*>(ybuf + kWlChunk * C * HW);
-        double* coefs = ybuf + kWlChunk * C * HW + max_terms;
         std::fill(planes, planes + ring_len, 0.0);  // padding stays zero
         if (warm) {
 #if defined(_OPENMP)
@@ -809,7 +847,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 const double* xb = xq.get() + b * C * HW;
                 for (int64_t kimg : cand[b]) {
                     load_images(kimg, 1, ybuf);
-                    fused_fn(P, xb, ybuf, a, planes, ptrs, coefs, dbuf);
+                    fused_fn(P, xb, ybuf, a, planes, dbuf);
                     max_fn(P, dbuf, scale, m0.get() + b * G * HW);
                 }
             }
@@ -845,7 +883,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xq.get() + b * C * HW;
                         for (int j = 0; j < kn; ++j) {
-                            fused_fn(P, xb, ybuf + j * C * HW, a, planes, ptrs, coefs, dbuf + j * G * HW);
+                            fused_fn(P, xb, ybuf + j * C * HW, a, planes, dbuf + j * G * HW);
                         }
                         double* s = mx_of(b);
                         nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW);
