@@ -22,15 +22,16 @@
 // Border cut: planes are zero-padded left and right, V and I are read at row indices
 // clamped to [0, H] (constant outside the image) and E terms outside the image are skipped.
 //
-// Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images:
-// one max per chunk, one rescaling exp per chunk and one exp per logit. Work units are
+// Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images
+// against a lazy reference logit (moved, with one rescaling exp, only when a logit exceeds it by
+// more than kWlLazy; the true running max is kept beside it): one exp per logit. Work units are
 // (query range, training block) with their own state, run under a dynamic OpenMP schedule
 // and merged exactly (docs/algorithms.md §5.3 rule) in block order, so the result depends neither on the
 // thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
 //
 // Certified pruning (docs/algorithms.md §14.6): an image's update of 8 pixels of a group is
 // skipped when all 8 logits lie more than skip_logit (64 ln 2 + ln N from the caller) below the
-// running max; in exact mode the running max may start from the exact logits of a few
+// reference (a computed logit, so at most the final max); in exact mode the running max may start from the exact logits of a few
 // candidate images (warm start), so that the test bites from the first image on.
 
 #include "windowed_locality.h"
