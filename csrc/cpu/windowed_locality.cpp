@@ -37,6 +37,8 @@
 #include "windowed_locality.h"
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -781,7 +783,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     }
 
     // Training blocks: exact mode splits the kWlChunk-image chunks into nblk contiguous blocks;
-    // WSSM groups whole WSSM chunks. nblk depends only on N and the state budget, never on the
+    // WSSM groups whole WSSM chunks. nblk depends only on N, B and the state budget, never on the
     // thread count, so neither does the result.
     const int64_t seg = wssm ? chunk : N;               // softmax segment (WSSM chunk, or everything)
     const int64_t nseg = ceil_div(N, seg);
@@ -792,7 +794,13 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     const int64_t per_b = mt_off + G * HW;  // doubles of state per query
     constexpr int64_t kMaxBlocks = 16;
     constexpr double kStateBudget = 1024.0 * (1 << 20);
-    int64_t nblk = std::min<int64_t>(kMaxBlocks, nitems);
+    // As few blocks as keep up to kTargetUnits threads busy (units are query ranges x blocks), and
+    // blocks of at least kMinBlockItems items: each block costs a state reset and a merge per
+    // query (a few images' work) and its state is memory the call touches (16 blocks of 8 queries
+    // at 64x64x3 were 25-50 MB per call, a third of the time at N = 400).
+    constexpr int64_t kMinBlockItems = 8, kTargetUnits = 32;
+    int64_t nblk = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(2, ceil_div(kTargetUnits, B)));
+    nblk = std::max<int64_t>(1, std::min<int64_t>(nblk, nitems / kMinBlockItems));
     while (nblk > 1 && 8.0 * static_cast<double>(nblk * B * per_b) > kStateBudget) --nblk;
     const int nt = team_size();
     // queries per unit: all of them when there are enough blocks to keep every thread busy
@@ -819,6 +827,9 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     auto m0 = aligned_array<double>(warm ? B * G * HW : 1);
     if (warm) std::fill(m0.get(), m0.get() + B * G * HW, ninf);
     std::vector<int64_t> skipped_t(static_cast<size_t>(team), 0);
+    std::vector<std::array<double, 3>> phase_t(static_cast<size_t>(team), std::array<double, 3>{0.0, 0.0, 0.0});
+    using Clock = std::chrono::steady_clock;
+    auto seconds = [](Clock::time_point u, Clock::time_point v) { return std::chrono::duration<double>(v - u).count(); };
 
     // Merge the blocks of each query in block order and write the outputs in the caller's
     // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
@@ -855,6 +866,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             }
         }  // (implicit barrier: every m0 is complete before the main pass)
         int64_t& nskip = skipped_t[thread_index()];
+        double* ph = phase_t[thread_index()].data();  // load, distances, softmax (seconds)
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -883,14 +895,22 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 const int64_t s1 = std::min(k1, s0 + seg);
                 for (int64_t c0 = s0; c0 < s1; c0 += kWlChunk) {
                     const int kn = static_cast<int>(std::min<int64_t>(kWlChunk, s1 - c0));
+                    auto t0 = Clock::now();
                     load_images(c0, kn, ybuf);
+                    auto t1 = Clock::now();
+                    ph[0] += seconds(t0, t1);
                     for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xq.get() + b * C * HW;
                         for (int j = 0; j < kn; ++j) {
                             fused_fn(P, xb, ybuf + j * C * HW, a, planes, ptrs, coefs, dbuf + j * G * HW);
                         }
+                        const auto t2 = Clock::now();
                         double* s = mx_of(b);
                         nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW, s + mt_off);
+                        t0 = Clock::now();
+                        ph[1] += seconds(t1, t2);
+                        ph[2] += seconds(t2, t0);
+                        t1 = t0;
                     }
                 }
                 if (wssm) {  // this chunk's softmax mean joins the sum, then a fresh state
@@ -951,6 +971,11 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             }
     }
     for (int64_t v : skipped_t) stats.skipped_vectors += v;
+    for (const auto& v : phase_t) {
+        stats.load_seconds += v[0];
+        stats.distance_seconds += v[1];
+        stats.softmax_seconds += v[2];
+    }
     stats.softmax_vectors = B * N * G * (HW / 8);
     return stats;
 }
