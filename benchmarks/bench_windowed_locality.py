@@ -73,7 +73,11 @@ def test_windowed_step(benchmark, record, t):
     ours_s = benchmark.stats.stats.median if benchmark.stats else time_call(run, repeats=1, warmup=0)
     ours_err = rel_err(out[:N_ERR], exact)
     # certified pruning (docs/algorithms.md §14.6): softmax updates skipped in the last timed call
-    skipped = ad.ops.windowed_locality.cpu.last_stats().get("skipped_fraction", float("nan"))
+    last = ad.ops.windowed_locality.cpu.last_stats()
+    skipped = last.get("skipped_fraction", float("nan"))
+    # where the kernel's thread time went (docs/algorithms.md §9.4): distances vs softmax updates
+    busy = last.get("distance_seconds", 0.0) + last.get("softmax_seconds", 0.0) + last.get("load_seconds", 0.0)
+    dist_share = last.get("distance_seconds", float("nan")) / busy if busy > 0 else float("nan")
 
     # today's dense-mask CPU path on the same window
     t0 = time.perf_counter()
@@ -105,10 +109,12 @@ def test_windowed_step(benchmark, record, t):
         ours_at_official_n_s=ours_off_s, official_rel_err=off_err, official_scaled_s=off_s * N_TRAIN / N_OFFICIAL,
         groups=plan["groups"], terms=plan["terms"], area=plan["area"], integral=plan["integral_planes"], transposed=plan["transposed"],
         window_s=window_s, first_call_speedup=(mask_s + plan_s + dense_s) / (window_s + ours_s), skipped_fraction=skipped,
+        distance_share=dist_share,
     )
     benchmark.extra_info.update(row)
     _ROWS.append(dict(t=t, window=int(window.sum()), ours=ours_s, dense=dense_s, plan=plan_s, mask=mask_s, win=window_s, ours_err=ours_err, dense_err=dense_err,
-                      off=off_s, ours_off=ours_off_s, off_err=off_err, skipped=skipped, terms=plan["terms"], groups=plan["groups"], integral=plan["integral_planes"]))
+                      off=off_s, ours_off=ours_off_s, off_err=off_err, skipped=skipped, terms=plan["terms"], groups=plan["groups"], integral=plan["integral_planes"],
+                      dist_share=dist_share))
     assert math.isfinite(ours_err) and ours_err < 1e-6
 
 
@@ -135,16 +141,17 @@ def test_geometric_mean(record):
             f"pays at every step. official = published dense fp32 einsum + WSSM at N = {N_OFFICIAL} (ours timed at the same N for its ratio). "
             f"Errors: relative to the float64 reference (exact mode) on {N_ERR} queries. "
             f"skipped: fraction of the (query, image, group, 8 pixels) softmax updates that the certified bound skipped "
-            f"(docs/algorithms.md §14.6).",
+            f"(docs/algorithms.md §14.6). distances: share of the kernel's thread time in squared differences, planes and window "
+            f"sums (the rest: softmax updates and loading images).",
             "",
-            "| t | window | groups | terms | integral | ours (s) | dense-mask cpu (s) | per call | skipped | dense mask + plan (s) | ours window (s) | first call | official N=%d (s) | ours N=%d (s) | vs official | err ours | err dense cpu | err official |" % (N_OFFICIAL, N_OFFICIAL),
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| t | window | groups | terms | integral | ours (s) | dense-mask cpu (s) | per call | skipped | distances | dense mask + plan (s) | ours window (s) | first call | official N=%d (s) | ours N=%d (s) | vs official | err ours | err dense cpu | err official |" % (N_OFFICIAL, N_OFFICIAL),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in _ROWS:
             first = (r["mask"] + r["plan"] + r["dense"]) / (r["win"] + r["ours"])
             lines.append(
                 f"| {r['t']} | {r['window']}/{3 * 3 * K * K} | {r['groups']} | {r['terms']} | {r['integral']} | {r['ours']:.3f} | {r['dense']:.3f} | "
-                f"{r['dense'] / r['ours']:.2f}x | {r['skipped']:.1%} | {r['mask'] + r['plan']:.2f} | {r['win']:.3f} | {first:.1f}x | {r['off']:.3f} | {r['ours_off']:.4f} | {r['off'] / r['ours_off']:.1f}x | "
+                f"{r['dense'] / r['ours']:.2f}x | {r['skipped']:.1%} | {r['dist_share']:.0%} | {r['mask'] + r['plan']:.2f} | {r['win']:.3f} | {first:.1f}x | {r['off']:.3f} | {r['ours_off']:.4f} | {r['off'] / r['ours_off']:.1f}x | "
                 f"{r['ours_err']:.1e} | {r['dense_err']:.1e} | {r['off_err']:.1e} |"
             )
         lines += ["", f"Geometric mean over the steps: **{geo:.2f}x** per call (dense plan cached), **{geo_first:.1f}x** first call "

@@ -793,24 +793,16 @@ static AD_FORCEINLINE __m512d u8x8_grey(const uint8_t* p) {
     return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// eight uint8 pixels -> (u - 127.5) / 127.5 = (2u - 255) / 255 in float64: y0 = c r with r =
-// fl(1/255), then one Newton-Markstein correction y = y0 + (c - 255 y0) r (the remainder is
-// exact in an FMA). It replaces the scalar table lookup in the pruned runs, where the
-// conversion costs more than the distance; used only where it reproduces the table for all
-// 256 values (row_converter_ok).
-static AD_FORCEINLINE __m512d u8x8_exact(const uint8_t* p) {
-    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m512d c = _mm512_cvtepi32_pd(_mm256_sub_epi32(_mm256_slli_epi32(w, 1), _mm256_set1_epi32(255)));
-    const __m512d rcp = _mm512_set1_pd(1.0 / 255.0);
-    const __m512d y0 = _mm512_mul_pd(c, rcp);
-    return _mm512_fmadd_pd(_mm512_fnmadd_pd(y0, _mm512_set1_pd(255.0), c), rcp, y0);
-}
+// u8x8_exact: the exact vector conversion of uint8 pixels. It replaces the scalar table lookup
+// in the pruned runs, where the conversion costs more than the distance; used only where it
+// reproduces the table for all 256 values (row_converter_ok).
+#include "../common/u8_exact_avx512.h"
 
 // a uint8 row -> its float64 values with u8x8_exact (the table for the tail)
 void convert_u8_row_avx512(double* dst, const uint8_t* r, int64_t n, const double* lut) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) _mm512_storeu_pd(dst + j, u8x8_exact(r + j));
-    for (; j < n; ++j) dst[j] = lut[r[j]];
+    const int64_t n8 = n - n % 8;
+    for (int64_t j = 0; j < n8; j += 8) _mm512_storeu_pd(dst + j, u8x8_exact(r + j));
+    for (int64_t j = n8; j < n; ++j) dst[j] = lut[r[j]];
 }
 
 // The distances of Q queries to one uint8 image read in place, out[q] = ||xs[q] - a y||^2: per

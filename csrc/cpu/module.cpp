@@ -188,6 +188,9 @@ py::dict windowed_stats_dict(const WindowedStats& s) {
     d["softmax_vectors"] = s.softmax_vectors;
     d["skipped_vectors"] = s.skipped_vectors;
     d["warm_images"] = s.warm_images;
+    d["load_seconds"] = s.load_seconds;
+    d["distance_seconds"] = s.distance_seconds;
+    d["softmax_seconds"] = s.softmax_seconds;
     return d;
 }
 

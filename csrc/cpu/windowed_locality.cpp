@@ -22,20 +22,23 @@
 // Border cut: planes are zero-padded left and right, V and I are read at row indices
 // clamped to [0, H] (constant outside the image) and E terms outside the image are skipped.
 //
-// Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images:
-// one max per chunk, one rescaling exp per chunk and one exp per logit. Work units are
+// Softmax: per (query, group, pixel) float64 online softmax over chunks of kWlChunk images
+// against a lazy reference logit (moved, with one rescaling exp, only when a logit exceeds it by
+// more than kWlLazy; the true running max is kept beside it): one exp per logit. Work units are
 // (query range, training block) with their own state, run under a dynamic OpenMP schedule
 // and merged exactly (docs/algorithms.md §5.3 rule) in block order, so the result depends neither on the
 // thread count nor on the schedule. WSSM blocks are whole WSSM chunks.
 //
 // Certified pruning (docs/algorithms.md §14.6): an image's update of 8 pixels of a group is
 // skipped when all 8 logits lie more than skip_logit (64 ln 2 + ln N from the caller) below the
-// running max; in exact mode the running max may start from the exact logits of a few
+// reference (a computed logit, so at most the final max); in exact mode the running max may start from the exact logits of a few
 // candidate images (warm start), so that the test bites from the first image on.
 
 #include "windowed_locality.h"
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,6 +76,9 @@ using cpu_runtime::team_size;
 using cpu_runtime::thread_index;
 
 constexpr double kWlExpFloor = -690.0;  // exp below this is taken as 0 (see v_exp_nonpos)
+// The softmax reference moves only when a logit exceeds it by more than this: weights up to
+// e^30 (1e13; sums of up to 2^53 of them stay finite and exact to rounding).
+constexpr double kWlLazy = 30.0;
 // A prefix-sum plane is used only where sqrt(#adds) * max|plane| * 2^-53 * scale (an
 // estimate of the logit error its rounding causes) stays below this.
 constexpr double kWlMaxLogitError = 1e-8;
@@ -579,9 +585,9 @@ WindowedStats stats_of(const WlPlan& P) {
 #undef WL_NS
 
 using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, double*);
-using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*);
+using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*, double*);
 using MaxFn = void (*)(const WlPlan&, const double*, double, double*);
-using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, double*, double*, double*, double*);
+using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, int64_t, double*, double*, double*, double*);
 
 // images [k0, k0 + kn) -> y [kn][C][H][Wv] float64 (zero past W), in the kernel's orientation
 template <typename T, typename F>
@@ -596,6 +602,24 @@ void load_images_as(const T* base, int64_t k0, int kn, const WlPlan& P, int64_t 
                 for (int64_t w = 0; w < W; ++w) dst[w] = conv(src[w * sw]);
                 for (int64_t w = W; w < Wv; ++w) dst[w] = 0.0;
             }
+}
+
+// Whether the AVX-512 row conversion gives the table's value for every byte (checked once).
+bool u8_rows_exact(const double* lut) {
+#if AD_WL_DISPATCH
+    static const bool ok = [lut] {
+        if (!cpu_has_avx512()) return false;
+        alignas(64) uint8_t u[256];
+        alignas(64) double y[256];
+        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
+        wl_avx512::convert_u8_row(y, u, 256, lut);
+        return std::memcmp(y, lut, sizeof(y)) == 0;
+    }();
+    return ok;
+#else
+    (void)lut;
+    return false;
+#endif
 }
 
 }  // namespace
@@ -655,12 +679,14 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     SoftmaxFn softmax_fn = wl_portable::softmax_chunk;
     MergeFn merge_fn = wl_portable::merge_blocks;
     MaxFn max_fn = wl_portable::max_logits;
+    void (*conv_u8)(double*, const uint8_t*, int64_t, const double*) = wl_portable::convert_u8_row;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
         fused_fn = wl_avx512::compute_fused;
         softmax_fn = wl_avx512::softmax_chunk;
         merge_fn = wl_avx512::merge_blocks;
         max_fn = wl_avx512::max_logits;
+        conv_u8 = wl_avx512::convert_u8_row;
         stats.avx512 = true;
     }
 #endif
@@ -691,7 +717,20 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         else
             f(reinterpret_cast<const double*>(train_ptr), [](double v) { return v; });
     };
+    // contiguous uint8 rows: converted 8 pixels at a time (the scalar table lookup cost ~10% of a call)
+    const bool fast_u8 = train_kind == 0 && tsw == 1 && !force_portable && u8_rows_exact(lut);
     auto load_images = [&](int64_t k0, int kn, double* y) {
+        if (fast_u8) {
+            const auto* base = reinterpret_cast<const uint8_t*>(train_ptr);
+            for (int j = 0; j < kn; ++j)
+                for (int64_t c = 0; c < C; ++c)
+                    for (int64_t h = 0; h < H; ++h) {
+                        double* dst = y + ((j * C + c) * H + h) * Wv;
+                        conv_u8(dst, base + (k0 + j) * ts0 + c * ts1 + h * tsh, W, lut);
+                        std::fill(dst + W, dst + Wv, 0.0);
+                    }
+            return;
+        }
         with_train([&](auto base, auto conv) { load_images_as(base, k0, kn, P, ts0, ts1, tsh, tsw, y, conv); });
     };
     const bool wssm = chunk > 0;
@@ -787,15 +826,24 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     }
 
     // Training blocks: exact mode splits the kWlChunk-image chunks into nblk contiguous blocks;
-    // WSSM groups whole WSSM chunks. nblk depends only on N and the state budget, never on the
+    // WSSM groups whole WSSM chunks. nblk depends only on N, B and the state budget, never on the
     // thread count, so neither does the result.
     const int64_t seg = wssm ? chunk : N;               // softmax segment (WSSM chunk, or everything)
     const int64_t nseg = ceil_div(N, seg);
     const int64_t nitems = wssm ? nseg : ceil_div(N, kWlChunk);  // what blocks are made of
-    const int64_t per_b = (2 * G + C + (wssm ? C : 0)) * HW;     // doubles of state per query
+    // state per query: reference logits [G][HW], l [G][HW], acc [C][HW], the WSSM sum [C][HW],
+    // the running maxima [G][HW] (softmax_group)
+    const int64_t mt_off = (2 * G + C + (wssm ? C : 0)) * HW;
+    const int64_t per_b = mt_off + G * HW;  // doubles of state per query
     constexpr int64_t kMaxBlocks = 16;
     constexpr double kStateBudget = 1024.0 * (1 << 20);
-    int64_t nblk = std::min<int64_t>(kMaxBlocks, nitems);
+    // As few blocks as keep up to kTargetUnits threads busy (units are query ranges x blocks), and
+    // blocks of at least kMinBlockItems items: each block costs a state reset and a merge per
+    // query (a few images' work) and its state is memory the call touches (16 blocks of 8 queries
+    // at 64x64x3 were 25-50 MB per call, a third of the time at N = 400).
+    constexpr int64_t kMinBlockItems = 8, kTargetUnits = 32;
+    int64_t nblk = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(2, ceil_div(kTargetUnits, B)));
+    nblk = std::max<int64_t>(1, std::min<int64_t>(nblk, nitems / kMinBlockItems));
     while (nblk > 1 && 8.0 * static_cast<double>(nblk * B * per_b) > kStateBudget) --nblk;
     const int nt = team_size();
     // queries per unit: all of them when there are enough blocks to keep every thread busy
@@ -819,6 +867,9 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     auto m0 = aligned_array<double>(warm ? B * G * HW : 1);
     if (warm) std::fill(m0.get(), m0.get() + B * G * HW, ninf);
     std::vector<int64_t> skipped_t(static_cast<size_t>(team), 0);
+    std::vector<std::array<double, 3>> phase_t(static_cast<size_t>(team), std::array<double, 3>{0.0, 0.0, 0.0});
+    using Clock = std::chrono::steady_clock;
+    auto seconds = [](Clock::time_point u, Clock::time_point v) { return std::chrono::duration<double>(v - u).count(); };
 
     // Merge the blocks of each query in block order and write the outputs in the caller's
     // layout ([B, C*H0*W0], pixel (c, h0, w0) at c*H0*W0 + h0*W0 + w0).
@@ -853,6 +904,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             }
         }  // (implicit barrier: every m0 is complete before the main pass)
         int64_t& nskip = skipped_t[thread_index()];
+        double* ph = phase_t[thread_index()].data();  // load, distances, softmax (seconds)
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -867,26 +919,36 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             auto reset = [&]() {
                 for (int64_t b = b0; b < b1; ++b) {
                     double* s = mx_of(b);
-                    if (warm) std::copy(m0.get() + b * G * HW, m0.get() + (b + 1) * G * HW, s);
-                    else std::fill(s, s + G * HW, ninf);
+                    for (double* m : {s, s + mt_off}) {
+                        if (warm) std::copy(m0.get() + b * G * HW, m0.get() + (b + 1) * G * HW, m);
+                        else std::fill(m, m + G * HW, ninf);
+                    }
                     std::fill(s + G * HW, s + (2 * G + C) * HW, 0.0);
                 }
             };
             reset();
             if (wssm)
-                for (int64_t b = b0; b < b1; ++b) std::fill(mx_of(b) + (2 * G + C) * HW, mx_of(b) + per_b, 0.0);
+                for (int64_t b = b0; b < b1; ++b) std::fill(mx_of(b) + (2 * G + C) * HW, mx_of(b) + mt_off, 0.0);
             for (int64_t s0 = k0; s0 < k1; s0 += seg) {  // one segment (WSSM chunk) at a time
                 const int64_t s1 = std::min(k1, s0 + seg);
                 for (int64_t c0 = s0; c0 < s1; c0 += kWlChunk) {
                     const int kn = static_cast<int>(std::min<int64_t>(kWlChunk, s1 - c0));
+                    auto t0 = Clock::now();
                     load_images(c0, kn, ybuf);
+                    auto t1 = Clock::now();
+                    ph[0] += seconds(t0, t1);
                     for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xq.get() + b * C * HW;
                         for (int j = 0; j < kn; ++j) {
                             fused_fn(P, xb, ybuf + j * C * HW, a, planes, dbuf + j * G * HW);
                         }
+                        const auto t2 = Clock::now();
                         double* s = mx_of(b);
-                        nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW);
+                        nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW, s + mt_off);
+                        t0 = Clock::now();
+                        ph[1] += seconds(t1, t2);
+                        ph[2] += seconds(t2, t0);
+                        t1 = t0;
                     }
                 }
                 if (wssm) {  // this chunk's softmax mean joins the sum, then a fresh state
@@ -923,7 +985,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     A[i] = num / den;
                 }
             } else {
-                merge_fn(P, st.data(), nblk, M, L, A, f);
+                merge_fn(P, st.data(), nblk, mt_off, M, L, A, f);
             }
             for (int64_t c = 0; c < C; ++c) {
                 const int64_t g = P.group_of_channel[c];
@@ -947,6 +1009,11 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             }
     }
     for (int64_t v : skipped_t) stats.skipped_vectors += v;
+    for (const auto& v : phase_t) {
+        stats.load_seconds += v[0];
+        stats.distance_seconds += v[1];
+        stats.softmax_seconds += v[2];
+    }
     stats.softmax_vectors = B * N * G * (HW / 8);
     return stats;
 }

@@ -30,6 +30,9 @@ struct WindowedStats {
     int64_t softmax_vectors = 0;  // (query, image, group, 8 pixels) softmax updates considered
     int64_t skipped_vectors = 0;  // of which skipped: every lane's logit below running max - skip_logit
     int64_t warm_images = 0;      // (query, image) pairs run once more to start the running max (0: off)
+    // time spent (summed over threads) in the main pass's phases: image loading (uint8 ->
+    // float64), distances (squared differences, planes, window sums) and softmax updates
+    double load_seconds = 0.0, distance_seconds = 0.0, softmax_seconds = 0.0;
     std::string plan;             // human-readable plan, one line per group
 };
 
