@@ -111,6 +111,26 @@ def test_odd_sizes_one_channel_and_windows_up_to_2h_minus_1(shape):
                     assert rel(got, want) < 1e-10, (shape, t, k, opt)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 64), (1, 4, 128), (2, 64, 5)])
+def test_rows_of_64_pixels_lane_block_layout(shape):
+    """Rows of a multiple of 64 pixels in the kernel's orientation (as is, or transposed for
+    the 64 x 5 images) take the lane-block layout (aligned plane reads, lane-shifted halos,
+    transposed sums); windows up to k = 15 fit its halo, k = 17 falls back. Both kernel copies."""
+    C, H, W = shape
+    g = torch.Generator().manual_seed(C * 1000 + H * 10 + W)
+    train = torch.randint(0, 256, (29, C, H, W), dtype=torch.uint8, generator=g)
+    held = torch.randint(0, 256, (2, C, H, W), dtype=torch.uint8, generator=g)
+    for t in (300, 0):
+        ab = ad.alpha_bar_at(t)
+        x = noisy_queries(held, ab, seed=t)
+        for k, window in ((9, holey_window(C, 9, seed=9)), (15, random_window(C, 15, 0.5, seed=15)), (17, random_window(C, 17, 0.5, seed=17))):
+            want = dense(x, train, window)(ab)
+            for opt in (0, 8):
+                for portable in (False, True):
+                    got = wl_cpu.windowed_locality_denoise_cpu(x, train, window, ab, options=opt, force_portable=portable)
+                    assert rel(got, want) < 1e-10, (shape, t, k, opt, portable)
+
+
 def test_integral_image_route_and_large_windows():
     # 16x16 images, full 31x31 window at high noise: the plan reads a 2-D integral image
     crops = ad.data.natural_crops(50, size=16, seed=3)
