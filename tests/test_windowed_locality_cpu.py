@@ -226,3 +226,34 @@ def test_many_channels_and_the_64_channel_limit_of_window_reads(crops):
     w[:, 66] = True
     with pytest.raises(ValueError, match="input channels 0..63"):
         windowed_locality_denoise(xs, ts, w, ab, backend="cpu")
+
+
+@pytest.mark.parametrize("k", [3, 9, 15])
+def test_full_box_path(crops, k):
+    """Every window entry set (the high-noise steps, LS): distances and softmax row by row from a
+    sliding column sum (box_row), both kernel copies, against the dense transcription; k = 15 is
+    wider than the 8 x 8 images. The path is reported and not taken with a hole or a warm start."""
+    train, held = crops
+    window = torch.ones(3, 3, k, k, dtype=torch.bool)
+    for t in (900, 500, 100, 0):
+        ab = ad.alpha_bar_at(t)
+        x = noisy_queries(held[:3], ab, seed=t + k)
+        want = dense(x, train, window)(ab)
+        for port in (False, True):
+            st: dict = {}
+            got = wl_cpu.windowed_locality_denoise_cpu(x, train, window, ab, warm_start=False, force_portable=port, stats=st)
+            assert rel(got, want) < 1e-10, (k, t, port)
+            # the box path needs the plan's 2-D integral image (its precision test): at t = 0 the
+            # plan reads pixels directly instead
+            assert st["box"] == (st["integral_planes"] == 1 and st["terms"] == 4), (k, t, st["plan"])
+        if t == 900 and k >= 9:  # (for k = 3 the planner prefers column runs to the integral image)
+            assert st["box"]
+    holey = window.clone()
+    holey[0, 1, k // 2, 0] = False
+    ab = ad.alpha_bar_at(900)
+    st = {}
+    x = noisy_queries(held[:3], ab, seed=k)
+    got = wl_cpu.windowed_locality_denoise_cpu(x, train, holey, ab, stats=st)
+    assert not st["box"] and rel(got, dense(x, train, holey)(ab)) < 1e-10
+    wl_cpu.windowed_locality_denoise_cpu(x, train, window, ab, warm_start=True, stats=st)
+    assert not st["box"]

@@ -177,6 +177,7 @@ py::dict windowed_stats_dict(const WindowedStats& s) {
     py::dict d;
     d["transposed"] = s.transposed;
     d["avx512"] = s.avx512;
+    d["box"] = s.box;
     d["groups"] = s.groups;
     d["terms"] = s.terms;
     d["area"] = s.area;

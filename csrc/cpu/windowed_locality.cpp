@@ -608,6 +608,10 @@ WindowedStats stats_of(const WlPlan& P) {
 #undef WL_NS
 
 using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, double*);
+using BoxRowFn = void (*)(const double*, const double*, double, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          double*, double*, double*, int64_t, double*);
+using SoftmaxRowFn = int64_t (*)(const WlPlan&, const double*, const double*, int64_t, int, double, double, double*, double*,
+                                 double*, double*);
 using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*, double*);
 using MaxFn = void (*)(const WlPlan&, const double*, double, double*);
 using MergeFn = void (*)(const WlPlan&, const double* const*, int64_t, int64_t, double*, double*, double*, double*);
@@ -710,6 +714,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     SoftmaxFn softmax_fn = wl_portable::softmax_chunk;
     MergeFn merge_fn = wl_portable::merge_blocks;
     MaxFn max_fn = wl_portable::max_logits;
+    BoxRowFn box_fn = wl_portable::box_row;
+    SoftmaxRowFn softmax_row_fn = wl_portable::softmax_row;
     void (*conv_u8)(double*, const uint8_t*, int64_t, const double*) = wl_portable::convert_u8_row;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
@@ -717,6 +723,8 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         softmax_fn = wl_avx512::softmax_chunk;
         merge_fn = wl_avx512::merge_blocks;
         max_fn = wl_avx512::max_logits;
+        box_fn = wl_avx512::box_row;
+        softmax_row_fn = wl_avx512::softmax_row;
         conv_u8 = wl_avx512::convert_u8_row;
         stats.avx512 = true;
     }
@@ -890,7 +898,14 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     std::vector<std::unique_ptr<double[], FreeDeleter>> state;
     for (int64_t u = 0; u < nunits; ++u) state.push_back(aligned_array<double>(std::min(bq, B - (u / nblk) * bq) * per_b));
     const int64_t ring_len = P.ring_len;
-    const int64_t scratch_len = ring_len + kWlChunk * G * HW + kWlChunk * C * HW * (P.blk ? 2 : 1);
+    // The full-box path (box_row: every window entry set, one group, the plan's 2-D integral image
+    // admitted): distances and softmax row by row, no planes and no chunk of distances.
+    // Not with the warm start, whose maxima come from the plane path (their rounding differs, and
+    // the running maxima must stay logits this pass computes).
+    const bool box = G == 1 && P.area == C * C * P.k * P.k && P.integral_planes == 1 && P.terms.size() == 4 && !P.blk && !warm;
+    stats.box = box;
+    const int64_t box_len = box ? kWlChunk * ((P.k + 1) * Wv + P.Ws + Wv) + P.Ws : 0;
+    const int64_t scratch_len = ring_len + kWlChunk * G * HW + kWlChunk * C * HW * (P.blk ? 2 : 1) + box_len;
     // Small calls run on one thread: on a busy machine waking an OpenMP team can cost a
     // scheduler time slice (tens of ms), far more than the work itself.
     const double work = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(C * HW);
@@ -926,6 +941,13 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         double* ybuf = dbuf + kWlChunk * G * HW;
         double* yd = P.blk ? ybuf + kWlChunk * C * HW : ybuf;  // the images as compute_fused reads them
         std::fill(planes, planes + ring_len, 0.0);  // padding stays zero
+        // box path, per image of the chunk: e ring [k + 1][Wv], column sums [Ws] (zero padding),
+        // distance row [Wv]; one prefix row [Ws]
+        double* bring = ybuf + kWlChunk * C * HW * (P.blk ? 2 : 1);
+        double* bcs = bring + kWlChunk * (P.k + 1) * Wv;
+        double* brow = bcs + kWlChunk * P.Ws;
+        double* bpre = brow + kWlChunk * Wv;
+        if (box) std::fill(bcs, bcs + kWlChunk * P.Ws, 0.0);
         if (warm) {
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
@@ -975,7 +997,21 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     auto t1 = Clock::now();
                     ph[0] += seconds(t0, t1);
                     if (P.blk) to_lane_blocks(ybuf, kn * C * H, Wv, yd);
-                    for (int64_t b = b0; b < b1; ++b) {
+                    for (int64_t b = b0; b < b1 && box; ++b) {
+                        const double* xb = xd + b * C * HW;
+                        double* s = mx_of(b);
+                        for (int64_t h = 0; h < H; ++h) {
+                            for (int j = 0; j < kn; ++j)
+                                box_fn(xb, ybuf + j * C * HW, a, C, H, Wv, P.r, P.Lp, P.Ws, bring + j * (P.k + 1) * Wv,
+                                       bcs + j * P.Ws, bpre, h, brow + j * Wv);
+                            nskip += softmax_row_fn(P, brow, ybuf, h, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW,
+                                                    s + mt_off);
+                        }
+                        t0 = Clock::now();
+                        ph[1] += seconds(t1, t0);  // distances and softmax interleaved: counted as distances
+                        t1 = t0;
+                    }
+                    for (int64_t b = b0; b < b1 && !box; ++b) {
                         const double* xb = xd + b * C * HW;
                         for (int j = 0; j < kn; ++j) {
                             fused_fn(P, xb, yd + j * C * HW, a, planes, dbuf + j * G * HW);

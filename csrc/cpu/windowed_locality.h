@@ -20,6 +20,7 @@ constexpr int64_t kWlChunk = 8;
 struct WindowedStats {
     bool transposed = false;      // rows and columns swapped (column runs became row runs)
     bool avx512 = false;          // the AVX-512 copy of the kernel ran
+    bool box = false;             // the full-box path ran (every window entry set: distances and softmax row by row)
     int64_t groups = 0;           // distinct output-channel windows (channels sharing one distance)
     int64_t terms = 0;            // plane loads per output pixel, summed over the groups
     int64_t area = 0;             // window size summed over the output channels (the dense method's adds)
