@@ -793,17 +793,10 @@ static AD_FORCEINLINE __m512d u8x8_grey(const uint8_t* p) {
     return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// u8x8_exact: the exact vector conversion of uint8 pixels. It replaces the scalar table lookup
-// in the pruned runs, where the conversion costs more than the distance; used only where it
-// reproduces the table for all 256 values (row_converter_ok).
+// u8x8_exact / convert_u8_row_exact: the exact vector conversion of uint8 pixels. It replaces the
+// scalar table lookup in the pruned runs, where the conversion costs more than the distance; used
+// only where it reproduces the table for all 256 values (row_converter_ok).
 #include "../common/u8_exact_avx512.h"
-
-// a uint8 row -> its float64 values with u8x8_exact (the table for the tail)
-void convert_u8_row_avx512(double* dst, const uint8_t* r, int64_t n, const double* lut) {
-    const int64_t n8 = n - n % 8;
-    for (int64_t j = 0; j < n8; j += 8) _mm512_storeu_pd(dst + j, u8x8_exact(r + j));
-    for (int64_t j = n8; j < n; ++j) dst[j] = lut[r[j]];
-}
 
 // The distances of Q queries to one uint8 image read in place, out[q] = ||xs[q] - a y||^2: per
 // query the operations (and order) of ld_avx512::full_distances8 on the converted row, so the
@@ -912,14 +905,7 @@ void softmax_update_u8(const double* d, const uint8_t* const* rows, int nvalid, 
 // Whether u8x8_exact gives the table's value for every byte (checked once: the pruned runs'
 // distances must be the unpruned kernel's bit for bit).
 bool row_converter_ok(const double* lut) {
-    static const bool ok = [lut] {
-        if (!cpu_has_avx512()) return false;
-        alignas(64) uint8_t u[256];
-        alignas(64) double y[256];
-        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
-        convert_u8_row_avx512(y, u, 256, lut);
-        return std::memcmp(y, lut, sizeof(y)) == 0;
-    }();
+    static const bool ok = cpu_has_avx512() && u8_rows_match_table(lut);
     return ok;
 }
 #endif
@@ -929,7 +915,7 @@ void gather_row_fast(double* dst, uintptr_t train_ptr, int kind, int64_t k, int6
                      const double* lut, bool fast_u8) {
 #if AD_LD_DISPATCH
     if (fast_u8 && kind == 0 && ts1 == 1) {
-        convert_u8_row_avx512(dst, reinterpret_cast<const uint8_t*>(train_ptr) + k * ts0, n, lut);
+        convert_u8_row_exact(dst, reinterpret_cast<const uint8_t*>(train_ptr) + k * ts0, n, lut);
         return;
     }
 #else

@@ -634,14 +634,7 @@ void load_images_as(const T* base, int64_t k0, int kn, const WlPlan& P, int64_t 
 // Whether the AVX-512 row conversion gives the table's value for every byte (checked once).
 bool u8_rows_exact(const double* lut) {
 #if AD_WL_DISPATCH
-    static const bool ok = [lut] {
-        if (!cpu_has_avx512()) return false;
-        alignas(64) uint8_t u[256];
-        alignas(64) double y[256];
-        for (int i = 0; i < 256; ++i) u[i] = static_cast<uint8_t>(i);
-        wl_avx512::convert_u8_row(y, u, 256, lut);
-        return std::memcmp(y, lut, sizeof(y)) == 0;
-    }();
+    static const bool ok = cpu_has_avx512() && wl_avx512::u8_rows_match_table(lut);
     return ok;
 #else
     (void)lut;
@@ -716,7 +709,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     MaxFn max_fn = wl_portable::max_logits;
     BoxRowFn box_fn = wl_portable::box_row;
     SoftmaxRowFn softmax_row_fn = wl_portable::softmax_row;
-    void (*conv_u8)(double*, const uint8_t*, int64_t, const double*) = wl_portable::convert_u8_row;
+    void (*conv_u8)(double*, const uint8_t*, int64_t, const double*) = wl_portable::convert_u8_row_exact;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
         fused_fn = wl_avx512::compute_fused;
@@ -725,7 +718,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         max_fn = wl_avx512::max_logits;
         box_fn = wl_avx512::box_row;
         softmax_row_fn = wl_avx512::softmax_row;
-        conv_u8 = wl_avx512::convert_u8_row;
+        conv_u8 = wl_avx512::convert_u8_row_exact;
         stats.avx512 = true;
     }
 #endif
