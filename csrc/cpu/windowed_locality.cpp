@@ -608,8 +608,8 @@ WindowedStats stats_of(const WlPlan& P) {
 #undef WL_NS
 
 using FusedFn = void (*)(const WlPlan&, const double*, const double*, double, double*, double*);
-using BoxRowFn = void (*)(const double*, const double*, double, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                          double*, double*, double*, int64_t, double*);
+using BoxRowFn = void (*)(const double*, const double*, double, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, double*, double*, double*, int64_t, double*);
 using SoftmaxRowFn = int64_t (*)(const WlPlan&, const double*, const double*, int64_t, int, double, double, double*, double*,
                                  double*, double*);
 using SoftmaxFn = int64_t (*)(const WlPlan&, const double*, const double*, int, double, double, double*, double*, double*, double*);
@@ -990,31 +990,28 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                     auto t1 = Clock::now();
                     ph[0] += seconds(t0, t1);
                     if (P.blk) to_lane_blocks(ybuf, kn * C * H, Wv, yd);
-                    for (int64_t b = b0; b < b1 && box; ++b) {
+                    for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xd + b * C * HW;
                         double* s = mx_of(b);
-                        for (int64_t h = 0; h < H; ++h) {
-                            for (int j = 0; j < kn; ++j)
-                                box_fn(xb, ybuf + j * C * HW, a, C, H, Wv, P.r, P.Lp, P.Ws, bring + j * (P.k + 1) * Wv,
-                                       bcs + j * P.Ws, bpre, h, brow + j * Wv);
-                            nskip += softmax_row_fn(P, brow, ybuf, h, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW,
-                                                    s + mt_off);
+                        if (box) {  // distances and softmax row by row (counted as distances)
+                            for (int64_t h = 0; h < H; ++h) {
+                                // the single group's channels are every channel, 0 .. C - 1
+                                for (int j = 0; j < kn; ++j)
+                                    box_fn(xb, ybuf + j * C * HW, a, P.group_channels.data(), C, H, Wv, P.r, P.Lp, P.Ws,
+                                           bring + j * (P.k + 1) * Wv, bcs + j * P.Ws, bpre, h, brow + j * Wv);
+                                nskip += softmax_row_fn(P, brow, ybuf, h, kn, scale, skip_logit, s, s + G * HW,
+                                                        s + 2 * G * HW, s + mt_off);
+                            }
+                            t0 = Clock::now();
+                            ph[1] += seconds(t1, t0);
+                        } else {
+                            for (int j = 0; j < kn; ++j) fused_fn(P, xb, yd + j * C * HW, a, planes, dbuf + j * G * HW);
+                            const auto t2 = Clock::now();
+                            nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW, s + mt_off);
+                            t0 = Clock::now();
+                            ph[1] += seconds(t1, t2);
+                            ph[2] += seconds(t2, t0);
                         }
-                        t0 = Clock::now();
-                        ph[1] += seconds(t1, t0);  // distances and softmax interleaved: counted as distances
-                        t1 = t0;
-                    }
-                    for (int64_t b = b0; b < b1 && !box; ++b) {
-                        const double* xb = xd + b * C * HW;
-                        for (int j = 0; j < kn; ++j) {
-                            fused_fn(P, xb, yd + j * C * HW, a, planes, dbuf + j * G * HW);
-                        }
-                        const auto t2 = Clock::now();
-                        double* s = mx_of(b);
-                        nskip += softmax_fn(P, dbuf, ybuf, kn, scale, skip_logit, s, s + G * HW, s + 2 * G * HW, s + mt_off);
-                        t0 = Clock::now();
-                        ph[1] += seconds(t1, t2);
-                        ph[2] += seconds(t2, t0);
                         t1 = t0;
                     }
                 }
