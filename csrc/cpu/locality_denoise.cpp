@@ -435,27 +435,13 @@ LocalityPlan locality_plan_full(int64_t n, int64_t segment) {
 namespace {
 
 #if AD_LD_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq")
-// GCC 12's own AVX-512 headers trip -Wmaybe-uninitialized (_mm512_undefined_* in the
-// reduce/extract intrinsics, GCC bug 105593); nothing of ours is uninitialised.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+AD_AVX512_REGION_BEGIN
 #define LD_NS ld_avx512
 #define LD_SIMD 1
 #include "locality_kernel.inc"
 #undef LD_SIMD
 #undef LD_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+AD_AVX512_REGION_END
 #endif
 
 #define LD_NS ld_portable
@@ -782,12 +768,7 @@ void gather_row(double* dst, uintptr_t train_ptr, int kind, int64_t k, int64_t n
 
 
 #if AD_LD_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq")
-#endif
+AD_AVX512_REGION_BEGIN
 // eight uint8 pixels -> their grey levels as float64 (exact)
 static AD_FORCEINLINE __m512d u8x8_grey(const uint8_t* p) {
     return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -894,11 +875,7 @@ void softmax_update_u8(const double* d, const uint8_t* const* rows, int nvalid, 
         accu[m] += pq[0] * u0[m] + pq[1] * u1[m] + pq[2] * u2[m] + pq[3] * u3[m] + pq[4] * u4[m] + pq[5] * u5[m] +
                    pq[6] * u6[m] + pq[7] * u7[m];
 }
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+AD_AVX512_REGION_END
 #endif
 
 #if AD_LD_DISPATCH

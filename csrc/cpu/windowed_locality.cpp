@@ -580,25 +580,13 @@ WindowedStats stats_of(const WlPlan& P) {
 // ======================================================================== kernels
 
 #if AD_WL_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+AD_AVX512_REGION_BEGIN
 #define WL_NS wl_avx512
 #define WL_SIMD 1
 #include "windowed_kernel.inc"
 #undef WL_SIMD
 #undef WL_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+AD_AVX512_REGION_END
 #endif
 
 #define WL_NS wl_portable
