@@ -703,7 +703,6 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     MaxFn max_fn = wl_portable::max_logits;
     BoxRowFn box_fn = wl_portable::box_row;
     SoftmaxRowFn softmax_row_fn = wl_portable::softmax_row;
-    void (*conv_u8)(double*, const uint8_t*, int64_t, const double*) = wl_portable::convert_u8_row_exact;
 #if AD_WL_DISPATCH
     if (!force_portable && cpu_has_avx512()) {
         fused_fn = wl_avx512::compute_fused;
@@ -712,7 +711,6 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
         max_fn = wl_avx512::max_logits;
         box_fn = wl_avx512::box_row;
         softmax_row_fn = wl_avx512::softmax_row;
-        conv_u8 = wl_avx512::convert_u8_row_exact;
         stats.avx512 = true;
     }
 #endif
@@ -746,17 +744,19 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
     // contiguous uint8 rows: converted 8 pixels at a time (the scalar table lookup cost ~10% of a call)
     const bool fast_u8 = train_kind == 0 && tsw == 1 && !force_portable && u8_rows_exact(lut);
     auto load_images = [&](int64_t k0, int kn, double* y) {
+#if AD_WL_DISPATCH
         if (fast_u8) {
             const auto* base = reinterpret_cast<const uint8_t*>(train_ptr);
             for (int j = 0; j < kn; ++j)
                 for (int64_t c = 0; c < C; ++c)
                     for (int64_t h = 0; h < H; ++h) {
                         double* dst = y + ((j * C + c) * H + h) * Wv;
-                        conv_u8(dst, base + (k0 + j) * ts0 + c * ts1 + h * tsh, W, lut);
+                        wl_avx512::convert_u8_row_exact(dst, base + (k0 + j) * ts0 + c * ts1 + h * tsh, W, lut);
                         std::fill(dst + W, dst + Wv, 0.0);
                     }
             return;
         }
+#endif
         with_train([&](auto base, auto conv) { load_images_as(base, k0, kn, P, ts0, ts1, tsh, tsw, y, conv); });
     };
     // what compute_fused reads: the lane-block copies (WlPlan::blk) or the images themselves

@@ -29,7 +29,7 @@ struct WindowedStats {
     int64_t units = 0;            // parallel work units (query range x training block), merged in order
     double cost = 0.0;            // the plan's estimated vector operations per 8 pixels
     int64_t softmax_vectors = 0;  // (query, image, group, 8 pixels) softmax updates considered
-    int64_t skipped_vectors = 0;  // of which skipped: every lane's logit below running max - skip_logit
+    int64_t skipped_vectors = 0;  // of which skipped: every lane's logit below the reference - skip_logit
     int64_t warm_images = 0;      // (query, image) pairs run once more to start the running max (0: off)
     // time spent (summed over threads) in the main pass's phases: image loading (uint8 ->
     // float64), distances (squared differences, planes, window sums) and softmax updates
