@@ -98,12 +98,13 @@ def dead_fractions(x, train, window, alpha_bar):
     (query, image) pairs whose exact float64 logits all lie more than the pruning margin below
     their final maximum: an upper bound on what a certified skip test, before or after the
     distances, could leave out (docs/algorithms.md §14.6)."""
+    from analytic_diffusion._validate import to_unit
     from analytic_diffusion.ops.pruning import softmax_logit_margin
     from analytic_diffusion.ops.windowed_locality.reference import window_distances
     from analytic_diffusion.schedule import noise_level
 
     a, s2 = noise_level(alpha_bar)
-    y = train.double() / 127.5 - 1 if train.dtype == torch.uint8 else train.double()
+    y = to_unit(train, torch.float64)  # the images exactly as the kernel sees them
     N, (C, H, W) = y.shape[0], y.shape[1:]
     margin = softmax_logit_margin(N)
     dv = dr = dp = 0
