@@ -759,6 +759,12 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
 #endif
         with_train([&](auto base, auto conv) { load_images_as(base, k0, kn, P, ts0, ts1, tsh, tsw, y, conv); });
     };
+    // images [k0, k0 + kn) into y, and into yd as compute_fused reads them (the same buffer
+    // unless the plan uses the lane-block layout)
+    auto load_chunk = [&](int64_t k0, int kn, double* y, double* yd) {
+        load_images(k0, kn, y);
+        if (P.blk) to_lane_blocks(y, kn * C * H, Wv, yd);
+    };
     // what compute_fused reads: the lane-block copies (WlPlan::blk) or the images themselves
     auto xq_blk = aligned_array<double>(P.blk ? B * C * HW : 1);
     if (P.blk) to_lane_blocks(xq.get(), B * C * H, Wv, xq_blk.get());
@@ -942,8 +948,7 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
             for (int64_t b = 0; b < B; ++b) {
                 const double* xb = xd + b * C * HW;
                 for (int64_t kimg : cand[b]) {
-                    load_images(kimg, 1, ybuf);
-                    if (P.blk) to_lane_blocks(ybuf, C * H, Wv, yd);
+                    load_chunk(kimg, 1, ybuf, yd);
                     fused_fn(P, xb, yd, a, planes, dbuf);
                     max_fn(P, dbuf, scale, m0.get() + b * G * HW);
                 }
@@ -980,10 +985,9 @@ WindowedStats windowed_locality_run(uintptr_t x_ptr, int64_t B, int64_t C, int64
                 for (int64_t c0 = s0; c0 < s1; c0 += kWlChunk) {
                     const int kn = static_cast<int>(std::min<int64_t>(kWlChunk, s1 - c0));
                     auto t0 = Clock::now();
-                    load_images(c0, kn, ybuf);
+                    load_chunk(c0, kn, ybuf, yd);
                     auto t1 = Clock::now();
                     ph[0] += seconds(t0, t1);
-                    if (P.blk) to_lane_blocks(ybuf, kn * C * H, Wv, yd);
                     for (int64_t b = b0; b < b1; ++b) {
                         const double* xb = xd + b * C * HW;
                         double* s = mx_of(b);
