@@ -32,7 +32,8 @@ struct WindowedStats {
     int64_t skipped_vectors = 0;  // of which skipped: every lane's logit below the reference - skip_logit
     int64_t warm_images = 0;      // (query, image) pairs run once more to start the running max (0: off)
     // time spent (summed over threads) in the main pass's phases: image loading (uint8 ->
-    // float64), distances (squared differences, planes, window sums) and softmax updates
+    // float64, and the lane-block copies where the plan uses them), distances (squared
+    // differences, planes, window sums) and softmax updates
     double load_seconds = 0.0, distance_seconds = 0.0, softmax_seconds = 0.0;
     std::string plan;             // human-readable plan, one line per group
 };
